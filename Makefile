@@ -1,0 +1,27 @@
+# histoboost developer tasks. `make test` and `make demo` set up .venv themselves on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# glibc hands large freed buffers back to the OS and re-faults them on every CNN batch; on many VMs
+# that halves CNN speed. Keep freed memory in the process instead.
+export MALLOC_MMAP_MAX_ := 0
+export MALLOC_TRIM_THRESHOLD_ := 68719476736
+
+.PHONY: test demo inspect-bach clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	@echo "make demo arrives with cross-validation (issue 4). Until then, the data check on real images:"
+	$(VENV)/bin/histoboost inspect ../shared/data/bach_iciar2018
+
+clean:
+	rm -rf $(VENV) .pytest_cache build src/*.egg-info

@@ -1,0 +1,188 @@
+"""The `histoboost` command line: parses flags into a Config and calls the library; holds no logic."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import PRESETS, Config, ConfigError, build_config
+from .data import DataError, Problem, load_manifest, parse_label_map, read_image
+from .stain import StainError, check_images, fit_reference
+
+
+class UsageError(Exception):
+    """A flag or file given on the command line cannot be used."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    # Oversized images are reported per file by validation; Pillow's own warning would only repeat it.
+    warnings.simplefilter("ignore", category=__import__("PIL.Image").Image.DecompressionBombWarning)
+    try:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return args.run(args)
+    except (ConfigError, UsageError, StainError) as err:
+        print(f"histoboost: error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        _print_problems(err.problems)
+        print(f"histoboost: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("histoboost: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("global options")
+    group.add_argument("--seed", type=int, help="random seed for augmentations, crops, folds and models")
+    group.add_argument("--threads", type=int, help="CPU threads to use (default: all cores)")
+    group.add_argument("--quiet", action="store_true", help="no progress bars, only results and problems")
+
+    protocol = argparse.ArgumentParser(add_help=False)
+    group = protocol.add_argument_group("protocol (precedence: --preset < --config file < these flags)")
+    group.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="starting settings (default: paper)")
+    group.add_argument("--config", type=Path, metavar="FILE", help="a saved config.json to rerun")
+    group.add_argument("--scale", type=float, help="working scale factor (paper: 0.5)")
+    group.add_argument("--mpp", type=float, help="target µm/px, used where the file states its resolution")
+    group.add_argument("--stain", choices=["macenko", "reinhard", "none"], help="stain normalisation")
+    group.add_argument("--stain-reference", type=Path, metavar="IMAGE",
+                       help="fit the stain reference to this image instead of the published default")
+    group.add_argument("--augmentations", "-A", type=int, help="colour augmentations per image")
+    group.add_argument("--crops", "-C", type=int, help="crops per augmentation")
+    group.add_argument("--crop-size", type=int, help="crop side in pixels at the working resolution")
+    group.add_argument("--label-map", metavar="LABEL=G,...",
+                       help="extra label-to-group mapping, e.g. 'Fibroadenoma=0,DCIS=1'")
+
+    parser = argparse.ArgumentParser(
+        prog="histoboost",
+        description="Classify H&E breast histology images (normal/benign, in-situ, invasive) with frozen CNN "
+        "features and XGBoost. Research use only; not for diagnosis.",
+    )
+    parser.add_argument("--version", action="version", version=f"histoboost {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    inspect = commands.add_parser(
+        "inspect", parents=[common, protocol], help="check a data set and summarise it",
+        description="Read and validate every image, then print counts per label, group and patient, image sizes, "
+        "every problem (one line per file) and stain-normalisation warnings. Writes no file.",
+    )
+    inspect.add_argument("data", type=Path, help="data folder (class sub-folders, manifest.csv, BACH, BreakHis) or CSV")
+    inspect.add_argument("--no-stain-check", action="store_true", help="skip normalising every image")
+    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Preset < config file < flags; a stain reference image is fitted here and stored as numbers."""
+    file_data = None
+    if args.config is not None:
+        try:
+            file_data = json.loads(args.config.read_text())
+        except OSError as err:
+            raise UsageError(f"{args.config}: cannot read the config file ({err.strerror})") from None
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{args.config}: not valid JSON ({err.msg}, line {err.lineno}); "
+                             "give a config.json written by histoboost") from None
+    overrides: dict[str, Any] = {
+        "seed": args.seed,
+        "preprocess.scale": args.scale,
+        "preprocess.target_mpp": args.mpp,
+        "preprocess.stain.method": args.stain,
+        "augment.n_augment": args.augmentations,
+        "augment.n_crops": args.crops,
+        "augment.crop_size": args.crop_size,
+    }
+    if args.stain is not None and args.stain_reference is None:
+        overrides["preprocess.stain.target"] = None
+        overrides["preprocess.stain.reference_image_sha256"] = None
+    try:
+        config = build_config(args.preset, file_data, overrides)
+    except ConfigError as err:
+        source = f"{args.config}: " if args.config else ""
+        raise ConfigError(f"{source}{err}") from None
+    if args.stain_reference is not None:
+        config = _with_stain_reference(config, args.stain_reference)
+    return config
+
+
+def _with_stain_reference(config: Config, path: Path) -> Config:
+    method = config.preprocess.stain.method
+    if method == "none":
+        raise UsageError("--stain-reference needs --stain macenko or reinhard")
+    try:
+        data = path.read_bytes()
+        rgb = read_image(path, config.preprocess.scale)
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read the stain reference image ({err}); give an RGB H&E image") from None
+    try:
+        target = fit_reference(method, rgb)
+    except StainError as err:
+        raise UsageError(f"{path}: {err}; choose a reference image with more stained tissue") from None
+    return config.merged({"preprocess.stain.target": list(target),
+                          "preprocess.stain.reference_image_sha256": hashlib.sha256(data).hexdigest()})
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    label_map = parse_label_map(args.label_map) if args.label_map else None
+    manifest, problems = load_manifest(args.data, config.preprocess, config.augment.crop_size, label_map,
+                                       threads=args.threads, progress=not args.quiet)
+    summary = manifest.summary()
+    if not args.no_stain_check and config.preprocess.stain.method != "none":
+        qcs, stain_problems = check_images(manifest.records, config.preprocess, args.threads, not args.quiet)
+        problems += stain_problems
+        summary["stain"] = {"method": config.preprocess.stain.method, "checked": len(manifest),
+                            "flagged": sum(1 for qc in qcs.values() if not qc.ok),
+                            "failed": sum(1 for p in stain_problems if p.severity == "error")}
+    summary["problems"] = [str(p) for p in problems]
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary, config)
+        _print_problems(problems)
+    return 1 if any(p.severity == "error" for p in problems) else 0
+
+
+def _print_summary(summary: dict, config: Config) -> None:
+    def counts(mapping: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in mapping.items())
+
+    print(f"data:       {summary['root']} ({summary['layout']} layout, {summary['images']} usable images)")
+    print(f"per label:  {counts(summary['per_label'])}")
+    print(f"per group:  {counts(summary['per_group'])}")
+    if summary["patients"]:
+        print(f"patients:   {summary['patients']} ({summary['images_without_patient']} images without one)")
+    else:
+        print("patients:   none recorded: cross-validation split by image overstates accuracy on new patients")
+    print(f"sizes:      {counts(summary['sizes'])}")
+    pre = config.preprocess
+    target = f"target {pre.target_mpp} µm/px where stated, else " if pre.target_mpp else ""
+    print(f"resolution: µm/px {counts(summary['mpp'])}; working scale: {target}{pre.scale}")
+    stain = summary.get("stain")
+    if stain:
+        print(f"stain:      {stain['method']}: {stain['checked']} images normalised, {stain['flagged']} flagged, "
+              f"{stain['failed']} failed")
+    n_err = sum(1 for p in summary["problems"] if p.startswith("error"))
+    print(f"problems:   {n_err} error(s), {len(summary['problems']) - n_err} warning(s)")
+
+
+def _print_problems(problems: tuple[Problem, ...] | list[Problem]) -> None:
+    for problem in sorted(problems, key=lambda p: (p.severity != "error", str(p.path))):
+        print(problem, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

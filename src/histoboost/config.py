@@ -1,0 +1,317 @@
+"""One typed, frozen configuration for a histoboost run: presets, JSON round trip and per-stage hashes.
+
+A run writes its `Config` as JSON next to every output. Each pipeline stage has a hash over the
+settings that affect it (and its upstream stages) only, so that e.g. changing a classifier setting
+never invalidates cached features. This module reads no files: callers pass dictionaries in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+# Bumped when the meaning of a setting changes, so caches keyed by the stage hashes are not reused.
+SCHEMA_VERSION = 1
+
+StainMethod = Literal["macenko", "reinhard", "none"]
+ColorAugment = Literal["rgb_affine", "he", "none"]
+Orientation = Literal["none", "flip", "dihedral"]
+CropPooling = Literal["mean", "max", "gem"]
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class StainConfig:
+    """Stain normalisation. `target` None means the method's published default reference."""
+
+    method: StainMethod = "macenko"
+    # Fitted reference values: Macenko -> 3x2 stain matrix then 2 max concentrations (8 numbers);
+    # Reinhard -> LAB means then LAB standard deviations (6 numbers). Written here, never re-read
+    # from the reference image, so a saved config alone reproduces the run.
+    target: tuple[float, ...] | None = None
+    reference_image_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How an image is brought to the working resolution and colour space before augmentation."""
+
+    scale: float = 0.5  # used when target_mpp is unset or the file states no resolution
+    target_mpp: float | None = None  # µm per pixel to work at, where the file states its resolution
+    stain: StainConfig = field(default_factory=StainConfig)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """A seeded colour augmentations per image, each with C seeded crop boxes."""
+
+    n_augment: int = 40  # A
+    color: ColorAugment = "rgb_affine"
+    # rgb_affine: out = alpha * x + beta per RGB channel, alpha in [1-s, 1+s], beta in [-b, b] * 255.
+    # The paper gives no ranges; these are mild, typical values.
+    rgb_scale: float = 0.1
+    rgb_shift: float = 0.05
+    # he: stain concentrations scaled by alpha in [1-s, 1+s] and shifted by beta in [-b, b]
+    # (TIAToolbox's StainAugmentor defaults: sigma1=0.4, sigma2=0.2, which are strong; ours milder).
+    he_scale: float = 0.2
+    he_shift: float = 0.05
+    orientation: Orientation = "none"  # rot90/flip per augmented image (keeps a shared feature map valid)
+    n_crops: int = 20  # C
+    crop_size: int = 750  # pixels at the working resolution
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Frozen-CNN feature extraction."""
+
+    backbones: tuple[str, ...] = ("resnet50", "xception")
+    crop_pooling: CropPooling = "mean"  # crop descriptors -> one vector per augmented image
+    gem_p: float = 3.0
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """XGBoost on rows = augmented images."""
+
+    n_estimators: int = 300
+    max_depth: int = 6
+    learning_rate: float = 0.05
+    subsample: float = 0.8
+    colsample_bytree: float = 0.5
+    class_weight: Literal["none", "balanced"] = "none"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Cross-validation protocol."""
+
+    folds: int = 6
+    split_by: str | None = None  # image | patient | a manifest column; None = patient when known
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that determines a histoboost run's results."""
+
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # -- JSON round trip -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, **_to_plain(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        data = dict(data)
+        version = data.pop("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise ConfigError(
+                f"config schema version {version} is not the {SCHEMA_VERSION} this histoboost reads: "
+                "re-create the config with this version"
+            )
+        return _from_plain(cls, data, "")
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config is not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError("config JSON must be an object")
+        return cls.from_dict(data)
+
+    # -- layering --------------------------------------------------------------------------------
+    def merged(self, overrides: dict[str, Any]) -> Config:
+        """A copy with `overrides` applied: nested dicts, or dotted keys like 'augment.n_crops'."""
+        base = self.to_dict()
+        for key, value in overrides.items():
+            if key == "schema_version":
+                continue
+            _merge_into(base, key.split("."), value)
+        return Config.from_dict(base)
+
+    # -- hashes ----------------------------------------------------------------------------------
+    def stage_settings(self, stage: Stage) -> dict[str, Any]:
+        """The settings that determine a stage's output, upstream stages included."""
+        plain = _to_plain(self)
+        settings: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
+        for section in _STAGE_SECTIONS[stage]:
+            settings[section] = plain[section]
+        if stage == "features":
+            # Only the extraction settings; the backbone list is a run choice, each backbone is keyed
+            # on its own by the feature store.
+            settings["features"] = {k: v for k, v in plain["features"].items() if k != "backbones"}
+        return settings
+
+    def stage_hash(self, stage: Stage) -> str:
+        """A stable 16-hex-digit hash of `stage_settings(stage)`."""
+        canonical = json.dumps(self.stage_settings(stage), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+Stage = Literal["preprocess", "augment", "features", "classifier", "evaluate"]
+
+# Each stage depends on its own section and those upstream of it (the seed drives augmentations,
+# fold assignment and the classifier).
+_STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "preprocess": ("preprocess",),
+    "augment": ("preprocess", "augment", "seed"),
+    "features": ("preprocess", "augment", "seed", "features"),
+    "classifier": ("preprocess", "augment", "seed", "features", "classifier"),
+    "evaluate": ("preprocess", "augment", "seed", "features", "classifier", "evaluate"),
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The seed study: scale 0.5, Macenko, A=40, C=20 crops of 750 px, ResNet50 + Xception, 6 folds.
+    "paper": {},
+    # CPU demo: the offline backbone, fewer and smaller crops, fewer boosting rounds.
+    "quick": {
+        "augment": {"n_augment": 12, "n_crops": 12, "crop_size": 384},
+        "features": {"backbones": ["efficientnet_lite0"]},
+        "classifier": {"n_estimators": 200},
+    },
+}
+
+
+def preset(name: str) -> Config:
+    """The named preset (`paper` or `quick`)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return Config().merged(PRESETS[name])
+
+
+def build_config(
+    preset_name: str = "paper",
+    config_file_data: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Layer settings with the precedence preset < config file < command-line flags."""
+    config = preset(preset_name)
+    if config_file_data:
+        config = config.merged(config_file_data)
+    if overrides:
+        config = config.merged({k: v for k, v in overrides.items() if v is not None})
+    return config
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _from_plain(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {where or 'root'!r} must be an object, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {where + unknown[0]!r}: valid keys here are {', '.join(sorted(names))}"
+        )
+    kwargs = {name: _coerce(hints[name], value, where + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """Convert a JSON value to the annotated type, with an error that names the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _from_plain(hint, value, where + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key {where!r} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {where!r} must be a list, got {value!r}")
+        return tuple(_coerce(args[0], v, where) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {where!r} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {where!r} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {where!r} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {where!r} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {where}")  # a programming error
+
+
+def _merge_into(target: dict[str, Any], path: list[str], value: Any) -> None:
+    head, rest = path[0], path[1:]
+    if rest:
+        node = target.setdefault(head, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {head!r} is not a section")
+        _merge_into(node, rest, value)
+    elif isinstance(value, dict) and isinstance(target.get(head), dict):
+        for key, sub in value.items():
+            _merge_into(target[head], [key], sub)
+    else:
+        target[head] = value
+
+
+def _validate(config: Config) -> None:
+    pre, aug, feat = config.preprocess, config.augment, config.features
+    checks = [
+        (0 < pre.scale <= 4, "preprocess.scale must be in (0, 4]"),
+        (pre.target_mpp is None or pre.target_mpp > 0, "preprocess.target_mpp must be positive"),
+        (aug.n_augment >= 1, "augment.n_augment must be at least 1"),
+        (aug.n_crops >= 1, "augment.n_crops must be at least 1"),
+        (aug.crop_size >= 32, "augment.crop_size must be at least 32 pixels"),
+        (0 <= aug.rgb_scale < 1 and 0 <= aug.rgb_shift < 1, "augment.rgb_scale and rgb_shift must be in [0, 1)"),
+        (0 <= aug.he_scale < 1 and 0 <= aug.he_shift < 1, "augment.he_scale and he_shift must be in [0, 1)"),
+        (len(feat.backbones) >= 1, "features.backbones must name at least one backbone"),
+        (feat.gem_p > 0, "features.gem_p must be positive"),
+        (config.classifier.n_estimators >= 1, "classifier.n_estimators must be at least 1"),
+        (config.evaluate.folds >= 2, "evaluate.folds must be at least 2"),
+        (config.seed >= 0, "seed must be a non-negative integer"),
+    ]
+    stain = pre.stain
+    if stain.target is not None:
+        expected = {"macenko": 8, "reinhard": 6, "none": 0}[stain.method]
+        checks.append(
+            (len(stain.target) == expected, f"preprocess.stain.target must have {expected} numbers for {stain.method}")
+        )
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

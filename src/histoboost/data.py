@@ -1,0 +1,511 @@
+"""Discovering, validating and loading labelled images: the manifest is the pipeline's input.
+
+An image's id is the sha256 of its file's bytes, so results survive renames and moves. Supported
+layouts: a folder with one sub-folder per class, a CSV manifest (`path,label[,group][,patient],...`),
+the BACH / ICIAR 2018 part A layout (with or without its `microscopy_ground_truth.csv`) and BreakHis.
+Validation decodes every image once, in parallel, keeps no pixels, and reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .config import PreprocessConfig
+
+GROUP_NAMES = ("normal_benign", "in_situ", "invasive")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".svs", ".bmp"})
+MANIFEST_NAME = "manifest.csv"
+BACH_GROUND_TRUTH = "microscopy_ground_truth.csv"
+
+# Dataset labels -> diagnostic group, compared after `_label_key` (lower case, letters and digits).
+DEFAULT_LABEL_GROUPS: dict[str, int] = {
+    "normal": 0, "benign": 0, "normalbenign": 0, "nonmalignant": 0,
+    "insitu": 1, "insitucarcinoma": 1, "dcis": 1,
+    "invasive": 2, "invasivecarcinoma": 2, "malignant": 2,
+    "0": 0, "1": 1, "2": 2,
+    # BreakHis tumour types (benign -> 0, malignant -> 2).
+    "adenosis": 0, "fibroadenoma": 0, "phyllodestumor": 0, "tubularadenoma": 0,
+    "ductalcarcinoma": 2, "lobularcarcinoma": 2, "mucinouscarcinoma": 2, "papillarycarcinoma": 2,
+}
+
+BREAKHIS_TYPES = {
+    "A": "adenosis", "F": "fibroadenoma", "PT": "phyllodes_tumor", "TA": "tubular_adenoma",
+    "DC": "ductal_carcinoma", "LC": "lobular_carcinoma", "MC": "mucinous_carcinoma", "PC": "papillary_carcinoma",
+}
+# SOB_<B|M>_<type>-<year>-<patient>-<magnification>-<sequence>.png
+BREAKHIS_NAME = re.compile(r"^SOB_(?P<cls>[BM])_(?P<type>[A-Z]+)-(?P<year>\d+)-(?P<patient>[^-]+)-(?P<mag>\d+)-(?P<seq>\d+)$")
+
+# Plausible microscopy resolutions; anything else (e.g. a default 72 dpi) is treated as unknown.
+_MPP_RANGE = (0.05, 20.0)
+_CONVERTED_MODES = {"L": "grayscale", "LA": "grayscale with alpha", "1": "black and white", "P": "palette",
+                    "RGBA": "RGBA", "CMYK": "CMYK", "I;16": "16-bit grayscale", "I": "32-bit grayscale",
+                    "F": "floating-point", "PA": "palette with alpha", "RGBX": "RGBX"}
+
+Layout = Literal["csv", "bach", "breakhis", "class_folders"]
+
+
+class DataError(Exception):
+    """The data cannot be used as given; `problems` lists every reason, one per file."""
+
+    def __init__(self, message: str, problems: tuple[Problem, ...] = ()):
+        super().__init__(message)
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one file: what, and how to fix it."""
+
+    path: Path
+    message: str
+    fix: str
+    severity: Literal["error", "warning"] = "error"
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.path}: {self.message} ({self.fix})"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One labelled image. No pixels: those are read on demand with `read_image`."""
+
+    image_id: str  # sha256 of the file's bytes
+    name: str  # readable name: path relative to the data root, without suffix
+    path: Path
+    label: str  # the data set's own label
+    group: int  # diagnostic group: 0 normal/benign, 1 in-situ, 2 invasive
+    patient: str | None
+    width: int
+    height: int
+    mode: str
+    mpp: float | None  # µm per pixel stated by the file, when plausible
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def group_name(self) -> str:
+        return GROUP_NAMES[self.group]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The validated images of a data set, in a stable order (by readable name)."""
+
+    records: tuple[ImageRecord, ...]
+    root: Path
+    layout: Layout
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[ImageRecord]:
+        return iter(self.records)
+
+    @property
+    def groups(self) -> np.ndarray:
+        return np.array([r.group for r in self.records], dtype=np.int64)
+
+    @property
+    def has_patients(self) -> bool:
+        return any(r.patient for r in self.records)
+
+    def column(self, name: str) -> list[str | None]:
+        """Values of a record attribute or extra column, e.g. for grouping folds by `id_block`."""
+        if name == "image":
+            return [r.image_id for r in self.records]
+        if name in ("patient", "label", "name"):
+            return [getattr(r, name) for r in self.records]
+        if all(name in r.extra for r in self.records):
+            return [r.extra[name] or None for r in self.records]
+        extras = sorted({k for r in self.records for k in r.extra})
+        raise DataError(
+            f"the manifest has no column {name!r}: use image, patient, label or one of {', '.join(extras) or '(none)'}"
+        )
+
+    def summary(self) -> dict:
+        """Counts per label and group, patients, sizes and resolutions, for `inspect` and reports."""
+        patients = {r.patient for r in self.records if r.patient}
+        return {
+            "root": str(self.root),
+            "layout": self.layout,
+            "images": len(self.records),
+            "per_label": dict(sorted(Counter(r.label for r in self.records).items())),
+            "per_group": {GROUP_NAMES[g]: int(n) for g, n in sorted(Counter(r.group for r in self.records).items())},
+            "patients": len(patients),
+            "images_without_patient": sum(1 for r in self.records if not r.patient),
+            "sizes": {f"{w}x{h}": n for (w, h), n in Counter((r.width, r.height) for r in self.records).most_common()},
+            "mpp": dict(Counter(f"{r.mpp:.3g}" if r.mpp else "unknown" for r in self.records).most_common()),
+        }
+
+    def to_csv(self, path: str | Path) -> None:
+        """Write the manifest as CSV (atomically), the extra columns included."""
+        extras = sorted({k for r in self.records for k in r.extra})
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["image_id", "name", "path", "label", "group", "patient", "width", "height", "mpp", *extras])
+        for r in self.records:
+            writer.writerow([r.image_id, r.name, str(r.path), r.label, r.group, r.patient or "", r.width, r.height,
+                             "" if r.mpp is None else f"{r.mpp:.6g}", *(r.extra.get(k, "") for k in extras)])
+        write_text_atomic(path, buffer.getvalue())
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A file found by layout discovery, before it has been read."""
+
+    path: Path
+    label: str
+    group: int | None
+    patient: str | None
+    extra: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class _FileInfo:
+    sha256: str
+    width: int
+    height: int
+    mode: str
+    mpp: float | None
+
+
+def load_manifest(
+    source: str | Path,
+    preprocess: PreprocessConfig | None = None,
+    crop_size: int | None = None,
+    label_map: Mapping[str, int] | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+) -> tuple[Manifest, list[Problem]]:
+    """Discover, read and validate every image under `source`.
+
+    Returns the manifest of usable images and all problems found (warnings included). Raises
+    `DataError` listing every error at once when any file is unusable; no file is written.
+    `crop_size` with `preprocess` checks that each image holds a crop at the working resolution.
+    """
+    root, layout, entries, problems = discover(source, label_map)
+    infos = _scan_all([e.path for e in entries], threads, progress)
+    records: list[ImageRecord] = []
+    for entry in entries:
+        info = infos[entry.path]
+        if isinstance(info, Problem):
+            problems.append(info)
+            continue
+        if info.mode != "RGB":
+            kind = _CONVERTED_MODES.get(info.mode, info.mode)
+            problems.append(Problem(entry.path, f"{kind} image, converted to RGB", "expected an RGB H&E image", "warning"))
+        if preprocess is not None and crop_size is not None:
+            scale = working_scale(info.mpp, preprocess)
+            w, h = round(info.width * scale), round(info.height * scale)
+            if min(w, h) < crop_size:
+                problems.append(Problem(
+                    entry.path,
+                    f"too small: {info.width}x{info.height} px is {w}x{h} at working scale {scale:.3g}, "
+                    f"smaller than the {crop_size} px crop",
+                    "remove it, or use a smaller --crop-size or a larger --scale",
+                ))
+                continue
+        group = entry.group if entry.group is not None else _group_of(entry.label, label_map)
+        records.append(ImageRecord(
+            image_id=info.sha256, name=_display_name(entry.path, root), path=entry.path, label=entry.label,
+            group=group, patient=entry.patient, width=info.width, height=info.height, mode=info.mode,
+            mpp=info.mpp, extra=dict(entry.extra),
+        ))
+    records, duplicate_problems = _resolve_duplicates(records)
+    problems.extend(duplicate_problems)
+    errors = tuple(p for p in problems if p.severity == "error")
+    if errors:
+        raise DataError(f"{len(errors)} unusable file(s) under {root}", tuple(problems))
+    if not records:
+        raise DataError(f"no images found under {root}: expected one sub-folder per class, a {MANIFEST_NAME}, "
+                        "the BACH or the BreakHis layout")
+    records.sort(key=lambda r: r.name)
+    return Manifest(tuple(records), root, layout), problems
+
+
+def discover(source: str | Path, label_map: Mapping[str, int] | None = None
+             ) -> tuple[Path, Layout, list[_Entry], list[Problem]]:
+    """Find the images and their labels under `source` (a folder or a CSV file), reading no image."""
+    source = Path(source)
+    if not source.exists():
+        raise DataError(f"{source}: no such file or folder (give a data folder or a CSV manifest)")
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise DataError(f"{source}: not a CSV manifest (give a data folder or a .csv file)")
+        return source.parent, "csv", *_from_csv(source, label_map)
+    if (source / MANIFEST_NAME).is_file():
+        return source, "csv", *_from_csv(source / MANIFEST_NAME, label_map)
+    ground_truth = next(iter(sorted(source.rglob(BACH_GROUND_TRUTH))), None)
+    if ground_truth is not None:
+        return source, "bach", *_from_bach_ground_truth(ground_truth, label_map)
+    images = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if any(BREAKHIS_NAME.match(p.stem) for p in images):
+        return source, "breakhis", *_from_breakhis(images)
+    entries, problems = _from_class_folders(source, images, label_map)
+    layout: Layout = "bach" if {e.label for e in entries} <= {"Normal", "Benign", "InSitu", "Invasive"} else "class_folders"
+    return source, layout, entries, problems
+
+
+def working_scale(mpp: float | None, preprocess: PreprocessConfig) -> float:
+    """The resize factor to the working resolution: from µm/px when both are known, else the scale."""
+    if preprocess.target_mpp is not None and mpp is not None:
+        return mpp / preprocess.target_mpp
+    return preprocess.scale
+
+
+def read_image(path: str | Path, scale: float = 1.0) -> np.ndarray:
+    """Decode an image to an RGB uint8 array (H, W, 3), resized by `scale` with Lanczos filtering."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if scale != 1.0:
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        return np.asarray(image, dtype=np.uint8).copy()
+
+
+def read_record(record: ImageRecord, preprocess: PreprocessConfig) -> np.ndarray:
+    """The record's pixels at the working resolution."""
+    return read_image(record.path, working_scale(record.mpp, preprocess))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file via a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def parse_label_map(text: str) -> dict[str, int]:
+    """Parse `Label=group,Label=group` (e.g. `Normal=0,Benign=0,InSitu=1,Invasive=2`)."""
+    mapping: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        label, sep, group = item.rpartition("=")
+        if not sep or group.strip() not in ("0", "1", "2"):
+            raise DataError(f"--label-map item {item!r} must look like Label=0, Label=1 or Label=2")
+        mapping[label.strip()] = int(group)
+    return mapping
+
+
+# -- layouts -------------------------------------------------------------------------------------
+
+
+def _from_csv(path: Path, label_map: Mapping[str, int] | None) -> tuple[list[_Entry], list[Problem]]:
+    base = path.parent
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        missing = {"path", "label"} - set(columns)
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))} "
+                            "(a manifest needs at least path,label)")
+        rows = list(reader)
+    entries, problems = [], []
+    extra_columns = [c for c in columns if c not in ("path", "label", "group", "patient")]
+    for line, row in enumerate(rows, start=2):
+        file = Path(row["path"] or "")
+        file = file if file.is_absolute() else base / file
+        label = (row["label"] or "").strip()
+        group_text = (row.get("group") or "").strip()
+        if not row["path"] or not file.is_file():
+            problems.append(Problem(file, f"listed on line {line} of {path.name} but not found",
+                                    "fix the path or remove the row"))
+            continue
+        if group_text and group_text not in ("0", "1", "2"):
+            problems.append(Problem(file, f"group {group_text!r} on line {line} of {path.name} is not 0, 1 or 2",
+                                    "use 0 normal/benign, 1 in-situ, 2 invasive"))
+            continue
+        group = int(group_text) if group_text else None
+        if group is None and _maybe_group(label, label_map) is None:
+            problems.append(_unknown_label(file, label))
+            continue
+        entries.append(_Entry(file, label, group, (row.get("patient") or "").strip() or None,
+                              {c: (row.get(c) or "") for c in extra_columns}))
+    return entries, problems
+
+
+def _from_bach_ground_truth(path: Path, label_map: Mapping[str, int] | None) -> tuple[list[_Entry], list[Problem]]:
+    """BACH's `microscopy_ground_truth.csv`: rows `file,label` with no header, images beside it in
+    class sub-folders (`Benign/b001.tif`) or directly beside it."""
+    base = path.parent
+    by_name = {p.name: p for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
+    entries, problems = [], []
+    with path.open(newline="") as handle:
+        for line, row in enumerate(csv.reader(handle), start=1):
+            if len(row) < 2 or row[0].strip().lower() in ("", "path", "file", "filename"):
+                continue
+            name, label = row[0].strip(), row[1].strip()
+            file = by_name.get(Path(name).name)
+            if file is None:
+                problems.append(Problem(base / name, f"listed on line {line} of {path.name} but not found",
+                                        "restore the file or remove the row"))
+            elif _maybe_group(label, label_map) is None:
+                problems.append(_unknown_label(file, label))
+            else:
+                entries.append(_Entry(file, label, None, None, {}))
+    return entries, problems
+
+
+def _from_breakhis(images: list[Path]) -> tuple[list[_Entry], list[Problem]]:
+    """BreakHis file names carry class, tumour type, patient and magnification."""
+    entries, problems = [], []
+    for file in images:
+        match = BREAKHIS_NAME.match(file.stem)
+        if match is None or match["type"] not in BREAKHIS_TYPES:
+            problems.append(Problem(file, "name does not follow BreakHis's SOB_<B|M>_<type>-<year>-<patient>-<mag>-<seq>",
+                                    "rename it or move it out of the data folder"))
+            continue
+        entries.append(_Entry(
+            file, BREAKHIS_TYPES[match["type"]], 0 if match["cls"] == "B" else 2,
+            f"{match['year']}-{match['patient']}", {"magnification": f"{match['mag']}X"},
+        ))
+    return entries, problems
+
+
+def _from_class_folders(root: Path, images: list[Path], label_map: Mapping[str, int] | None
+                        ) -> tuple[list[_Entry], list[Problem]]:
+    entries, problems = [], []
+    for file in images:
+        parts = file.relative_to(root).parts
+        if len(parts) < 2:
+            problems.append(Problem(file, "not inside a class sub-folder", "move it into a folder named after its class"))
+            continue
+        label = parts[0]
+        if _maybe_group(label, label_map) is None:
+            problems.append(_unknown_label(file, label))
+            continue
+        entries.append(_Entry(file, label, None, None, {}))
+    if not images:
+        raise DataError(f"{root}: no images found (expected .jpg, .png or .tif files in one sub-folder per class)")
+    return entries, problems
+
+
+# -- reading files -------------------------------------------------------------------------------
+
+
+def _scan_all(paths: list[Path], threads: int | None, progress: bool) -> dict[Path, _FileInfo | Problem]:
+    """Read and fully decode each file once, in parallel (Pillow releases the GIL while decoding)."""
+    from tqdm.auto import tqdm
+
+    workers = max(1, threads or os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(tqdm(pool.map(_scan_file, paths), total=len(paths), desc="reading images", unit="img",
+                            disable=not progress, leave=False))
+    return dict(zip(paths, results))
+
+
+def _scan_file(path: Path) -> _FileInfo | Problem:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return Problem(path, f"cannot be read ({err.strerror or err})", "check the file's permissions")
+    if not data:
+        return Problem(path, "empty file (0 bytes)", "re-export or remove it")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > Image.MAX_IMAGE_PIXELS:
+                return Problem(path, f"too large ({width}x{height} = {width * height / 1e6:.0f} Mpx, over Pillow's "
+                               f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS / 1e6:.0f} Mpx)",
+                               "tile or downscale it first")
+            image.load()
+            mode, mpp = image.mode, _read_mpp(image)
+    except Image.DecompressionBombError:
+        return Problem(path, "too large (over Pillow's decompression-bomb limit)", "tile or downscale it first")
+    except UnidentifiedImageError:
+        return Problem(path, "not an image Pillow can read", "convert it to PNG, JPEG or TIFF, or remove it")
+    except (OSError, SyntaxError, ValueError) as err:
+        reason = str(err).split("\n")[0] or type(err).__name__
+        return Problem(path, f"cannot be decoded ({reason})", "re-export the image, or remove it")
+    return _FileInfo(hashlib.sha256(data).hexdigest(), width, height, mode, mpp)
+
+
+def _read_mpp(image: Image.Image) -> float | None:
+    """µm per pixel from TIFF resolution tags, an Aperio description or the dpi, where plausible."""
+    candidates: list[float] = []
+    tags = getattr(image, "tag_v2", None)
+    if tags is not None:
+        description = str(tags.get(270, ""))
+        match = re.search(r"MPP\s*=\s*([0-9.]+)", description)
+        if match:
+            candidates.append(float(match.group(1)))
+        x_res, unit = tags.get(282), tags.get(296, 2)
+        if x_res:
+            per_unit = float(x_res)
+            um_per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit))
+            if per_unit > 0 and um_per_unit:
+                candidates.append(um_per_unit / per_unit)
+    dpi = image.info.get("dpi")
+    if dpi and float(dpi[0]) > 0:
+        candidates.append(25400.0 / float(dpi[0]))
+    for mpp in candidates:
+        if _MPP_RANGE[0] <= mpp <= _MPP_RANGE[1]:
+            return mpp
+    return None
+
+
+# -- labels and duplicates -----------------------------------------------------------------------
+
+
+def _label_key(label: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", label.lower())
+
+
+def _maybe_group(label: str, label_map: Mapping[str, int] | None) -> int | None:
+    if label_map:
+        custom = {_label_key(k): v for k, v in label_map.items()}
+        if _label_key(label) in custom:
+            return custom[_label_key(label)]
+    return DEFAULT_LABEL_GROUPS.get(_label_key(label))
+
+
+def _group_of(label: str, label_map: Mapping[str, int] | None) -> int:
+    group = _maybe_group(label, label_map)
+    assert group is not None, "discovery keeps only labels with a group"
+    return group
+
+
+def _unknown_label(file: Path, label: str) -> Problem:
+    return Problem(file, f"label {label!r} has no diagnostic group",
+                   f"pass --label-map '{label}=0' (0 normal/benign, 1 in-situ, 2 invasive) or add a group column")
+
+
+def _resolve_duplicates(records: list[ImageRecord]) -> tuple[list[ImageRecord], list[Problem]]:
+    """Identical files under different groups leak between training and test: an error. Identical
+    files with the same group are kept once, with a warning."""
+    by_id: dict[str, list[ImageRecord]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: str(r.path)):
+        by_id[record.image_id].append(record)
+    kept, problems = [], []
+    for copies in by_id.values():
+        first = copies[0]
+        if len({c.group for c in copies}) > 1:
+            for c in copies:
+                others = ", ".join(f"{o.path} ({o.label})" for o in copies if o is not c)
+                problems.append(Problem(c.path, f"identical to {others} under another label: the same image in "
+                                        "training and test would leak", "keep one copy with its correct label"))
+            continue
+        kept.append(first)
+        for c in copies[1:]:
+            problems.append(Problem(c.path, f"identical to {first.path}; counted once",
+                                    "remove the duplicate", "warning"))
+    return kept, problems
+
+
+def _display_name(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).with_suffix("").as_posix()
+    except ValueError:
+        return path.stem

@@ -1,0 +1,52 @@
+"""Shared fixtures: the real BACH images in ../shared/data (read in place, never copied into the repo)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+BACH = Path(__file__).resolve().parents[2] / "shared" / "data" / "bach_iciar2018"
+
+
+@pytest.fixture(scope="session")
+def bach() -> Path:
+    if not (BACH / "manifest.csv").is_file():
+        pytest.fail(f"the shared BACH images are missing: expected {BACH} (see the README, 'Tests')")
+    return BACH
+
+
+@pytest.fixture(scope="session")
+def bach_image(bach: Path):
+    """Load a BACH image by name at a given scale."""
+    from histoboost.data import read_image
+
+    def load(name: str = "Benign/b001", scale: float = 0.25) -> np.ndarray:
+        return read_image(bach / f"{name}.jpeg", scale)
+
+    return load
+
+
+@pytest.fixture
+def small_folder(tmp_path: Path, bach: Path) -> Path:
+    """A class-folder data set of 2 real images per class (copied into a temporary folder)."""
+    root = tmp_path / "data"
+    for label, names in {"Normal": ["n001", "n003"], "Benign": ["b001", "b002"],
+                         "InSitu": ["is001", "is003"], "Invasive": ["iv001", "iv003"]}.items():
+        (root / label).mkdir(parents=True)
+        for name in names:
+            shutil.copy(bach / label / f"{name}.jpeg", root / label / f"{name}.jpeg")
+    return root
+
+
+def write_png(path: Path, size: tuple[int, int] = (400, 300), mode: str = "RGB", seed: int = 0) -> Path:
+    """A small random image file, for layout tests that need no real tissue."""
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path)
+    return path
