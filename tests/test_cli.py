@@ -82,3 +82,80 @@ def test_stain_reference_image_is_fitted(small_folder, bach):
     Image.new("RGB", (300, 300), (250, 250, 250)).save(blank)
     result = run_cli("inspect", small_folder, "--stain-reference", blank)
     assert result.returncode == 2 and "too little tissue" in result.stderr and "Traceback" not in result.stderr
+
+
+SMALL_FLAGS = ["--preset", "quick", "--scale", "0.25", "--crop-size", "192", "-A", "2", "-C", "3",
+               "--backbone", "efficientnet_lite0", "--quiet"]
+
+
+def _store_arrays(cache):
+    import numpy as np
+
+    (store,) = (cache / "features").iterdir()
+    out = {}
+    for path in sorted(store.glob("*.npz")):
+        with np.load(path) as data:
+            out[path.name] = {k: data[k].copy() for k in data}
+    return out
+
+
+def test_extract_then_reuse(small_folder, tmp_path):
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    first = run_cli("extract", small_folder, *SMALL_FLAGS, "--cache-dir", cache, "--out", run)
+    assert first.returncode == 0, first.stderr
+    assert "efficientnet_lite0: 8 images: 8 extracted" in first.stdout
+    second = run_cli("extract", small_folder, *SMALL_FLAGS, "--cache-dir", cache, "--out", run)
+    assert "8 images: 0 extracted, 8 reused, 0 failed" in second.stdout
+    config = json.loads((run / "config.json").read_text())
+    assert config["augment"]["n_augment"] == 2
+    assert len(config["provenance"]["backbones"]["efficientnet_lite0"]["weights_sha256"]) == 64
+    assert (run / "manifest.csv").read_text().count("\n") == 9
+    rerun = run_cli("extract", small_folder, "--config", run / "config.json", "--quiet", "--cache-dir", cache,
+                    "--out", tmp_path / "run2")
+    assert "0 extracted, 8 reused" in rerun.stdout, rerun.stderr
+    listing = run_cli("cache", "list", "--cache-dir", cache)
+    assert "efficientnet_lite0" in listing.stdout and "8 images" in listing.stdout
+    assert run_cli("cache", "prune", "--cache-dir", cache).returncode == 2
+    assert "removed 1" in run_cli("cache", "prune", "--all", "--cache-dir", cache).stdout
+
+
+@pytest.mark.heavy
+def test_sigkill_during_extraction_then_resume_equals_uninterrupted(small_folder, tmp_path):
+    import signal
+    import time
+
+    flags = ["--preset", "quick", "--scale", "0.5", "--crop-size", "256", "-A", "4", "-C", "3",
+             "--backbone", "efficientnet_lite0", "--quiet"]
+    reference = run_cli("extract", small_folder, *flags, "--cache-dir", tmp_path / "ref", "--out", tmp_path / "r1")
+    assert reference.returncode == 0, reference.stderr
+    cache = tmp_path / "killed"
+    env = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+    proc = subprocess.Popen([sys.executable, "-m", "histoboost.cli", "extract", str(small_folder), *flags,
+                             "--cache-dir", str(cache), "--out", str(tmp_path / "r2")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(cache.glob("features/*/*.npz"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(cache.glob("features/*/*.npz")))
+    assert 2 <= done_before < 8, "the kill must land mid-run"
+    resumed = run_cli("extract", small_folder, *flags, "--cache-dir", cache, "--out", tmp_path / "r2")
+    assert f"{8 - done_before} extracted" in resumed.stdout and f"{done_before} reused" in resumed.stdout
+    ours, theirs = _store_arrays(cache), _store_arrays(tmp_path / "ref")
+    assert ours.keys() == theirs.keys() and len(ours) == 8
+    for name in ours:
+        for key in ours[name]:
+            assert (ours[name][key] == theirs[name][key]).all(), (name, key)
+
+
+def test_offline_backbone_error_is_one_line(small_folder, tmp_path):
+    env_flags = ["extract", small_folder, "--backbone", "resnet50", "--preset", "quick", "--quiet",
+                 "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, "-m", "histoboost.cli", *map(str, env_flags)], capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("histoboost: error: pretrained weights for resnet50")
+    assert not (tmp_path / "run").exists()

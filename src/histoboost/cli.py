@@ -6,17 +6,21 @@ import argparse
 import hashlib
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import PRESETS, Config, ConfigError, build_config
-from .data import DataError, Problem, load_manifest, parse_label_map, read_image
+from .config import PRESETS, Config, ConfigError, HistoboostError, build_config
+from .data import DataError, Problem, load_manifest, parse_label_map, read_image, write_text_atomic
 from .stain import StainError, check_images, fit_reference
 
+# torch, timm and the feature code load only for the commands that need them, so that `--help`,
+# `inspect` and bad-flag errors answer at once.
 
-class UsageError(Exception):
+
+class UsageError(HistoboostError):
     """A flag or file given on the command line cannot be used."""
 
 
@@ -31,13 +35,13 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(args.threads)
         return args.run(args)
-    except (ConfigError, UsageError, StainError) as err:
-        print(f"histoboost: error: {err}", file=sys.stderr)
-        return 2
     except DataError as err:
         _print_problems(err.problems)
         print(f"histoboost: error: {err}", file=sys.stderr)
         return 1
+    except HistoboostError as err:
+        print(f"histoboost: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("histoboost: interrupted", file=sys.stderr)
         return 130
@@ -65,6 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--label-map", metavar="LABEL=G,...",
                        help="extra label-to-group mapping, e.g. 'Fibroadenoma=0,DCIS=1'")
 
+    features = argparse.ArgumentParser(add_help=False)
+    group = features.add_argument_group("features")
+    group.add_argument("--backbone", action="append", metavar="NAME",
+                       help="CNN (repeatable): resnet50, xception, efficientnet_lite0/1/2 (offline) or a timm name")
+    group.add_argument("--weights", action="append", metavar="[NAME=]PATH",
+                       help="local weights file (safetensors or torch state dict) instead of downloading")
+    group.add_argument("--mode", choices=["shared", "exact"], help="shared feature map (fast, default) or CNN per crop")
+    group.add_argument("--pooling", choices=["mean", "max", "gem"], help="how crop descriptors are pooled")
+    group.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    group.add_argument("--batch-size", type=int, default=8, help="augmentations (or crops) per CNN batch")
+    group.add_argument("--cache-dir", type=Path, help="feature store (default: $HISTOBOOST_CACHE or ~/.cache/histoboost)")
+
     parser = argparse.ArgumentParser(
         prog="histoboost",
         description="Classify H&E breast histology images (normal/benign, in-situ, invasive) with frozen CNN "
@@ -82,6 +98,25 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--no-stain-check", action="store_true", help="skip normalising every image")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(run=_inspect)
+
+    extract = commands.add_parser(
+        "extract", parents=[common, protocol, features], help="compute and cache CNN features",
+        description="Describe every image's augmented crops with each backbone and keep them in the feature store "
+        "(one file per image; interrupted runs resume; nothing already computed is recomputed).",
+    )
+    extract.add_argument("data", type=Path, help="data folder or CSV manifest")
+    extract.add_argument("--out", type=Path, help="run folder for config.json, manifest.csv, extract.json "
+                         "(default: runs/extract-DATE-TIME)")
+    extract.add_argument("--keep-crops", action="store_true", help="also store per-crop descriptors (float16)")
+    extract.set_defaults(run=_extract)
+
+    cache = commands.add_parser("cache", parents=[common], help="list or prune the feature store")
+    cache.add_argument("action", choices=["list", "prune"])
+    cache.add_argument("--cache-dir", type=Path, help="feature store (default: $HISTOBOOST_CACHE or ~/.cache/histoboost)")
+    cache.add_argument("--key", action="append", default=[], help="prune: this store (repeatable)")
+    cache.add_argument("--older-than", type=float, metavar="DAYS", help="prune: stores unused for DAYS days")
+    cache.add_argument("--all", action="store_true", help="prune: every store")
+    cache.set_defaults(run=_cache)
     return parser
 
 
@@ -104,6 +139,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "augment.n_augment": args.augmentations,
         "augment.n_crops": args.crops,
         "augment.crop_size": args.crop_size,
+        "features.backbones": getattr(args, "backbone", None),
+        "features.weights": getattr(args, "weights", None),
+        "features.mode": getattr(args, "mode", None),
+        "features.crop_pooling": getattr(args, "pooling", None),
     }
     if args.stain is not None and args.stain_reference is None:
         overrides["preprocess.stain.target"] = None
@@ -154,6 +193,75 @@ def _inspect(args: argparse.Namespace) -> int:
         _print_summary(summary, config)
         _print_problems(problems)
     return 1 if any(p.severity == "error" for p in problems) else 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from .backbones import create_backbone
+    from .features import default_cache_dir, extract_features
+
+    config = config_from_args(args)
+    device = _device(args.device)
+    label_map = parse_label_map(args.label_map) if args.label_map else None
+    manifest, problems = load_manifest(args.data, config.preprocess, config.augment.crop_size, label_map,
+                                       threads=args.threads, progress=not args.quiet)
+    _print_problems(problems)
+    run = args.out or Path("runs") / time.strftime("extract-%Y%m%d-%H%M%S")
+    cache_dir = args.cache_dir or default_cache_dir()
+    report: dict[str, Any] = {"data": str(args.data), "images": len(manifest), "cache_dir": str(cache_dir),
+                              "backbones": {}}
+    failed = False
+    for name in config.features.backbones:
+        backbone = create_backbone(name, config.weights_for(name), device)
+        result = extract_features(manifest, config, backbone, cache_dir, device, args.batch_size,
+                                  args.keep_crops, progress=not args.quiet)
+        _print_problems(result.problems)
+        failed |= bool(result.problems)
+        rate = f" at {result.images_per_second:.2f} img/s" if result.computed else ""
+        print(f"{name}: {len(manifest)} images: {result.computed} extracted{rate}, {result.reused} reused, "
+              f"{len(result.problems)} failed -> {result.store.root}")
+        report["backbones"][name] = {**backbone.identity, "store": str(result.store.root),
+                                     "computed": result.computed, "reused": result.reused,
+                                     "failed": [str(p) for p in result.problems], "seconds": round(result.seconds, 2),
+                                     "stain_flagged": sum(1 for qc in result.stain_qc.values() if not qc.ok)}
+    run.mkdir(parents=True, exist_ok=True)
+    provenance = {"backbones": {n: {k: b[k] for k in ("weights_sha256", "weights_source", "store")}
+                                for n, b in report["backbones"].items()}}
+    write_text_atomic(run / "config.json", config.to_json(provenance))
+    manifest.to_csv(run / "manifest.csv")
+    write_text_atomic(run / "extract.json", json.dumps(report, indent=2) + "\n")
+    print(f"run folder: {run}")
+    return 1 if failed else 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from .features import default_cache_dir, list_stores, prune_stores
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    if args.action == "list":
+        stores = list_stores(cache_dir)
+        if not stores:
+            print(f"no feature stores under {cache_dir}")
+        for s in stores:
+            aug = s["settings"].get("augment", {})
+            print(f"{s['key']}  {s['backbone']:<20} {s['images']:>6} images  {s['bytes'] / 2**20:8.1f} MiB  "
+                  f"A={aug.get('n_augment')} C={aug.get('n_crops')} crop={aug.get('crop_size')}  "
+                  f"last used {s['last_used']}")
+        return 0
+    if not (args.key or args.older_than is not None or args.all):
+        raise UsageError("cache prune needs --key KEY, --older-than DAYS or --all")
+    removed = prune_stores(cache_dir, args.key, args.older_than, args.all)
+    print(f"removed {len(removed)} feature store(s){': ' + ', '.join(removed) if removed else ''}")
+    return 0
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise UsageError(f"--device {name}: use cpu or cuda")
+    return name
 
 
 def _print_summary(summary: dict, config: Config) -> None:

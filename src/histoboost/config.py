@@ -22,9 +22,16 @@ StainMethod = Literal["macenko", "reinhard", "none"]
 ColorAugment = Literal["rgb_affine", "he", "none"]
 Orientation = Literal["none", "flip", "dihedral"]
 CropPooling = Literal["mean", "max", "gem"]
+ExtractMode = Literal["shared", "exact"]
+Descriptor = Literal["crops", "whole", "crops+whole"]
+ComputeDtype = Literal["float32", "bfloat16"]
 
 
-class ConfigError(ValueError):
+class HistoboostError(Exception):
+    """An error the user can fix: the command line prints its message as one line, no traceback."""
+
+
+class ConfigError(HistoboostError, ValueError):
     """A configuration value or file that cannot be used; the message says which and how to fix it."""
 
 
@@ -73,8 +80,17 @@ class FeatureConfig:
     """Frozen-CNN feature extraction."""
 
     backbones: tuple[str, ...] = ("resnet50", "xception")
+    # shared: one CNN pass per augmented image, each crop's descriptor average-pooled from the feature
+    # map inside its window (region-of-interest pooling); exact: one CNN pass per crop (the reference).
+    mode: ExtractMode = "shared"
     crop_pooling: CropPooling = "mean"  # crop descriptors -> one vector per augmented image
     gem_p: float = 3.0
+    # What the classifier sees per augmented image: pooled crops, the whole feature map pooled, or both
+    # concatenated. Both are always stored, so this choice never re-extracts.
+    descriptor: Descriptor = "crops"
+    dtype: ComputeDtype = "float32"  # CNN compute precision
+    # Local weight files, "name=path" (or just "path" with one backbone); their sha256 keys the store.
+    weights: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,12 +131,16 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, **_to_plain(self)}
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+    def to_json(self, provenance: dict[str, Any] | None = None) -> str:
+        """The config as JSON; `provenance` (weights checksums, versions) is written beside the settings
+        for the record and ignored when the file is read back."""
+        data = self.to_dict() if provenance is None else {**self.to_dict(), "provenance": provenance}
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
         data = dict(data)
+        data.pop("provenance", None)
         version = data.pop("schema_version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
             raise ConfigError(
@@ -150,6 +170,16 @@ class Config:
         return Config.from_dict(base)
 
     # -- hashes ----------------------------------------------------------------------------------
+    def weights_for(self, backbone: str) -> str | None:
+        """The local weights file configured for a backbone, if any."""
+        for item in self.features.weights:
+            name, sep, path = item.partition("=")
+            if sep and name == backbone:
+                return path
+            if not sep and len(self.features.backbones) == 1:
+                return item
+        return None
+
     def stage_settings(self, stage: Stage) -> dict[str, Any]:
         """The settings that determine a stage's output, upstream stages included."""
         plain = _to_plain(self)
@@ -157,9 +187,9 @@ class Config:
         for section in _STAGE_SECTIONS[stage]:
             settings[section] = plain[section]
         if stage == "features":
-            # Only the extraction settings; the backbone list is a run choice, each backbone is keyed
-            # on its own by the feature store.
-            settings["features"] = {k: v for k, v in plain["features"].items() if k != "backbones"}
+            # Only the extraction settings: each backbone is keyed on its own by the feature store, and
+            # the descriptor is chosen from what the store holds.
+            settings["features"] = {k: v for k, v in plain["features"].items() if k not in ("backbones", "descriptor", "weights")}
         return settings
 
     def stage_hash(self, stage: Stage) -> str:
@@ -312,6 +342,12 @@ def _validate(config: Config) -> None:
         checks.append(
             (len(stain.target) == expected, f"preprocess.stain.target must have {expected} numbers for {stain.method}")
         )
+    for item in feat.weights:
+        name, sep, _ = item.partition("=")
+        if not sep and len(feat.backbones) > 1:
+            checks.append((False, f"weights {item!r} names no backbone: with several, use NAME=PATH"))
+        elif sep and name not in feat.backbones:
+            checks.append((False, f"weights for {name!r}, which is not among the backbones ({', '.join(feat.backbones)})"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

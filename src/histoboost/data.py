@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .config import PreprocessConfig
+from .config import HistoboostError, PreprocessConfig
 
 GROUP_NAMES = ("normal_benign", "in_situ", "invasive")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".svs", ".bmp"})
@@ -57,7 +57,7 @@ _CONVERTED_MODES = {"L": "grayscale", "LA": "grayscale with alpha", "1": "black 
 Layout = Literal["csv", "bach", "breakhis", "class_folders"]
 
 
-class DataError(Exception):
+class DataError(HistoboostError):
     """The data cannot be used as given; `problems` lists every reason, one per file."""
 
     def __init__(self, message: str, problems: tuple[Problem, ...] = ()):

