@@ -93,7 +93,7 @@ def _store_arrays(cache):
 
     (store,) = (cache / "features").iterdir()
     out = {}
-    for path in sorted(store.glob("*.npz")):
+    for path in sorted(store.glob("[!.]*.npz")):
         with np.load(path) as data:
             out[path.name] = {k: data[k].copy() for k in data}
     return out
@@ -134,14 +134,15 @@ def test_sigkill_during_extraction_then_resume_equals_uninterrupted(small_folder
                              "--cache-dir", str(cache), "--out", str(tmp_path / "r2")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(cache.glob("features/*/*.npz"))) < 2:
+    while time.time() < deadline and len(list(cache.glob("features/*/[!.]*.npz"))) < 2:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = len(list(cache.glob("features/*/*.npz")))
+    done_before = len(list(cache.glob("features/*/[!.]*.npz")))
     assert 2 <= done_before < 8, "the kill must land mid-run"
     resumed = run_cli("extract", small_folder, *flags, "--cache-dir", cache, "--out", tmp_path / "r2")
     assert f"{8 - done_before} extracted" in resumed.stdout and f"{done_before} reused" in resumed.stdout
+    assert not list(cache.glob("features/*/.*.tmp.npz"))  # the killed run's temporary file is cleared
     ours, theirs = _store_arrays(cache), _store_arrays(tmp_path / "ref")
     assert ours.keys() == theirs.keys() and len(ours) == 8
     for name in ours:

@@ -203,8 +203,12 @@ class FeatureStore:
         np.savez(tmp, **arrays)
         os.replace(tmp, self.path(image_id))
 
-    def image_ids(self) -> list[str]:
-        return sorted(p.stem for p in self.root.glob("*.npz") if not p.name.startswith("."))
+    def clear_stale_temporaries(self) -> None:
+        """Remove temporary files left by killed runs (their process is gone)."""
+        for tmp in self.root.glob(".*.tmp.npz"):
+            pid = tmp.name.split(".")[2]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                tmp.unlink(missing_ok=True)
 
 
 def list_stores(cache_dir: str | Path) -> list[dict]:
@@ -270,6 +274,7 @@ def extract_features(manifest: Manifest, config: Config, backbone: Backbone, cac
     from tqdm.auto import tqdm
 
     store = FeatureStore.open(cache_dir, config, backbone)
+    store.clear_stale_temporaries()
     result = ExtractResult(store)
     todo = [r for r in manifest if not store.has(r.image_id, keep_crops)]
     result.reused = len(manifest) - len(todo)
@@ -325,6 +330,16 @@ def _prefetch(fn: Callable[[T], R], items: list[T], depth: int = 2) -> Iterator[
             pending.append(pool.submit(fn, nxt))
         for future in pending:
             yield future.result()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _hash(obj: dict) -> str:
