@@ -20,8 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
-	@echo "make demo arrives with cross-validation (issue 4). Until then, the data check on real images:"
-	$(VENV)/bin/histoboost inspect ../shared/data/bach_iciar2018
+	$(VENV)/bin/histoboost demo --out runs/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

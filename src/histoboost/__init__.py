@@ -8,4 +8,15 @@ from .data import GROUP_NAMES, ImageRecord, Manifest, load_manifest
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "GROUP_NAMES", "ImageRecord", "Manifest", "build_config", "load_manifest", "preset", "__version__"]
+
+def __getattr__(name: str):
+    """Heavy parts (torch, timm, xgboost) load on first use, so `import histoboost` stays quick."""
+    if name == "cross_validate":
+        from .evaluate import cross_validate
+
+        return cross_validate
+    raise AttributeError(f"module 'histoboost' has no attribute {name!r}")
+
+
+__all__ = ["Config", "GROUP_NAMES", "ImageRecord", "Manifest", "build_config", "cross_validate", "load_manifest",
+           "preset", "__version__"]

@@ -110,6 +110,41 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--keep-crops", action="store_true", help="also store per-crop descriptors (float16)")
     extract.set_defaults(run=_extract)
 
+    evaluation = argparse.ArgumentParser(add_help=False)
+    group = evaluation.add_argument_group("evaluation")
+    group.add_argument("--split-by", metavar="UNIT",
+                       help="image, patient (default when the data has patient ids) or a manifest column, e.g. id_block")
+    group.add_argument("--folds", type=int, help="cross-validation folds (paper: 6)")
+    group.add_argument("--descriptor", choices=["crops", "whole", "crops+whole"], help="what the classifier sees")
+    group.add_argument("--rounds", type=int, help="XGBoost boosting rounds")
+    group.add_argument("--class-weight", choices=["none", "balanced"], help="weigh classes equally in training")
+    group.add_argument("--early-stopping", type=int, metavar="ROUNDS",
+                       help="stop boosting after ROUNDS without improvement on a grouped inner split")
+
+    cv = commands.add_parser(
+        "cv", parents=[common, protocol, features, evaluation], help="cross-validate and write a report",
+        description="Extract what the feature store lacks, cross-validate each backbone and their combinations on "
+        "the same grouped folds, and write metrics.json, predictions.csv and report.html.",
+    )
+    cv.add_argument("data", type=Path, help="data folder or CSV manifest")
+    cv.add_argument("--out", type=Path, help="run folder (default: runs/cv-DATE-TIME)")
+    cv.set_defaults(run=_cv)
+
+    report = commands.add_parser("report", parents=[common], help="rebuild a run's metrics and report.html",
+                                 description="Recompute metrics.json, predictions.csv and report.html from a run "
+                                 "folder's cv_results.npz and config.json.")
+    report.add_argument("run_dir", type=Path, metavar="RUN", help="a folder written by histoboost cv")
+    report.set_defaults(run=_report)
+
+    demo = commands.add_parser(
+        "demo", parents=[common], help="the whole pipeline on a small synthetic data set, offline",
+        description="Generate a small, deterministic, synthetic H&E-like data set (not real tissue), then run cv "
+        "with the offline backbone and the quick preset.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
+    demo.add_argument("--cache-dir", type=Path, help="feature store (default: $HISTOBOOST_CACHE or ~/.cache/histoboost)")
+    demo.set_defaults(run=_demo)
+
     cache = commands.add_parser("cache", parents=[common], help="list or prune the feature store")
     cache.add_argument("action", choices=["list", "prune"])
     cache.add_argument("--cache-dir", type=Path, help="feature store (default: $HISTOBOOST_CACHE or ~/.cache/histoboost)")
@@ -143,6 +178,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "features.weights": getattr(args, "weights", None),
         "features.mode": getattr(args, "mode", None),
         "features.crop_pooling": getattr(args, "pooling", None),
+        "features.descriptor": getattr(args, "descriptor", None),
+        "evaluate.split_by": getattr(args, "split_by", None),
+        "evaluate.folds": getattr(args, "folds", None),
+        "classifier.n_estimators": getattr(args, "rounds", None),
+        "classifier.class_weight": getattr(args, "class_weight", None),
+        "classifier.early_stopping_rounds": getattr(args, "early_stopping", None),
     }
     if args.stain is not None and args.stain_reference is None:
         overrides["preprocess.stain.target"] = None
@@ -231,6 +272,69 @@ def _extract(args: argparse.Namespace) -> int:
     write_text_atomic(run / "extract.json", json.dumps(report, indent=2) + "\n")
     print(f"run folder: {run}")
     return 1 if failed else 0
+
+
+def _cv(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    label_map = parse_label_map(args.label_map) if args.label_map else None
+    manifest, problems = load_manifest(args.data, config.preprocess, config.augment.crop_size, label_map,
+                                       threads=args.threads, progress=not args.quiet)
+    _print_problems(problems)
+    return _run_cv(manifest, config, args.out or Path("runs") / time.strftime("cv-%Y%m%d-%H%M%S"), args)
+
+
+def _run_cv(manifest, config: Config, out: Path, args: argparse.Namespace) -> int:
+    from .evaluate import cross_validate
+    from .report import accuracy_table, write_outputs
+
+    device = _device(getattr(args, "device", "cpu"))
+    run = cross_validate(manifest, config, args.cache_dir, device, getattr(args, "batch_size", 8),
+                         progress=not args.quiet)
+    for note in run.plan.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    provenance = {"backbones": run.extraction, "data": str(manifest.root)}
+    manifest.to_csv(_mkdir(out) / "manifest.csv")
+    report = write_outputs(run, out, provenance)
+    print(f"{len(manifest)} images, {run.plan.n_folds}-fold cross-validation split by {run.plan.split_by}, "
+          f"{config.augment.n_augment} augmentations per image")
+    print(accuracy_table(run))
+    print(f"report: {report}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .evaluate import CVRun
+    from .report import accuracy_table, write_outputs
+
+    results, config_file = args.run_dir / "cv_results.npz", args.run_dir / "config.json"
+    if not results.is_file() or not config_file.is_file():
+        raise UsageError(f"{args.run_dir}: no cv_results.npz and config.json here; give a folder written by histoboost cv")
+    data = json.loads(config_file.read_text())
+    run = CVRun.load(results, Config.from_dict(data))
+    run.evaluate()
+    report = write_outputs(run, args.run_dir, data.get("provenance"))
+    print(accuracy_table(run))
+    print(f"report: {report}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DEMO_CONFIG, make_demo_data
+
+    data_dir = _mkdir(args.out) / "data"
+    make_demo_data(data_dir)
+    print(f"synthetic H&E-like demo data (not real tissue): {data_dir}")
+    config = build_config("quick", DEMO_CONFIG, {"seed": args.seed})
+    manifest, problems = load_manifest(data_dir, config.preprocess, config.augment.crop_size, threads=args.threads,
+                                       progress=not args.quiet)
+    _print_problems(problems)
+    args.device, args.batch_size = "cpu", 8
+    return _run_cv(manifest, config, args.out, args)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _cache(args: argparse.Namespace) -> int:

@@ -102,7 +102,11 @@ class ClassifierConfig:
     learning_rate: float = 0.05
     subsample: float = 0.8
     colsample_bytree: float = 0.5
+    max_bin: int = 256
     class_weight: Literal["none", "balanced"] = "none"
+    # Stop adding trees when an inner validation part (split off by whole images or patients, never
+    # from the test fold) stops improving for this many rounds; 0 = off, train all n_estimators.
+    early_stopping_rounds: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,269 @@
+"""What a person reads: metrics.json, predictions.csv and one self-contained report.html with PNG
+figures, from the results that `evaluate` computed (this module computes no metric)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .data import GROUP_NAMES, write_text_atomic
+from .evaluate import BINARY_TASKS, CVRun, carcinoma_roc
+
+TASK_TITLES = {"carcinoma": "carcinoma (1+2) vs non-carcinoma (0)", "0v1": "normal/benign (0) vs in situ (1)",
+               "0v2": "normal/benign (0) vs invasive (2)", "1v2": "in situ (1) vs invasive (2)"}
+DECISIONS = {"majority_vote": "majority vote", "mean_probability": "mean probability"}
+
+
+def write_outputs(run: CVRun, out: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+    """Write config.json, cv_results.npz, metrics.json, predictions.csv, figures/ and report.html."""
+    out = Path(out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.json", run.config.to_json(provenance))
+    run.save(out / "cv_results.npz")
+    write_metrics(run, out)
+    return write_report(run, out)
+
+
+def write_metrics(run: CVRun, out: Path) -> None:
+    metrics = {"histoboost": __version__, "split_by": run.plan.split_by, "folds": run.plan.n_folds,
+               "warnings": list(run.plan.warnings), "models": {r.model: r.metrics for r in run.results}}
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["model", "name", "path", "image_id", "patient", "truth", "truth_name", "fold", "majority",
+                     "mean_prob_decision", "class", "group", *(f"p_{g}" for g in GROUP_NAMES),
+                     *(f"votes_{g}" for g in GROUP_NAMES)])
+    for result in run.results:
+        probs, votes, majority, mean_decision = result.mean_probs, result.votes, result.majority, result.mean_decision
+        for i in range(len(result.truth)):
+            writer.writerow([result.model, run.names[i], run.paths[i], run.image_ids[i], run.patients[i],
+                             result.truth[i], GROUP_NAMES[result.truth[i]], run.plan.folds[i], majority[i],
+                             mean_decision[i], GROUP_NAMES[majority[i]], majority[i],
+                             *(f"{p:.6f}" for p in probs[i]), *votes[i]])
+    write_text_atomic(out / "predictions.csv", buffer.getvalue())
+
+
+def accuracy_table(run: CVRun) -> str:
+    """The plain-text summary the command line prints."""
+    lines = [f"{'model':<40} {'acc (majority)':>22} {'acc (mean prob)':>22} {'carcinoma sens':>15} {'spec':>6}"]
+    for result in run.results:
+        m = result.metrics
+        maj, mean = m["majority_vote"], m["mean_probability"]
+        carc = maj["binary"]["carcinoma"]
+        lines.append(f"{result.model:<40} {_pct_ci(maj['accuracy'], maj['accuracy_ci']):>22} "
+                     f"{_pct_ci(mean['accuracy'], mean['accuracy_ci']):>22} {_pct(carc['sensitivity']):>15} "
+                     f"{_pct(carc['specificity']):>6}")
+    return "\n".join(lines)
+
+
+def write_report(run: CVRun, out: Path) -> Path:
+    """report.html: one file, figures embedded (and also saved under figures/)."""
+    figures = {
+        "confusion": _confusion_figure(run),
+        "roc": _roc_figure(run),
+        "folds": _folds_figure(run),
+    }
+    for name, png in figures.items():
+        (out / "figures" / f"{name}.png").write_bytes(png)
+    c = run.config
+    protocol = [
+        ("images", f"{len(run.truth)} ({', '.join(f'{GROUP_NAMES[g]} {int((run.truth == g).sum())}' for g in range(3))})"),
+        ("split", f"{run.plan.n_folds}-fold StratifiedGroupKFold by <b>{html.escape(run.plan.split_by)}</b>"),
+        ("preprocessing", f"scale {c.preprocess.scale}" + (f", target {c.preprocess.target_mpp} µm/px" if c.preprocess.target_mpp else "")
+         + f", stain {c.preprocess.stain.method}"),
+        ("augmentation", f"A = {c.augment.n_augment} {c.augment.color}, C = {c.augment.n_crops} crops of "
+         f"{c.augment.crop_size} px, orientation {c.augment.orientation}"),
+        ("features", f"{', '.join(c.features.backbones)}; {c.features.mode} mode, {c.features.crop_pooling} crop pooling, "
+         f"descriptor {c.features.descriptor}"),
+        ("classifier", f"XGBoost hist, {c.classifier.n_estimators} rounds, depth {c.classifier.max_depth}, "
+         f"eta {c.classifier.learning_rate}"),
+        ("seed", str(c.seed)),
+    ]
+    honesty = ("Folds are split by image: every image of a patient can be in training while another is tested, "
+               "so this <b>overstates accuracy on new patients</b> (by 10-15 points on BACH)."
+               if run.plan.split_by == "image" else
+               f"Folds are split by <b>{html.escape(run.plan.split_by)}</b>: no {html.escape(run.plan.split_by)} is "
+               "in both training and test, so this estimates accuracy on new patients"
+               + (" (id_block is a proxy for patients)." if run.plan.split_by == "id_block" else "."))
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>histoboost cross-validation</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>histoboost cross-validation report</h1>",
+        "<p class='warn'>Research use only; not for diagnosis.</p>",
+        f"<p class='honest'>{honesty}</p>",
+        *(f"<p class='warn'>{html.escape(w)}</p>" for w in run.plan.warnings),
+        "<h2>Protocol</h2>", _table([], protocol),
+        "<h2>Accuracy</h2>",
+        "<p>Pooled over all images (the seed study's headline: 84.5% ResNet50, 88% Xception, split by image), "
+        "with a 95% bootstrap interval over split units; per-fold mean &plusmn; standard deviation beside it.</p>",
+        _table(["model", "majority vote", "mean probability", "folds (majority)", "balanced acc.", "carcinoma AUC"],
+               [(html.escape(r.model),
+                 _pct_ci(r.metrics["majority_vote"]["accuracy"], r.metrics["majority_vote"]["accuracy_ci"]),
+                 _pct_ci(r.metrics["mean_probability"]["accuracy"], r.metrics["mean_probability"]["accuracy_ci"]),
+                 f"{_pct(r.metrics['majority_vote']['fold_mean'])} &plusmn; {_pct(r.metrics['majority_vote']['fold_std'])}",
+                 _pct(r.metrics["majority_vote"]["balanced_accuracy"]),
+                 _num(r.metrics["auc"]["carcinoma"])) for r in run.results]),
+        "<h2>Confusion matrices (majority vote; rows = truth, columns = prediction)</h2>", _img(figures["confusion"]),
+        "<h2>Binary tasks (layout of the seed study's Table 1)</h2>",
+        "<p>Standard definitions: positive = carcinoma, or the higher group of a pair, computed on the pair's 2x2 "
+        "sub-matrix. (The seed study's Table 1 swaps rows and columns of its own confusion matrices.)</p>",
+        *(_binary_table(r) for r in run.results),
+        "<h2>ROC, carcinoma vs non-carcinoma (mean probability p1 + p2)</h2>", _img(figures["roc"]),
+        "<h2>Accuracy per fold</h2>", _img(figures["folds"]),
+        "<h2>Misclassified images</h2>", _misclassified(run),
+        f"<footer>histoboost {__version__}</footer></body></html>",
+    ]
+    path = out / "report.html"
+    write_text_atomic(path, "\n".join(parts))
+    return path
+
+
+# -- pieces --------------------------------------------------------------------------------------
+
+
+def _binary_table(result) -> str:
+    rows = []
+    for decision, label in DECISIONS.items():
+        binary = result.metrics[decision]["binary"]
+        for task in BINARY_TASKS:
+            b = binary[task]
+            rows.append((label, TASK_TITLES[task],
+                         *(_pct_ci(b[m], b.get(f"{m}_ci")) for m in ("sensitivity", "specificity", "precision", "accuracy")),
+                         _num(result.metrics["auc"][task]) if decision == "mean_probability" else ""))
+    return (f"<h3>{html.escape(result.model)}</h3>"
+            + _table(["decision", "task", "sensitivity", "specificity", "precision", "accuracy", "ROC AUC"], rows))
+
+
+def _misclassified(run: CVRun) -> str:
+    result = run.results[0]
+    wrong = np.flatnonzero(result.majority != result.truth)
+    if not len(wrong):
+        return "<p>None.</p>"
+    cells = []
+    for i in wrong:
+        probs = ", ".join(f"{p:.2f}" for p in result.mean_probs[i])
+        cells.append(f"<figure>{_thumbnail(run.paths[i])}<figcaption>{html.escape(str(run.names[i]))}<br>"
+                     f"truth <b>{GROUP_NAMES[result.truth[i]]}</b>, predicted <b>{GROUP_NAMES[result.majority[i]]}</b>"
+                     f"<br>votes {result.votes[i].tolist()}, p = [{probs}]</figcaption></figure>")
+    return f"<p>By {html.escape(result.model)}, majority vote.</p><div class='thumbs'>{''.join(cells)}</div>"
+
+
+def _thumbnail(path: str, size: int = 160) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image.thumbnail((size, size))
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=80)
+    except OSError:
+        return "<div class='missing'>image not found</div>"
+    return f"<img src='data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}' alt=''>"
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, plt.figure(figsize=(width, height), dpi=100)
+
+
+def _png(plt, fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _confusion_figure(run: CVRun) -> bytes:
+    n = len(run.results)
+    plt, fig = _figure(3.6 * n, 3.4)
+    labels = ["normal/\nbenign", "in situ", "invasive"]
+    for k, result in enumerate(run.results):
+        ax = fig.add_subplot(1, n, k + 1)
+        cm = np.asarray(result.metrics["majority_vote"]["confusion"])
+        ax.imshow(cm, cmap="Blues")
+        for i in range(3):
+            for j in range(3):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                        color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=12)
+        ax.set_xticks(range(3), labels, fontsize=8)
+        ax.set_yticks(range(3), labels, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("truth")
+        ax.set_title(result.model, fontsize=9)
+    return _png(plt, fig)
+
+
+def _roc_figure(run: CVRun) -> bytes:
+    plt, fig = _figure(4.5, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for result in run.results:
+        curve = carcinoma_roc(result.truth, result.mean_probs)
+        if curve is not None:
+            ax.plot(curve[0], curve[1], label=f"{result.model} (AUC {_num(result.metrics['auc']['carcinoma'])})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity (carcinoma)")
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(plt, fig)
+
+
+def _folds_figure(run: CVRun) -> bytes:
+    plt, fig = _figure(max(4.0, 1.2 * run.plan.n_folds), 3.2)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(run.results)
+    for k, result in enumerate(run.results):
+        acc = result.metrics["majority_vote"]["per_fold_accuracy"]
+        ax.bar(np.arange(len(acc)) + k * width, acc, width, label=result.model)
+    ax.set_xticks(np.arange(run.plan.n_folds) + 0.4 - width / 2, [f"fold {k + 1}" for k in range(run.plan.n_folds)])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (majority vote)")
+    ax.legend(fontsize=7)
+    return _png(plt, fig)
+
+
+def _img(png: bytes) -> str:
+    return f"<img class='figure' src='data:image/png;base64,{base64.b64encode(png).decode()}' alt=''>"
+
+
+def _table(header: list[str], rows: list[tuple]) -> str:
+    head = f"<thead><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr></thead>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{v}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table>{head}<tbody>{body}</tbody></table>"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _pct_ci(value: float | None, ci: list[float] | None) -> str:
+    if value is None:
+        return "n/a"
+    return _pct(value) + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; }
+th { background: #f0f0f0; }
+.warn { color: #a15c00; } .honest { background: #eef5ff; padding: 0.6em; border-left: 4px solid #3b7dd8; }
+.thumbs { display: flex; flex-wrap: wrap; gap: 10px; } figure { margin: 0; width: 170px; font-size: 0.75em; }
+img.figure { max-width: 100%; } footer { margin-top: 3em; color: #888; font-size: 0.8em; }
+"""

@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+
+from conftest import write_png
+from histoboost.data import Manifest, load_manifest
+from histoboost.evaluate import (
+    EvaluationError,
+    binary_aucs,
+    binary_metrics,
+    confusion_matrix,
+    decision_metrics,
+    make_folds,
+    majority_vote,
+    vote_counts,
+)
+
+PAPER_RESNET50 = [[142, 4, 6], [9, 50, 11], [12, 9, 85]]
+
+
+def test_binary_metrics_on_the_papers_resnet50_matrix():
+    b = binary_metrics(PAPER_RESNET50)
+    assert np.trace(PAPER_RESNET50) / np.sum(PAPER_RESNET50) == pytest.approx(0.8445, abs=1e-4)
+    carcinoma = b["carcinoma"]
+    assert carcinoma["sensitivity"] == pytest.approx(155 / 176)  # 88.07%
+    assert carcinoma["specificity"] == pytest.approx(142 / 152)  # 93.42%
+    assert carcinoma["precision"] == pytest.approx(155 / 165)  # 93.94%
+    assert carcinoma["accuracy"] == pytest.approx(297 / 328)
+    # Pairs use their 2x2 sub-matrix: 0v1 -> [[142, 4], [9, 50]].
+    assert b["0v1"]["sensitivity"] == pytest.approx(50 / 59) and b["0v1"]["specificity"] == pytest.approx(142 / 146)
+    assert b["1v2"]["sensitivity"] == pytest.approx(85 / 94) and b["1v2"]["precision"] == pytest.approx(85 / 96)
+
+
+def test_binary_metrics_with_an_empty_class_gives_none():
+    b = binary_metrics([[5, 0, 1], [0, 0, 0], [1, 0, 4]])
+    assert b["0v1"]["sensitivity"] is None and b["0v2"]["sensitivity"] == pytest.approx(0.8)
+
+
+def test_voting_majority_with_ties_broken_by_mean_probability():
+    probs = np.array([[[0.6, 0.3, 0.1], [0.6, 0.3, 0.1], [0.1, 0.2, 0.7]]])  # 2 votes for 0, 1 for 2
+    assert vote_counts(probs).tolist() == [[2, 0, 1]] and majority_vote(probs).tolist() == [0]
+    tie = np.array([[[0.55, 0.45, 0.0], [0.0, 0.9, 0.1]]])  # one vote each for 0 and 1; mean favours 1
+    assert majority_vote(tie).tolist() == [1]
+
+
+def test_decision_metrics_and_bootstrap_interval():
+    truth = np.array([0, 0, 1, 1, 2, 2, 0, 2])
+    decision = np.array([0, 1, 1, 1, 2, 0, 0, 2])
+    folds = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    m = decision_metrics(truth, decision, folds, np.arange(8).astype(str), seed=0)
+    assert m["accuracy"] == 6 / 8 and m["per_fold_accuracy"] == [1.0, 0.5]
+    assert m["confusion"] == confusion_matrix(truth, decision).tolist()
+    low, high = m["accuracy_ci"]
+    assert low < 0.75 < high
+    assert m["binary"]["carcinoma"]["sensitivity_ci"] is not None
+
+
+def test_aucs():
+    truth = np.array([0, 0, 1, 2])
+    probs = np.array([[0.8, 0.1, 0.1], [0.6, 0.2, 0.2], [0.3, 0.6, 0.1], [0.2, 0.1, 0.7]])
+    aucs = binary_aucs(truth, probs)
+    assert aucs["carcinoma"] == 1.0 and aucs["0v1"] == 1.0
+
+
+def _manifest(tmp_path, patients_per_class=(4, 4, 4), images_per_patient=2, patients=True) -> Manifest:
+    lines = ["path,label,patient"]
+    seed = 0
+    for group, count in enumerate(patients_per_class):
+        for p in range(count):
+            for k in range(images_per_patient):
+                seed += 1
+                name = f"g{group}/p{group}{p}_{k}.png"
+                write_png(tmp_path / name, (64, 64), seed=seed)
+                lines.append(f"{name},{group},{f'pt{group}{p}' if patients else ''}")
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return load_manifest(tmp_path)[0]
+
+
+def test_folds_by_patient_never_leak(tmp_path):
+    manifest = _manifest(tmp_path)
+    plan = make_folds(manifest, None, 4, seed=0)
+    assert plan.split_by == "patient" and plan.n_folds == 4 and not plan.warnings
+    for k in range(4):
+        assert not set(plan.units[plan.folds == k]) & set(plan.units[plan.folds != k])
+        assert set(manifest.groups[plan.folds == k]) == {0, 1, 2}  # stratified
+    again = make_folds(manifest, None, 4, seed=0)
+    assert np.array_equal(plan.folds, again.folds)
+    assert not np.array_equal(plan.folds, make_folds(manifest, None, 4, seed=1).folds)
+
+
+def test_folds_by_image_warn_and_scarce_classes_reduce_folds(tmp_path):
+    manifest = _manifest(tmp_path, patients=False)
+    plan = make_folds(manifest, None, 6, seed=0)
+    assert plan.split_by == "image" and "overstates" in plan.warnings[0]
+    scarce = _manifest(tmp_path / "b", patients_per_class=(6, 3, 6))
+    plan = make_folds(scarce, "patient", 6, seed=0)
+    assert plan.n_folds == 3 and "using 3 folds" in plan.warnings[0]
+    with pytest.raises(EvaluationError, match="at least 2"):
+        make_folds(_manifest(tmp_path / "c", patients_per_class=(2, 1, 2)), "patient", 6, seed=0)
+
+
+def test_folds_by_a_manifest_column(bach):
+    manifest, _ = load_manifest(bach)
+    plan = make_folds(manifest, "id_block", 6, seed=0)
+    assert plan.n_folds == 4 and "InSitu" not in plan.warnings[0]  # in_situ has 4 blocks
+    blocks = np.array(manifest.column("id_block"))
+    for k in range(plan.n_folds):
+        assert not set(blocks[plan.folds == k]) & set(blocks[plan.folds != k])

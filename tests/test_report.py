@@ -1,0 +1,49 @@
+import csv
+import json
+
+import numpy as np
+
+from histoboost.config import preset
+from histoboost.evaluate import CVResult, CVRun, FoldPlan
+from histoboost.report import accuracy_table, write_outputs
+
+
+def _fake_run(tmp_path) -> CVRun:
+    rng = np.random.default_rng(0)
+    n, a = 12, 4
+    truth = np.repeat([0, 1, 2], 4)
+    probs = rng.dirichlet([1, 1, 1], size=(n, a))
+    probs[np.arange(n), :, truth] += 1.0  # mostly right
+    probs /= probs.sum(axis=2, keepdims=True)
+    probs[0, :, :] = [0.1, 0.1, 0.8]  # one clear miss
+    plan = FoldPlan(np.arange(n) % 3, np.array([f"u{i}" for i in range(n)], dtype=object), "patient", 3)
+    image = tmp_path / "img.png"
+    from PIL import Image
+
+    Image.new("RGB", (50, 40), (200, 100, 180)).save(image)
+    run = CVRun(preset("quick"), plan, [CVResult("m1", probs, truth, plan), CVResult("m2", probs[:, ::-1], truth, plan)],
+                np.array([f"{i:064x}" for i in range(n)]), np.array([f"img{i}" for i in range(n)]),
+                np.array([str(image)] * n), np.array([f"p{i // 2}" for i in range(n)]))
+    run.evaluate()
+    return run
+
+
+def test_outputs_are_written_and_rebuilt(tmp_path):
+    run = _fake_run(tmp_path)
+    report = write_outputs(run, tmp_path / "run", {"backbones": {}})
+    out = tmp_path / "run"
+    for name in ("config.json", "metrics.json", "predictions.csv", "cv_results.npz", "figures/confusion.png",
+                 "figures/roc.png", "figures/folds.png"):
+        assert (out / name).is_file(), name
+    page = report.read_text()
+    assert page.count("data:image/png;base64,") == 3 and "data:image/jpeg;base64," in page
+    assert "carcinoma (1+2) vs non-carcinoma (0)" in page and "swaps rows and columns" in page
+    assert "estimates accuracy on new patients" in page and "not for diagnosis" in page
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == 24 and rows[0]["class"] == "invasive" and rows[0]["truth_name"] == "normal_benign"
+    assert {"p_normal_benign", "p_in_situ", "p_invasive", "votes_invasive", "fold", "image_id"} <= set(rows[0])
+    metrics = json.loads((out / "metrics.json").read_text())
+    reloaded = CVRun.load(out / "cv_results.npz", run.config)
+    reloaded.evaluate()
+    assert reloaded.results[0].metrics == json.loads(json.dumps(metrics["models"]["m1"]))
+    assert "m1" in accuracy_table(run) and "m2" in accuracy_table(run)
