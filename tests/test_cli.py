@@ -197,3 +197,37 @@ def test_cv_end_to_end_on_real_bach_images(bach, tmp_path):
     assert second["classifier"]["n_estimators"] == 20
     assert (second["provenance"]["backbones"]["efficientnet_lite0"]["computed"],
             second["provenance"]["backbones"]["efficientnet_lite0"]["reused"]) == (0, 24)
+
+
+@pytest.mark.heavy
+def test_train_predict_evaluate_and_tamper(small_folder, tmp_path):
+    flags = ["--preset", "quick", "--scale", "0.25", "--crop-size", "192", "-A", "3", "-C", "3", "--rounds", "20",
+             "--quiet", "--cache-dir", tmp_path / "cache"]
+    model = tmp_path / "model.zip"
+    trained = run_cli("train", small_folder, *flags, "--out", model)
+    assert trained.returncode == 0, trained.stderr
+    assert "trained on 8 images" in trained.stdout and model.is_file()
+    new = tmp_path / "new"
+    new.mkdir()
+    for path in list(small_folder.rglob("*.jpeg"))[:2]:
+        (new / path.name).write_bytes(path.read_bytes())
+    (new / "broken.jpeg").write_bytes(b"\xff\xd8\xff")
+    result = run_cli("predict", model, new, "--out", tmp_path / "preds.csv", "--overlay", tmp_path / "overlays",
+                     "--quiet")
+    assert result.returncode == 1  # one image failed; the others were predicted
+    assert [line for line in result.stderr.splitlines() if "broken.jpeg" in line][0].startswith("error:")
+    rows = (tmp_path / "preds.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("path,name,image_id,class,group")
+    assert len(list((tmp_path / "overlays").glob("*.overlay.png"))) == 2
+    as_json = run_cli("predict", model, new / rows[1].split(",")[0].rsplit("/", 1)[-1], "--out",
+                      tmp_path / "one.json", "--quiet")
+    assert as_json.returncode == 0 and json.loads((tmp_path / "one.json").read_text())[0]["bundle_format"] == 1
+    evaluated = run_cli("evaluate", model, small_folder, "--out", tmp_path / "eval", "--quiet")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "held out from training" in (tmp_path / "eval" / "report.html").read_text()
+    raw = bytearray(model.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    model.write_bytes(bytes(raw))
+    tampered = run_cli("predict", model, new)
+    assert tampered.returncode == 2 and len(tampered.stderr.strip().splitlines()) == 1
+    assert "use the original bundle" in tampered.stderr

@@ -15,8 +15,12 @@ def __getattr__(name: str):
         from .evaluate import cross_validate
 
         return cross_validate
+    if name == "load_bundle":
+        from .bundle import Bundle
+
+        return Bundle.load
     raise AttributeError(f"module 'histoboost' has no attribute {name!r}")
 
 
-__all__ = ["Config", "GROUP_NAMES", "ImageRecord", "Manifest", "build_config", "cross_validate", "load_manifest",
+__all__ = ["Config", "GROUP_NAMES", "ImageRecord", "Manifest", "build_config", "cross_validate", "load_bundle", "load_manifest",
            "preset", "__version__"]

@@ -136,6 +136,40 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", type=Path, metavar="RUN", help="a folder written by histoboost cv")
     report.set_defaults(run=_report)
 
+    train = commands.add_parser(
+        "train", parents=[common, protocol, features, evaluation], help="train on all images and save a bundle",
+        description="Train the classifier on every image (features from the store, extracted where missing) and "
+        "write a portable bundle: XGBoost's native model, bundle.json with config and checksums. No pickle.",
+    )
+    train.add_argument("data", type=Path, help="data folder or CSV manifest")
+    train.add_argument("--out", type=Path, required=True, metavar="MODEL", help="bundle folder, or MODEL.zip")
+    train.set_defaults(run=_train)
+
+    predict = commands.add_parser(
+        "predict", parents=[common], help="classify new images with a bundle",
+        description="Apply the bundle's preprocessing and test-time augmentations to each image and vote. Images "
+        "that cannot be read are reported one line each; the others are still predicted (exit status 1).",
+    )
+    predict.add_argument("model", type=Path, metavar="MODEL", help="bundle folder or .zip from histoboost train")
+    predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
+    predict.add_argument("--out", type=Path, help="predictions file, .csv or .json (default: print CSV)")
+    predict.add_argument("--overlay", type=Path, metavar="DIR", help="write a heat-map PNG per image here")
+    predict.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    predict.add_argument("--batch-size", type=int, default=8, help="augmentations per CNN batch")
+    predict.set_defaults(run=_predict)
+
+    evaluate = commands.add_parser(
+        "evaluate", parents=[common], help="check a bundle on a labelled set",
+        description="Predict a labelled data set with a trained bundle and write the same metrics and report as cv: "
+        "how to check a model on new patients.",
+    )
+    evaluate.add_argument("model", type=Path, metavar="MODEL")
+    evaluate.add_argument("data", type=Path, help="labelled data folder or CSV manifest")
+    evaluate.add_argument("--out", type=Path, help="run folder (default: runs/evaluate-DATE-TIME)")
+    evaluate.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    evaluate.add_argument("--label-map", metavar="LABEL=G,...", help="extra label-to-group mapping")
+    evaluate.set_defaults(run=_evaluate)
+
     demo = commands.add_parser(
         "demo", parents=[common], help="the whole pipeline on a small synthetic data set, offline",
         description="Generate a small, deterministic, synthetic H&E-like data set (not real tissue), then run cv "
@@ -242,10 +276,7 @@ def _extract(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     device = _device(args.device)
-    label_map = parse_label_map(args.label_map) if args.label_map else None
-    manifest, problems = load_manifest(args.data, config.preprocess, config.augment.crop_size, label_map,
-                                       threads=args.threads, progress=not args.quiet)
-    _print_problems(problems)
+    manifest = _load_data(args, config)
     run = args.out or Path("runs") / time.strftime("extract-%Y%m%d-%H%M%S")
     cache_dir = args.cache_dir or default_cache_dir()
     report: dict[str, Any] = {"data": str(args.data), "images": len(manifest), "cache_dir": str(cache_dir),
@@ -276,10 +307,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 def _cv(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    label_map = parse_label_map(args.label_map) if args.label_map else None
-    manifest, problems = load_manifest(args.data, config.preprocess, config.augment.crop_size, label_map,
-                                       threads=args.threads, progress=not args.quiet)
-    _print_problems(problems)
+    manifest = _load_data(args, config)
     return _run_cv(manifest, config, args.out or Path("runs") / time.strftime("cv-%Y%m%d-%H%M%S"), args)
 
 
@@ -318,6 +346,71 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .bundle import train_bundle
+
+    config = config_from_args(args)
+    manifest = _load_data(args, config)
+    if args.out.exists():
+        raise UsageError(f"{args.out} exists: choose another --out or remove it")
+    bundle = train_bundle(manifest, config, args.cache_dir, _device(args.device), args.batch_size,
+                          progress=not args.quiet)
+    path = bundle.save(args.out)
+    counts = ", ".join(f"{k} {v}" for k, v in bundle.meta["training_data"]["per_group"].items())
+    print(f"trained on {len(manifest)} images ({counts}) with {', '.join(config.features.backbones)}: {path}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+
+    device = _device(args.device)
+    bundle = Bundle.load(args.model, device)
+    records, problems = bundle.predict(args.images, device, args.batch_size, progress=not args.quiet,
+                                       overlay_dir=args.overlay)
+    _print_problems(problems)
+    text = _records_text(records, args.out.suffix.lower() if args.out else ".csv")
+    if args.out:
+        write_text_atomic(args.out, text)
+        print(f"{len(records)} image(s) predicted -> {args.out}" + (f"; overlays in {args.overlay}" if args.overlay else ""))
+    else:
+        print(text, end="")
+    return 1 if problems else 0
+
+
+def _records_text(records: list[dict], suffix: str) -> str:
+    if suffix == ".json":
+        return json.dumps(records, indent=2) + "\n"
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    if records:
+        writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+    return buffer.getvalue()
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .bundle import Bundle, evaluate_bundle
+    from .report import accuracy_table, write_outputs
+
+    device = _device(args.device)
+    bundle = Bundle.load(args.model, device)
+    config = bundle.config
+    manifest = _load_data(args, config)
+    run = evaluate_bundle(bundle, manifest, device, progress=not args.quiet)
+    out = args.out or Path("runs") / time.strftime("evaluate-%Y%m%d-%H%M%S")
+    manifest.to_csv(_mkdir(out) / "manifest.csv")
+    report = write_outputs(run, out, {"bundle": str(args.model), "bundle_sha256": bundle.sha256,
+                                      "data": str(manifest.root)})
+    print(f"{len(manifest)} images of a held-out set, predicted by {args.model}")
+    print(accuracy_table(run))
+    print(f"report: {report}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DEMO_CONFIG, make_demo_data
 
@@ -330,6 +423,15 @@ def _demo(args: argparse.Namespace) -> int:
     _print_problems(problems)
     args.device, args.batch_size = "cpu", 8
     return _run_cv(manifest, config, args.out, args)
+
+
+def _load_data(args: argparse.Namespace, config: Config):
+    """The validated manifest of `args.data`; its warnings are printed, its errors raise DataError."""
+    label_map = parse_label_map(args.label_map) if args.label_map else None
+    manifest, problems = load_manifest(args.data, config.preprocess, config.augment.crop_size, label_map,
+                                       threads=args.threads, progress=not args.quiet)
+    _print_problems(problems)
+    return manifest
 
 
 def _mkdir(path: Path) -> Path:

@@ -401,12 +401,13 @@ def _scan_all(paths: list[Path], threads: int | None, progress: bool) -> dict[Pa
 
     workers = max(1, threads or os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(tqdm(pool.map(_scan_file, paths), total=len(paths), desc="reading images", unit="img",
+        results = list(tqdm(pool.map(scan_file, paths), total=len(paths), desc="reading images", unit="img",
                             disable=not progress, leave=False))
     return dict(zip(paths, results))
 
 
-def _scan_file(path: Path) -> _FileInfo | Problem:
+def scan_file(path: Path) -> _FileInfo | Problem:
+    """Read and fully decode one file: its sha256, size, mode and µm/px, or the problem with it."""
     try:
         data = path.read_bytes()
     except OSError as err:

@@ -195,29 +195,19 @@ def cross_validate(manifest: Manifest, config: Config, cache_dir: str | Path | N
     """The seed study's protocol end to end: extract what the feature store lacks, split, train and
     predict each fold for each backbone and their combinations (concatenated features; averaged
     probabilities), all on the same folds, then compute the metrics."""
-    from .backbones import create_backbone
-    from .features import default_cache_dir, extract_features, load_matrix
+    from .features import describe_dataset
 
     plan = make_folds(manifest, config.evaluate.split_by, config.evaluate.folds, config.seed)
-    cache_dir = cache_dir or default_cache_dir()
-    matrices, results, extraction = {}, [], {}
-    for name in config.features.backbones:
-        backbone = create_backbone(name, config.weights_for(name), device)
-        extracted = extract_features(manifest, config, backbone, cache_dir, device, batch_size, progress=progress)
-        if extracted.problems:
-            raise EvaluationError(f"{len(extracted.problems)} image(s) could not be described: "
-                                  + "; ".join(str(p) for p in extracted.problems))
-        extraction[name] = {**backbone.identity, "store": str(extracted.store.root), "computed": extracted.computed,
-                            "reused": extracted.reused, "seconds": round(extracted.seconds, 2)}
-        matrices[name] = load_matrix(manifest, extracted.store, config.features.descriptor)
-        results.append(cross_validate_features(*matrices[name], manifest, plan, config, name, device, progress))
-    if len(results) > 1:
-        names = list(matrices)
-        owners = matrices[names[0]][1]
-        X = np.concatenate([matrices[n][0] for n in names], axis=1)
-        results.append(cross_validate_features(X, owners, manifest, plan, config, " + ".join(names) + " (concat)",
+    described = describe_dataset(manifest, config, cache_dir, device, batch_size, progress)
+    results = [cross_validate_features(d.X, d.owners, manifest, plan, config, d.backbone.name, device, progress)
+               for d in described]
+    if len(described) > 1:
+        names = " + ".join(d.backbone.name for d in described)
+        X = np.concatenate([d.X for d in described], axis=1)
+        results.append(cross_validate_features(X, described[0].owners, manifest, plan, config, f"{names} (concat)",
                                                device, progress))
-        results.append(combine_mean(results[:len(names)], " + ".join(names) + " (mean prob)"))
+        results.append(combine_mean(results[:len(described)], f"{names} (mean prob)"))
+    extraction = {d.backbone.name: d.provenance for d in described}
     run = CVRun(config, plan, results, np.array([r.image_id for r in manifest]), np.array([r.name for r in manifest]),
                 np.array([str(r.path) for r in manifest]), np.array([r.patient or "" for r in manifest]), extraction)
     run.evaluate()

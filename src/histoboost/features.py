@@ -308,6 +308,43 @@ def extract_features(manifest: Manifest, config: Config, backbone: Backbone, cac
     return result
 
 
+@dataclass
+class DatasetFeatures:
+    """One backbone's rows for a whole data set: (N * A, D') features and each row's image index."""
+
+    backbone: Backbone
+    extraction: ExtractResult
+    X: np.ndarray
+    owners: np.ndarray
+
+    @property
+    def provenance(self) -> dict:
+        e = self.extraction
+        return {**self.backbone.identity, "store": str(e.store.root), "computed": e.computed, "reused": e.reused,
+                "seconds": round(e.seconds, 2)}
+
+
+def describe_dataset(manifest: Manifest, config: Config, cache_dir: str | Path | None = None,
+                     device: str | torch.device = "cpu", batch_size: int = 8, progress: bool = True
+                     ) -> list[DatasetFeatures]:
+    """Each configured backbone's features for every image, extracting only what the store lacks.
+    Raises DataError listing the images that could not be described."""
+    from .backbones import create_backbone
+    from .data import DataError
+
+    out = []
+    for name in config.features.backbones:
+        backbone = create_backbone(name, config.weights_for(name), device)
+        result = extract_features(manifest, config, backbone, cache_dir or default_cache_dir(), device, batch_size,
+                                  progress=progress)
+        if result.problems:
+            raise DataError(f"{len(result.problems)} image(s) could not be described with {name}",
+                            tuple(result.problems))
+        X, owners = load_matrix(manifest, result.store, config.features.descriptor)
+        out.append(DatasetFeatures(backbone, result, X, owners))
+    return out
+
+
 def load_matrix(manifest: Manifest, store: FeatureStore, descriptor: str) -> tuple[np.ndarray, np.ndarray]:
     """Rows = augmented images: features (N * A, D') and the manifest index of each row."""
     rows, owners = [], []

@@ -87,7 +87,10 @@ def write_report(run: CVRun, out: Path) -> Path:
          f"eta {c.classifier.learning_rate}"),
         ("seed", str(c.seed)),
     ]
-    honesty = ("Folds are split by image: every image of a patient can be in training while another is tested, "
+    honesty = ("Evaluated on a labelled set held out from training, with a trained bundle: this estimates "
+               "accuracy on new patients if none of these patients was in the training data."
+               if run.plan.split_by == "held-out set" else
+               "Folds are split by image: every image of a patient can be in training while another is tested, "
                "so this <b>overstates accuracy on new patients</b> (by 10-15 points on BACH)."
                if run.plan.split_by == "image" else
                f"Folds are split by <b>{html.escape(run.plan.split_by)}</b>: no {html.escape(run.plan.split_by)} is "
@@ -267,3 +270,43 @@ th { background: #f0f0f0; }
 .thumbs { display: flex; flex-wrap: wrap; gap: 10px; } figure { margin: 0; width: 170px; font-size: 0.75em; }
 img.figure { max-width: 100%; } footer { margin-top: 3em; color: #888; font-size: 0.8em; }
 """
+
+
+OVERLAY_LEGEND_HEIGHT = 64
+
+
+def write_overlay(image_path: str | Path, grid: np.ndarray, predicted: int, out_dir: Path, max_side: int = 1024) -> Path:
+    """PNG of the image with the probability of the predicted class per feature-map cell laid over the
+    tissue, and a legend that says the map is exploratory. Size: the image (longest side at most
+    `max_side`) plus a legend strip of OVERLAY_LEGEND_HEIGHT pixels."""
+    import matplotlib
+    from PIL import Image, ImageDraw
+
+    from .stain import tissue_mask
+
+    with Image.open(image_path) as image:
+        image = image.convert("RGB")
+        image.thumbnail((max_side, max_side))
+        base = np.asarray(image)
+    h, w = base.shape[:2]
+    prob = np.asarray(Image.fromarray(grid[..., predicted].astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR))
+    colors = matplotlib.colormaps["turbo"](np.clip(prob, 0, 1))[..., :3] * 255
+    alpha = 0.5 * tissue_mask(base)[..., None]
+    blended = (base * (1 - alpha) + colors * alpha).astype(np.uint8)
+    canvas = Image.new("RGB", (w, h + OVERLAY_LEGEND_HEIGHT), "white")
+    canvas.paste(Image.fromarray(blended), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    bar = (matplotlib.colormaps["turbo"](np.linspace(0, 1, 200))[:, :3] * 255).astype(np.uint8)
+    canvas.paste(Image.fromarray(np.repeat(bar[None], 12, axis=0)), (8, h + 8))
+    draw.text((8, h + 22), "0", fill="black")
+    draw.text((200, h + 22), "1", fill="black")
+    draw.text((220, h + 6), f"predicted: {GROUP_NAMES[predicted]}; colour = p({GROUP_NAMES[predicted]}) "
+              "per feature-map cell over tissue", fill="black")
+    draw.text((220, h + 24), "EXPLORATORY: the classifier was trained on vectors pooled over crops,", fill="black")
+    draw.text((220, h + 40), "not on single cells. Research use only; not for diagnosis.", fill="black")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{Path(image_path).stem}.overlay.png"
+    tmp = path.with_name(f".{path.name}.tmp")
+    canvas.save(tmp, "PNG")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,319 @@
+"""A trained model as a portable bundle, and prediction on new images.
+
+A bundle is a folder (optionally zipped): XGBoost's native `model.ubj`, and `bundle.json` with the
+format version, the full config (stain reference, protocol, seed), the backbones' weights identity
+(sha256), the class names, library versions, a fingerprint of the training data and the sha256 of
+every other file. No pickle anywhere. Loading verifies all of it and refuses, with one line, a bundle
+that was altered, that needs weights not available here, or that is newer than this histoboost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .augment import plan_augmentations
+from .config import Config, HistoboostError
+from .data import GROUP_NAMES, IMAGE_SUFFIXES, Manifest, Problem, read_image, working_scale, write_text_atomic
+from .evaluate import majority_vote, vote_counts
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.ubj"
+META_FILE = "bundle.json"
+
+
+class BundleError(HistoboostError):
+    """A bundle cannot be written or used; the message says why."""
+
+
+@dataclass
+class Prediction:
+    """One image's result: the same columns as cross-validation's predictions.csv, plus provenance."""
+
+    path: str
+    name: str
+    image_id: str
+    probs: np.ndarray  # (3,) mean probability over augmentations
+    votes: np.ndarray  # (3,)
+    majority: int
+    aug_probs: np.ndarray  # (A, 3)
+
+    def record(self, bundle_sha256: str) -> dict[str, Any]:
+        return {
+            "path": self.path, "name": self.name, "image_id": self.image_id,
+            "class": GROUP_NAMES[self.majority], "group": self.majority,
+            "mean_prob_decision": int(self.probs.argmax()),
+            **{f"p_{g}": round(float(p), 6) for g, p in zip(GROUP_NAMES, self.probs)},
+            **{f"votes_{g}": int(v) for g, v in zip(GROUP_NAMES, self.votes)},
+            "bundle_sha256": bundle_sha256, "bundle_format": FORMAT_VERSION,
+        }
+
+
+class Bundle:
+    """A trained histoboost model: `Bundle.load(path).predict(paths)`."""
+
+    def __init__(self, config: Config, classifier, backbones: list, meta: dict[str, Any], path: Path | None = None):
+        self.config = config
+        self.classifier = classifier
+        self.backbones = backbones
+        self.meta = meta
+        self.path = path
+
+    @property
+    def sha256(self) -> str:
+        """Identity of the bundle: the sha256 of its bundle.json (which lists every other file's)."""
+        return self.meta.get("_sha256", "")
+
+    # -- writing ---------------------------------------------------------------------------------
+    def save(self, out: str | Path) -> Path:
+        """Write the bundle folder, or a .zip when `out` ends in .zip; atomically (temp + rename)."""
+        out = Path(out)
+        if out.exists():
+            raise BundleError(f"{out} exists: choose another --out or remove it")
+        staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent if out.parent.exists() else None))
+        try:
+            self.classifier.save_model(staging / MODEL_FILE)
+            meta = {k: v for k, v in self.meta.items() if not k.startswith("_")}
+            meta["files"] = {MODEL_FILE: _sha256_file(staging / MODEL_FILE)}
+            meta["meta_sha256"] = _meta_digest(meta)
+            write_text_atomic(staging / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if out.suffix == ".zip":
+                tmp_zip = out.with_name(f".{out.name}.tmp")
+                with zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_DEFLATED) as archive:
+                    for name in (META_FILE, MODEL_FILE):
+                        archive.write(staging / name, name)
+                os.replace(tmp_zip, out)
+            else:
+                os.replace(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return out
+
+    # -- reading ---------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> Bundle:
+        """Open and verify a bundle folder or .zip; load its backbones (their weights must match)."""
+        from .backbones import BackboneError, create_backbone
+        from .classifier import BoostedTrees
+
+        path = Path(path)
+        files = _read_bundle_files(path)
+        try:
+            meta = json.loads(files[META_FILE])
+        except KeyError:
+            raise BundleError(f"{path}: not a histoboost bundle (no {META_FILE})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BundleError(f"{path}: {META_FILE} is damaged: use the original bundle") from None
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        if not isinstance(version, int):
+            raise BundleError(f"{path}: {META_FILE} has no format version: not a histoboost bundle")
+        if version > FORMAT_VERSION:  # checked first: a newer format may check itself differently
+            raise BundleError(f"{path}: bundle format {version} is newer than the {FORMAT_VERSION} this histoboost "
+                              f"{__version__} reads: upgrade histoboost")
+        if meta.get("meta_sha256") != _meta_digest(meta):
+            raise BundleError(f"{path}: {META_FILE} does not match its checksum: the bundle was altered or "
+                              "damaged; use the original bundle")
+        for name, digest in meta.get("files", {}).items():
+            if name not in files or hashlib.sha256(files[name]).hexdigest() != digest:
+                raise BundleError(f"{path}: {name} does not match its checksum: the bundle was altered or damaged; "
+                                  "use the original bundle")
+        meta["_sha256"] = hashlib.sha256(files[META_FILE]).hexdigest()
+        config = Config.from_dict(meta["config"])
+        backbones = []
+        for spec in meta["backbones"]:
+            try:
+                backbone = create_backbone(spec["name"], config.weights_for(spec["name"]), device)
+            except BackboneError as err:
+                raise BundleError(f"{path}: needs backbone {spec['name']} with weights sha256 "
+                                  f"{spec['weights_sha256'][:12]}…: {err}") from None
+            if backbone.weights_sha256 != spec["weights_sha256"]:
+                raise BundleError(f"{path}: backbone {spec['name']} here has weights sha256 "
+                                  f"{backbone.weights_sha256[:12]}…, the bundle was trained with "
+                                  f"{spec['weights_sha256'][:12]}…: pass the original file with --weights")
+            backbones.append(backbone)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / MODEL_FILE).write_bytes(files[MODEL_FILE])
+            classifier = BoostedTrees.load_model(Path(tmp) / MODEL_FILE, config.classifier,
+                                                 meta["classifier"]["best_iteration"], device)
+        return cls(config, classifier, backbones, meta, path)
+
+    # -- predicting ------------------------------------------------------------------------------
+    def predict(self, paths: list[str | Path], device: str = "cpu", batch_size: int = 8, progress: bool = False,
+                overlay_dir: str | Path | None = None) -> tuple[list[dict[str, Any]], list[Problem]]:
+        """Predict images (files or folders of images) with the bundle's own preprocessing and test-time
+        augmentations; returns one record per image and one problem per image that failed."""
+        from tqdm.auto import tqdm
+
+        from .stain import StainError
+
+        files, problems = _collect(paths)
+        records = []
+        for file in tqdm(files, desc="predicting", unit="img", disable=not progress):
+            try:
+                prediction, grid = self.predict_one(file, device, batch_size, want_grid=overlay_dir is not None)
+            except (OSError, ValueError, StainError, HistoboostError) as err:
+                problems.append(Problem(file, f"cannot be predicted ({str(err).splitlines()[0]})",
+                                        "check the image; the others were predicted"))
+                continue
+            records.append(prediction.record(self.sha256))
+            if overlay_dir is not None:
+                from .report import write_overlay
+
+                write_overlay(file, grid, prediction.majority, Path(overlay_dir))
+        return records, problems
+
+    def predict_one(self, path: Path, device: str = "cpu", batch_size: int = 8, want_grid: bool = False):
+        """One image: (Prediction, class-probability grid of its feature-map cells, or None)."""
+        from .data import scan_file
+        from .features import describe_image
+        from .stain import Normalizer, fit_macenko
+
+        info = scan_file(Path(path))
+        if isinstance(info, Problem):
+            raise BundleError(info.message)
+        pre, aug = self.config.preprocess, self.config.augment
+        rgb = read_image(path, working_scale(info.mpp, pre))
+        if min(rgb.shape[:2]) < aug.crop_size:
+            raise BundleError(f"too small: {rgb.shape[1]}x{rgb.shape[0]} px at the working scale, smaller than "
+                              f"the {aug.crop_size} px crop")
+        rgb = Normalizer(pre.stain)(rgb)
+        plans = plan_augmentations(info.sha256, *rgb.shape[:2], aug, self.config.seed)
+        fit = fit_macenko(rgb) if aug.color == "he" else None
+        rows = np.concatenate([describe_image(rgb, plans, b, self.config, device, batch_size, fit)
+                               .descriptor(self.config.features.descriptor) for b in self.backbones], axis=1)
+        aug_probs = self.classifier.predict_proba(rows)
+        grid = None
+        if want_grid:
+            grid = self._probability_grid(rgb, device)
+        prediction = Prediction(str(path), Path(path).stem, info.sha256, aug_probs.mean(axis=0),
+                                vote_counts(aug_probs[None])[0], int(majority_vote(aug_probs[None])[0]), aug_probs)
+        return prediction, grid
+
+    def _probability_grid(self, rgb: np.ndarray, device: str) -> np.ndarray:
+        """Class probabilities (h, w, 3) of each feature-map cell of the un-augmented image: the classifier
+        applied to single cells. Exploratory: it was trained on vectors pooled over crops."""
+        import torch
+
+        maps = []
+        with torch.inference_mode():
+            x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().to(device)
+            for backbone in self.backbones:
+                maps.append(backbone.feature_map(x)[0].float().cpu().numpy())
+        h, w = maps[0].shape[1:]
+        cells = []
+        for fmap in maps:
+            cell = fmap.reshape(fmap.shape[0], -1).T  # (h*w, D)
+            cells.append(np.concatenate([cell, cell], axis=1)
+                         if self.config.features.descriptor == "crops+whole" else cell)
+        return self.classifier.predict_proba(np.concatenate(cells, axis=1)).reshape(h, w, 3)
+
+
+def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | None = None, device: str = "cpu",
+                 batch_size: int = 8, progress: bool = True) -> Bundle:
+    """Train the classifier on every image of the manifest (features from the store, extracted where
+    missing) and return the bundle, ready to save."""
+    from .classifier import BoostedTrees
+    from .features import describe_dataset
+
+    described = describe_dataset(manifest, config, cache_dir, device, batch_size, progress)
+    backbones, owners = [d.backbone for d in described], described[0].owners
+    groups = manifest.groups
+    units = np.array([r.patient or r.image_id for r in manifest], dtype=object)
+    classifier = BoostedTrees(config.classifier, seed=config.seed, device=device)
+    classifier.fit(np.concatenate([d.X for d in described], axis=1), groups[owners], groups=units[owners])
+    ids = sorted(r.image_id for r in manifest)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "histoboost": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config": config.to_dict(),
+        "backbones": [b.identity for b in backbones],
+        "classes": list(GROUP_NAMES),
+        "classifier": {"type": "xgboost", "file": MODEL_FILE, "best_iteration": classifier.best_iteration},
+        "training_data": {"images": len(manifest), "per_group": {GROUP_NAMES[g]: int((groups == g).sum())
+                                                                  for g in range(3)},
+                          "image_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+                          "source": str(manifest.root)},
+        "versions": _versions(),
+    }
+    return Bundle(config, classifier, backbones, meta)
+
+
+def evaluate_bundle(bundle: Bundle, manifest: Manifest, device: str = "cpu", progress: bool = True):
+    """Predict a labelled set with a bundle and compute the cross-validation metrics on it (one
+    "fold": the whole set, held out from training)."""
+    from tqdm.auto import tqdm
+
+    from .evaluate import CVResult, CVRun, FoldPlan
+
+    predictions = [bundle.predict_one(r.path, device)[0]
+                   for r in tqdm(manifest.records, desc="predicting", unit="img", disable=not progress)]
+    n = len(manifest)
+    plan = FoldPlan(np.zeros(n, dtype=np.int64), np.array([r.patient or r.image_id for r in manifest], dtype=object),
+                    "held-out set", 1)
+    result = CVResult("bundle", np.stack([p.aug_probs for p in predictions]), manifest.groups, plan)
+    run = CVRun(bundle.config, plan, [result], np.array([r.image_id for r in manifest]),
+                np.array([r.name for r in manifest]), np.array([str(r.path) for r in manifest]),
+                np.array([r.patient or "" for r in manifest]))
+    run.evaluate()
+    return run
+
+
+def _read_bundle_files(path: Path) -> dict[str, bytes]:
+    if path.is_dir():
+        return {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+    if path.is_file() and zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return {name: archive.read(name) for name in archive.namelist()}
+        except (zipfile.BadZipFile, zlib.error, OSError) as err:
+            raise BundleError(f"{path}: the zip is damaged ({err}): use the original bundle") from None
+    raise BundleError(f"{path}: no bundle here (give the folder or .zip written by histoboost train)")
+
+
+def _collect(paths: list[str | Path]) -> tuple[list[Path], list[Problem]]:
+    files, problems = [], []
+    for item in map(Path, paths):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                problems.append(Problem(item, "folder holds no images", "give image files or a folder of images"))
+            files += found
+        elif item.is_file():
+            files.append(item)
+        else:
+            problems.append(Problem(item, "no such file or folder", "check the path"))
+    return files, problems
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """sha256 of bundle.json's content without its own checksum, in a canonical form."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import timm
+    import torch
+    import xgboost
+
+    return {"histoboost": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "xgboost": xgboost.__version__, "numpy": np.__version__, "python": platform.python_version()}

@@ -1,0 +1,132 @@
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_png
+from histoboost.bundle import FORMAT_VERSION, Bundle, BundleError, train_bundle
+from histoboost.config import preset
+from histoboost.data import load_manifest
+from histoboost.report import OVERLAY_LEGEND_HEIGHT
+
+SMALL = {"preprocess.scale": 0.25, "augment.n_augment": 3, "augment.n_crops": 3, "augment.crop_size": 192,
+         "classifier.n_estimators": 20}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, bach):
+    import shutil
+
+    root = tmp_path_factory.mktemp("bundle")
+    data = root / "data"
+    for label, names in {"Normal": ["n001", "n003"], "Benign": ["b001", "b002"], "InSitu": ["is001", "is003"],
+                         "Invasive": ["iv001", "iv003"]}.items():
+        (data / label).mkdir(parents=True)
+        for name in names:
+            shutil.copy(bach / label / f"{name}.jpeg", data / label / f"{name}.jpeg")
+    manifest, _ = load_manifest(data)
+    bundle = train_bundle(manifest, preset("quick").merged(SMALL), root / "cache", progress=False)
+    return bundle, manifest, root
+
+
+def test_save_load_predict_equals_in_memory(trained):
+    bundle, manifest, root = trained
+    paths = [r.path for r in manifest][:3]
+    in_memory, problems = bundle.predict(paths)
+    assert problems == []
+    for out in (root / "model", root / "model.zip"):
+        bundle.save(out)
+        loaded = Bundle.load(out)
+        again, _ = loaded.predict(paths)
+        for a, b in zip(in_memory, again):
+            assert {k: v for k, v in a.items() if k != "bundle_sha256"} == \
+                   {k: v for k, v in b.items() if k != "bundle_sha256"}
+        assert again[0]["bundle_sha256"] == loaded.sha256 and len(loaded.sha256) == 64
+    record = in_memory[0]
+    assert {"path", "class", "group", "p_normal_benign", "p_in_situ", "p_invasive", "votes_invasive",
+            "bundle_format"} <= set(record)
+    assert record["class"] in ("normal_benign", "in_situ", "invasive") and record["bundle_format"] == FORMAT_VERSION
+    assert sum(record[f"votes_{g}"] for g in ("normal_benign", "in_situ", "invasive")) == 3
+
+
+def test_bundle_holds_no_pickle_and_says_what_it_is(trained):
+    bundle, _, root = trained
+    out = bundle.save(root / "inspect-me")
+    assert sorted(p.name for p in out.iterdir()) == ["bundle.json", "model.ubj"]
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["format_version"] == FORMAT_VERSION and meta["classes"] == ["normal_benign", "in_situ", "invasive"]
+    assert meta["backbones"][0]["weights_sha256"] == bundle.backbones[0].weights_sha256
+    assert meta["config"]["augment"]["n_augment"] == 3 and meta["training_data"]["images"] == 8
+    assert "xgboost" in meta["versions"]
+    with pytest.raises(BundleError, match="exists"):
+        bundle.save(out)
+
+
+def test_altered_bundles_are_refused(trained):
+    bundle, _, root = trained
+    out = bundle.save(root / "tamper")
+    model = out / "model.ubj"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="model.ubj does not match its checksum"):
+        Bundle.load(out)
+    out2 = bundle.save(root / "tamper2")
+    meta = json.loads((out2 / "bundle.json").read_text())
+    meta["config"]["seed"] = 1
+    (out2 / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="bundle.json does not match its checksum"):
+        Bundle.load(out2)
+    out3 = bundle.save(root / "future")
+    meta = json.loads((out3 / "bundle.json").read_text())
+    meta["format_version"] = FORMAT_VERSION + 1
+    (out3 / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="newer than"):
+        Bundle.load(out3)
+    zipped = bundle.save(root / "tamper.zip")
+    raw = bytearray(zipped.read_bytes())
+    with zipfile.ZipFile(zipped) as archive:
+        info = archive.getinfo("model.ubj")
+    raw[info.header_offset + 60] ^= 0xFF
+    zipped.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="damaged|checksum"):
+        Bundle.load(zipped)
+
+
+def test_bundle_needing_other_weights_is_refused(trained):
+    bundle, _, root = trained
+    out = bundle.save(root / "weights")
+    meta = json.loads((out / "bundle.json").read_text())
+    meta["backbones"][0]["weights_sha256"] = "0" * 64
+    meta.pop("meta_sha256")
+    from histoboost.bundle import _meta_digest
+
+    meta["meta_sha256"] = _meta_digest(meta)
+    (out / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="was trained with 000000000000"):
+        Bundle.load(out)
+
+
+def test_bad_images_are_reported_and_the_rest_predicted(trained, tmp_path):
+    bundle, manifest, _ = trained
+    (tmp_path / "empty.jpeg").write_bytes(b"")
+    write_png(tmp_path / "tiny.png", (100, 100))
+    good = manifest.records[0].path
+    records, problems = bundle.predict([good, tmp_path / "empty.jpeg", tmp_path / "tiny.png", tmp_path / "nope.png"])
+    assert len(records) == 1
+    assert sorted(p.path.name for p in problems) == ["empty.jpeg", "nope.png", "tiny.png"]
+    assert all("\n" not in str(p) for p in problems)
+
+
+def test_overlay_size_and_legend(trained, tmp_path):
+    bundle, manifest, _ = trained
+    path = manifest.records[0].path
+    records, _ = bundle.predict([path], overlay_dir=tmp_path)
+    overlay = Image.open(tmp_path / f"{path.stem}.overlay.png")
+    assert overlay.size == (1024, 1024 + OVERLAY_LEGEND_HEIGHT)  # 1536 px image, longest side capped at 1024
+    pixels = np.asarray(overlay.convert("RGB"))
+    legend = pixels[1024:]
+    assert (legend < 100).any()  # text and colour bar are drawn
+    assert not np.array_equal(pixels[:1024], np.asarray(Image.open(path).convert("RGB").resize((1024, 1024))))
