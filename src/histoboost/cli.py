@@ -11,6 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from . import __version__
 from .config import PRESETS, Config, ConfigError, HistoboostError, build_config
 from .data import DataError, Problem, load_manifest, parse_label_map, read_image, write_text_atomic
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     # Oversized images are reported per file by validation; Pillow's own warning would only repeat it.
-    warnings.simplefilter("ignore", category=__import__("PIL.Image").Image.DecompressionBombWarning)
+    warnings.simplefilter("ignore", category=Image.DecompressionBombWarning)
     try:
         if args.threads:
             import torch
