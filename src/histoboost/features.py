@@ -167,6 +167,7 @@ class FeatureStore:
             if {k: found.get(k) for k in settings} != settings:
                 raise FeatureStoreError(f"{root} holds features made with other settings than its name says: "
                                         f"delete it (histoboost cache prune --key {root.name}) to re-extract")
+            os.utime(index)  # "last used", for `cache list` and `cache prune --older-than`
             return cls(root, found)
         root.mkdir(parents=True, exist_ok=True)
         meta = {**settings, "key": root.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
