@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export MALLOC_MMAP_MAX_ := 0
 export MALLOC_TRIM_THRESHOLD_ := 68719476736
 
-.PHONY: test demo inspect-bach clean
+.PHONY: test demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/histoboost demo --out runs/demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/extract_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info
