@@ -47,3 +47,13 @@ def test_outputs_are_written_and_rebuilt(tmp_path):
     reloaded.evaluate()
     assert reloaded.results[0].metrics == json.loads(json.dumps(metrics["models"]["m1"]))
     assert "m1" in accuracy_table(run) and "m2" in accuracy_table(run)
+
+
+def test_damaged_results_are_one_clear_error(tmp_path):
+    import pytest
+
+    from histoboost.evaluate import EvaluationError
+
+    (tmp_path / "cv_results.npz").write_bytes(b"not an npz")
+    with pytest.raises(EvaluationError, match="rerun histoboost cv"):
+        CVRun.load(tmp_path / "cv_results.npz", preset("quick"))

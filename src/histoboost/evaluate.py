@@ -177,12 +177,16 @@ class CVRun:
 
     @classmethod
     def load(cls, path: str | Path, config: Config) -> CVRun:
-        with np.load(path, allow_pickle=False) as data:
-            folds = data["folds"]
-            plan = FoldPlan(folds, data["units"].astype(object), str(data["split_by"]), int(folds.max()) + 1,
-                            tuple(str(w) for w in data["warnings"]))
-            results = [CVResult(str(m), data[f"probs__{m}"], data["truth"], plan) for m in data["models"]]
-            return cls(config, plan, results, data["image_ids"], data["names"], data["paths"], data["patients"])
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                folds = data["folds"]
+                plan = FoldPlan(folds, data["units"].astype(object), str(data["split_by"]), int(folds.max()) + 1,
+                                tuple(str(w) for w in data["warnings"]))
+                results = [CVResult(str(m), data[f"probs__{m}"], data["truth"], plan) for m in data["models"]]
+                return cls(config, plan, results, data["image_ids"], data["names"], data["paths"], data["patients"])
+        except (OSError, KeyError, ValueError, EOFError) as err:
+            raise EvaluationError(f"{path}: damaged or not written by histoboost cv ({err}); rerun histoboost cv") \
+                from None
 
     def evaluate(self) -> None:
         """Compute every model's metrics (stored on each result)."""

@@ -91,7 +91,7 @@ def write_report(run: CVRun, out: Path) -> Path:
                "accuracy on new patients if none of these patients was in the training data."
                if run.plan.split_by == "held-out set" else
                "Folds are split by image: every image of a patient can be in training while another is tested, "
-               "so this <b>overstates accuracy on new patients</b> (by 10-15 points on BACH)."
+               "so this <b>overstates accuracy on new patients</b>."
                if run.plan.split_by == "image" else
                f"Folds are split by <b>{html.escape(run.plan.split_by)}</b>: no {html.escape(run.plan.split_by)} is "
                "in both training and test, so this estimates accuracy on new patients"
