@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -25,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .augment import plan_augmentations
+from .backbones import file_sha256
 from .config import Config, HistoboostError
-from .data import GROUP_NAMES, IMAGE_SUFFIXES, Manifest, Problem, read_image, working_scale, write_text_atomic
+from .data import GROUP_NAMES, IMAGE_SUFFIXES, Manifest, Problem, write_text_atomic
 from .evaluate import majority_vote, vote_counts
 
 FORMAT_VERSION = 1
@@ -87,7 +86,7 @@ class Bundle:
         try:
             self.classifier.save_model(staging / MODEL_FILE)
             meta = {k: v for k, v in self.meta.items() if not k.startswith("_")}
-            meta["files"] = {MODEL_FILE: _sha256_file(staging / MODEL_FILE)}
+            meta["files"] = {MODEL_FILE: file_sha256(staging / MODEL_FILE)}
             meta["meta_sha256"] = _meta_digest(meta)
             write_text_atomic(staging / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -177,29 +176,26 @@ class Bundle:
         return records, problems
 
     def predict_one(self, path: Path, device: str = "cpu", batch_size: int = 8, want_grid: bool = False):
-        """One image: (Prediction, class-probability grid of its feature-map cells, or None)."""
+        """One image file, read and checked here: (Prediction, class-probability grid or None)."""
         from .data import scan_file
-        from .features import describe_image
-        from .stain import Normalizer, fit_macenko
 
         info = scan_file(Path(path))
         if isinstance(info, Problem):
             raise BundleError(info.message)
-        pre, aug = self.config.preprocess, self.config.augment
-        rgb = read_image(path, working_scale(info.mpp, pre))
-        if min(rgb.shape[:2]) < aug.crop_size:
-            raise BundleError(f"too small: {rgb.shape[1]}x{rgb.shape[0]} px at the working scale, smaller than "
-                              f"the {aug.crop_size} px crop")
-        rgb = Normalizer(pre.stain)(rgb)
-        plans = plan_augmentations(info.sha256, *rgb.shape[:2], aug, self.config.seed)
-        fit = fit_macenko(rgb) if aug.color == "he" else None
-        rows = np.concatenate([describe_image(rgb, plans, b, self.config, device, batch_size, fit)
-                               .descriptor(self.config.features.descriptor) for b in self.backbones], axis=1)
+        return self.predict_known(path, info.sha256, info.mpp, device, batch_size, want_grid)
+
+    def predict_known(self, path: str | Path, image_id: str, mpp: float | None, device: str = "cpu",
+                      batch_size: int = 8, want_grid: bool = False):
+        """An image whose id (sha256) and resolution are known, e.g. from a validated manifest."""
+        from .features import describe_image, prepare_image
+
+        prepared = prepare_image(path, image_id, mpp, self.config)
+        rows = np.concatenate([describe_image(prepared.rgb, prepared.plans, b, self.config, device, batch_size,
+                                              prepared.stain_fit).descriptor(self.config.features.descriptor)
+                               for b in self.backbones], axis=1)
         aug_probs = self.classifier.predict_proba(rows)
-        grid = None
-        if want_grid:
-            grid = self._probability_grid(rgb, device)
-        prediction = Prediction(str(path), Path(path).stem, info.sha256, aug_probs.mean(axis=0),
+        grid = self._probability_grid(prepared.rgb, device) if want_grid else None
+        prediction = Prediction(str(path), Path(path).stem, image_id, aug_probs.mean(axis=0),
                                 vote_counts(aug_probs[None])[0], int(majority_vote(aug_probs[None])[0]), aug_probs)
         return prediction, grid
 
@@ -227,7 +223,7 @@ def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | Non
     """Train the classifier on every image of the manifest (features from the store, extracted where
     missing) and return the bundle, ready to save."""
     from .classifier import BoostedTrees
-    from .features import describe_dataset
+    from .features import describe_dataset, library_versions
 
     described = describe_dataset(manifest, config, cache_dir, device, batch_size, progress)
     backbones, owners = [d.backbone for d in described], described[0].owners
@@ -248,7 +244,7 @@ def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | Non
                                                                   for g in range(3)},
                           "image_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
                           "source": str(manifest.root)},
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     return Bundle(config, classifier, backbones, meta)
 
@@ -260,7 +256,7 @@ def evaluate_bundle(bundle: Bundle, manifest: Manifest, device: str = "cpu", pro
 
     from .evaluate import CVResult, CVRun, FoldPlan
 
-    predictions = [bundle.predict_one(r.path, device)[0]
+    predictions = [bundle.predict_known(r.path, r.image_id, r.mpp, device)[0]
                    for r in tqdm(manifest.records, desc="predicting", unit="img", disable=not progress)]
     n = len(manifest)
     plan = FoldPlan(np.zeros(n, dtype=np.int64), np.array([r.patient or r.image_id for r in manifest], dtype=object),
@@ -306,14 +302,3 @@ def _meta_digest(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _versions() -> dict[str, str]:
-    import timm
-    import torch
-    import xgboost
-
-    return {"histoboost": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "xgboost": xgboost.__version__, "numpy": np.__version__, "python": platform.python_version()}

@@ -29,8 +29,8 @@ from . import __version__
 from .augment import AugmentPlan, augment_batch, plan_augmentations
 from .backbones import Backbone
 from .config import Config, HistoboostError
-from .data import ImageRecord, Manifest, Problem, read_record, write_text_atomic
-from .stain import Normalizer, StainError, StainQC, fit_macenko
+from .data import ImageRecord, Manifest, Problem, read_image, working_scale, write_text_atomic
+from .stain import Normalizer, StainError, StainFit, StainQC, fit_macenko
 
 STORE_FORMAT = 1
 T = TypeVar("T")
@@ -54,6 +54,32 @@ class ImageFeatures:
         """The (A, D') rows the classifier sees: `crops`, `whole` or `crops+whole`."""
         parts = {"crops": [self.pooled], "whole": [self.whole], "crops+whole": [self.pooled, self.whole]}[kind]
         return np.concatenate(parts, axis=1)
+
+
+# -- preparing one image ----
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image at the working resolution, stain-normalised, with its augmentation plans."""
+
+    rgb: np.ndarray
+    qc: StainQC | None
+    plans: list[AugmentPlan]
+    stain_fit: StainFit | None  # the normalised image's stains, for H&E-space augmentation
+
+
+def prepare_image(path: str | Path, image_id: str, mpp: float | None, config: Config) -> PreparedImage:
+    """Decode, scale, stain-normalise and plan one image: the one preprocessing that training,
+    cross-validation and prediction share. Raises StainError, or DataError for an image too small."""
+    from .data import DataError
+
+    rgb = read_image(path, working_scale(mpp, config.preprocess))
+    if min(rgb.shape[:2]) < config.augment.crop_size:
+        raise DataError(f"too small: {rgb.shape[1]}x{rgb.shape[0]} px at the working scale, smaller than the "
+                        f"{config.augment.crop_size} px crop")
+    rgb, qc = Normalizer(config.preprocess.stain).normalize_with_qc(rgb)
+    plans = plan_augmentations(image_id, rgb.shape[0], rgb.shape[1], config.augment, config.seed)
+    return PreparedImage(rgb, qc, plans, fit_macenko(rgb) if config.augment.color == "he" else None)
 
 
 # -- describing one image ------------------------------------------------------------------------
@@ -171,7 +197,7 @@ class FeatureStore:
             return cls(root, found)
         root.mkdir(parents=True, exist_ok=True)
         meta = {**settings, "key": root.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "versions": _versions()}
+                "versions": library_versions()}
         write_text_atomic(index, json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return cls(root, meta)
 
@@ -279,28 +305,25 @@ def extract_features(manifest: Manifest, config: Config, backbone: Backbone, cac
     result = ExtractResult(store)
     todo = [r for r in manifest if not store.has(r.image_id, keep_crops)]
     result.reused = len(manifest) - len(todo)
-    normalizer = Normalizer(config.preprocess.stain)
 
-    def prepare(record: ImageRecord) -> tuple:
-        """Decode, scale, stain-normalise and plan one image (in a thread, while the CNN runs)."""
+    def prepare(record: ImageRecord) -> tuple[ImageRecord, PreparedImage | StainError]:
+        """In a thread, while the CNN runs on the previous image."""
         try:
-            rgb, qc = normalizer.normalize_with_qc(read_record(record, config.preprocess))
+            return record, prepare_image(record.path, record.image_id, record.mpp, config)
         except StainError as err:
-            return record, err, None, None, None
-        plans = plan_augmentations(record.image_id, rgb.shape[0], rgb.shape[1], config.augment, config.seed)
-        fit = fit_macenko(rgb) if config.augment.color == "he" else None
-        return record, rgb, qc, plans, fit
+            return record, err
 
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc=f"{backbone.name} features", unit="img", disable=not progress,
                dynamic_ncols=True)
-    for record, rgb, qc, plans, fit in _prefetch(prepare, todo):
-        if isinstance(rgb, StainError):
-            result.problems.append(Problem(record.path, str(rgb), "remove the image, or use --stain none"))
+    for record, prepared in _prefetch(prepare, todo):
+        if isinstance(prepared, StainError):
+            result.problems.append(Problem(record.path, str(prepared), "remove the image, or use --stain none"))
         else:
-            if qc is not None:
-                result.stain_qc[record.image_id] = qc
-            features = describe_image(rgb, plans, backbone, config, device, batch_size, fit, keep_crops)
+            if prepared.qc is not None:
+                result.stain_qc[record.image_id] = prepared.qc
+            features = describe_image(prepared.rgb, prepared.plans, backbone, config, device, batch_size,
+                                      prepared.stain_fit, keep_crops)
             store.save(record.image_id, features)
             result.computed += 1
         bar.update(1)
@@ -386,8 +409,15 @@ def _hash(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """Versions of what computes features (and, where installed, the classifier), for provenance."""
+    import importlib.metadata
     import timm
 
-    return {"histoboost": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
+    versions = {"histoboost": __version__, "torch": torch.__version__, "timm": timm.__version__,
+                "numpy": np.__version__, "python": platform.python_version()}
+    try:
+        versions["xgboost"] = importlib.metadata.version("xgboost")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return versions
