@@ -130,3 +130,24 @@ def test_overlay_size_and_legend(trained, tmp_path):
     legend = pixels[1024:]
     assert (legend < 100).any()  # text and colour bar are drawn
     assert not np.array_equal(pixels[:1024], np.asarray(Image.open(path).convert("RGB").resize((1024, 1024))))
+
+
+def test_logistic_bundle_carries_its_operating_point(trained):
+    from histoboost.classifier import DecisionRule
+
+    _, manifest, root = trained
+    config = preset("quick").merged({**SMALL, "classifier.kind": "logistic", "classifier.target_sensitivity": 1.0,
+                                     "classifier.calibrate": True, "classifier.refer_below_agreement": 0.9})
+    bundle = train_bundle(manifest, config, root / "cache", progress=False)
+    out = bundle.save(root / "logistic")
+    assert sorted(p.name for p in out.iterdir()) == ["bundle.json", "model.json"]
+    meta = json.loads((out / "bundle.json").read_text())
+    rule = DecisionRule(**meta["decision_rule"])
+    assert rule.threshold is not None and rule.temperature > 0 and rule.refer_below_agreement == 0.9
+    loaded = Bundle.load(out)
+    assert loaded.rule == rule
+    records, _ = loaded.predict([r.path for r in manifest][:4])
+    for record in records:
+        assert record["p_carcinoma"] == pytest.approx(record["p_in_situ"] + record["p_invasive"], abs=1e-5)
+        assert (record["group"] > 0) == (record["p_carcinoma"] >= rule.threshold)
+        assert (record["refer"] == "votes split") == (record["agreement"] < 0.9)

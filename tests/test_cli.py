@@ -182,6 +182,9 @@ def test_cv_end_to_end_on_real_bach_images(bach, tmp_path):
     assert sum(map(sum, model["majority_vote"]["confusion"])) == 24
     page = (run / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3
+    # The image split is shown beside the honest one, on the same features.
+    assert {r["split_by"] for r in metrics["split_comparison"]} == {"id_block", "image"}
+    assert "Split by image vs split by patient" in page
     # Rebuilding from the saved results gives the same metrics.
     rebuilt = run_cli("report", run)
     assert rebuilt.returncode == 0, rebuilt.stderr
@@ -190,11 +193,15 @@ def test_cv_end_to_end_on_real_bach_images(bach, tmp_path):
     assert (first["computed"], first["reused"]) == (24, 0)
     # A classifier change re-uses every stored feature.
     again = run_cli("cv", tmp_path / "subset.csv", "--preset", "quick", "--scale", "0.25", "--crop-size", "192",
-                    "-A", "4", "-C", "4", "--rounds", "20", "--split-by", "id_block", "--quiet", "--cache-dir",
+                    "-A", "4", "-C", "4", "--split-by", "image", "--classifier", "logistic", "--target-sensitivity",
+                    "0.95", "--calibrate", "--refer-below", "0.75", "--quiet", "--cache-dir",
                     tmp_path / "cache", "--out", tmp_path / "run2")
     assert again.returncode == 0, again.stderr
+    assert "(operating point)" in again.stdout
     second = json.loads((tmp_path / "run2" / "config.json").read_text())
-    assert second["classifier"]["n_estimators"] == 20
+    assert second["classifier"]["kind"] == "logistic" and second["classifier"]["target_sensitivity"] == 0.95
+    op = json.loads((tmp_path / "run2" / "metrics.json").read_text())["models"]["efficientnet_lite0"]["operating_point"]
+    assert len(op["thresholds"]) == 6 and 0 <= op["refer_rate"] <= 1
     assert (second["provenance"]["backbones"]["efficientnet_lite0"]["computed"],
             second["provenance"]["backbones"]["efficientnet_lite0"]["reused"]) == (0, 24)
 
@@ -221,7 +228,7 @@ def test_train_predict_evaluate_and_tamper(small_folder, tmp_path):
     assert len(list((tmp_path / "overlays").glob("*.overlay.png"))) == 2
     as_json = run_cli("predict", model, new / rows[1].split(",")[0].rsplit("/", 1)[-1], "--out",
                       tmp_path / "one.json", "--quiet")
-    assert as_json.returncode == 0 and json.loads((tmp_path / "one.json").read_text())[0]["bundle_format"] == 1
+    assert as_json.returncode == 0 and json.loads((tmp_path / "one.json").read_text())[0]["bundle_format"] == 2
     evaluated = run_cli("evaluate", model, small_folder, "--out", tmp_path / "eval", "--quiet")
     assert evaluated.returncode == 0, evaluated.stderr
     assert "held out from training" in (tmp_path / "eval" / "report.html").read_text()

@@ -105,3 +105,35 @@ def test_folds_by_a_manifest_column(bach):
     blocks = np.array(manifest.column("id_block"))
     for k in range(plan.n_folds):
         assert not set(blocks[plan.folds == k]) & set(blocks[plan.folds != k])
+
+
+def test_operating_point_is_chosen_inside_each_fold_and_survives_save_and_load(tmp_path):
+    from histoboost.config import preset
+    from histoboost.evaluate import CVRun, cross_validate_features
+
+    manifest = _manifest(tmp_path, patients_per_class=(6, 6, 6), images_per_patient=2)
+    rng = np.random.default_rng(0)
+    n_aug = 3
+    owners = np.repeat(np.arange(len(manifest)), n_aug)
+    centres = np.array([0.0, 1.0, 1.6])[manifest.groups] + rng.normal(0, 0.7, len(manifest))
+    X = (centres[owners][:, None] + rng.normal(0, 0.1, (len(owners), 4))).astype(np.float32)
+    plan = make_folds(manifest, "patient", 3, seed=0)
+    config = preset("quick").merged({"classifier.kind": "logistic", "classifier.C": 1.0, "classifier.inner_folds": 3,
+                                     "classifier.target_sensitivity": 0.95, "classifier.refer_below_agreement": 0.9})
+    plain = cross_validate_features(X, owners, manifest, plan, preset("quick").merged({"classifier.kind": "logistic"}),
+                                    "plain")
+    assert plain.rules is None
+    result = cross_validate_features(X, owners, manifest, plan, config, "op")
+    assert len(result.rules) == 3 and all(r.threshold is not None for r in result.rules)
+    carcinoma = result.truth > 0
+    assert (result.decision[carcinoma] > 0).mean() >= (result.majority[carcinoma] > 0).mean()
+    run = CVRun(config, plan, [result], np.array([r.image_id for r in manifest]), np.array([r.name for r in manifest]),
+                np.array([str(r.path) for r in manifest]), np.array([r.patient for r in manifest]))
+    run.evaluate()
+    op = result.metrics["operating_point"]
+    assert len(op["thresholds"]) == 3 and 0 <= op["refer_rate"] <= 1 and op["accuracy"] == pytest.approx(
+        (result.decision == result.truth).mean())
+    run.save(tmp_path / "cv.npz")
+    loaded = CVRun.load(tmp_path / "cv.npz", config)
+    assert loaded.results[0].rules == result.rules
+    assert np.array_equal(loaded.results[0].decision, result.decision)

@@ -57,3 +57,32 @@ def test_damaged_results_are_one_clear_error(tmp_path):
     (tmp_path / "cv_results.npz").write_bytes(b"not an npz")
     with pytest.raises(EvaluationError, match="rerun histoboost cv"):
         CVRun.load(tmp_path / "cv_results.npz", preset("quick"))
+
+
+def test_side_by_side_splits_operating_point_and_stain_fallbacks_are_reported(tmp_path):
+    from histoboost.classifier import DecisionRule
+    from histoboost.evaluate import split_summary
+
+    run = _fake_run(tmp_path)
+    result = run.results[0]
+    result.rules = [DecisionRule(threshold=0.3, refer_below_agreement=0.8)] * 3
+    result.decision, result.agreement = result.rules[0].decide(result.aug_probs)
+    run.stain_fallbacks = np.array(["none"] + [""] * 11)
+    run.evaluate()
+    image_plan = FoldPlan(run.plan.folds, run.image_ids.astype(object), "image", 3)
+    by_image = CVResult("m1", result.aug_probs, result.truth, image_plan)
+    run.split_comparison = [split_summary(r, 0) for r in run.results]
+    from histoboost.evaluate import evaluate_result
+
+    evaluate_result(by_image, 0)
+    run.split_comparison.append(split_summary(by_image, 0))
+    page = write_outputs(run, tmp_path / "run").read_text()
+    assert "Split by image vs split by patient" in page and "estimates new patients" in page
+    assert "Operating point" in page and "1 image(s) failed the stain quality check" in page
+    rows = list(csv.DictReader(open(tmp_path / "run" / "predictions.csv")))
+    first = [r for r in rows if r["model"] == "m1"][0]
+    assert "stain QC failed" in first["refer"] and first["stain_fallback"] == "none"
+    assert first["operating_point_decision"] != ""
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {r["split_by"] for r in metrics["split_comparison"]} == {"patient", "image"}
+    assert "operating point" in accuracy_table(run) and "split by image" in accuracy_table(run)

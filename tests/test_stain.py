@@ -107,3 +107,20 @@ def test_check_images_reports_blank_images_per_file(tmp_path, bach):
     qcs, problems = check_images(manifest.records, PreprocessConfig(scale=1.0))
     assert len(qcs) == 1 and [p.path.name for p in problems] == ["blank.png"]
     assert "too little tissue" in problems[0].message and "--stain none" in problems[0].fix
+
+
+@pytest.mark.parametrize("on_failure, expected", [("reinhard", "reinhard"), ("none", "none"), ("keep", "kept")])
+def test_a_failed_normalisation_falls_back_per_image(bach_image, on_failure, expected):
+    from histoboost.features import normalize_safely
+
+    rgb = bach_image("Benign/b001")
+    faint = (*np.asarray(MACENKO_HE_REF).ravel(), 0.02, 0.01)  # a target this faint washes the tissue out
+    out, qc, fallback = normalize_safely(rgb, StainConfig("macenko", target=faint, on_failure=on_failure))
+    assert not qc.ok and any("washed out" in f or "density" in f for f in qc.flags)
+    assert fallback == expected
+    if expected == "none":
+        assert np.array_equal(out, rgb)
+    elif expected == "reinhard":
+        assert np.array_equal(out, Normalizer(StainConfig("reinhard")).normalize_with_qc(rgb)[0])
+    good, good_qc, none = normalize_safely(rgb, StainConfig("macenko", on_failure=on_failure))
+    assert good_qc.ok and none == ""

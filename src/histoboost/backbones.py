@@ -110,6 +110,7 @@ def create_backbone(name: str, weights: str | Path | None = None, device: str | 
     """
     import timm
 
+    keep_freed_memory()
     spec = REGISTRY.get(name)
     architecture = spec.architecture if spec else name
     try:
@@ -137,6 +138,40 @@ def create_backbone(name: str, weights: str | Path | None = None, device: str | 
         weights_sha256=file_sha256(path), weights_source=source,
     )
     return backbone.to(device)
+
+
+# glibc's mallopt parameters (malloc.h): what MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_MAX_ set.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_ALLOCATOR_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "LD_PRELOAD")
+
+
+def keep_freed_memory() -> str:
+    """Make glibc keep freed memory in the process instead of handing it back to the OS.
+
+    A CNN forward frees and re-allocates hundreds of MiB of activations per batch. glibc's defaults
+    serve such blocks with mmap and return them on free, so every batch faults its memory in again,
+    which on many VMs halves CNN speed (benchmarks/extract_bench.py measures it). This is what
+    `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>` do, set with glibc's `mallopt` at run time so
+    users need no environment or re-executed process. Left alone where the user already chose
+    (those variables, or another allocator through LD_PRELOAD) and where libc is not glibc.
+    Returns what was done: "set", "user's choice" or "not glibc".
+    """
+    import ctypes
+    import platform
+
+    if any(os.environ.get(k) for k in _ALLOCATOR_ENV):
+        return "user's choice"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "not glibc"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "not glibc"
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # mallopt takes an int: 2 GiB is the largest trim threshold it accepts (the variable allows more).
+    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    return "set" if ok else "not glibc"
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

@@ -1,9 +1,10 @@
 """A trained model as a portable bundle, and prediction on new images.
 
-A bundle is a folder (optionally zipped): XGBoost's native `model.ubj`, and `bundle.json` with the
-format version, the full config (stain reference, protocol, seed), the backbones' weights identity
-(sha256), the class names, library versions, a fingerprint of the training data and the sha256 of
-every other file. No pickle anywhere. Loading verifies all of it and refuses, with one line, a bundle
+A bundle is a folder (optionally zipped): the classifier (XGBoost's native `model.ubj`, or the
+logistic model's arrays as `model.json`), and `bundle.json` with the format version, the full config
+(stain reference, protocol, seed), the decision rule chosen on the training data (threshold,
+temperature, refer setting), the backbones' weights identity (sha256), the class names, library
+versions, a fingerprint of the training data and the sha256 of every other file. No pickle anywhere. Loading verifies all of it and refuses, with one line, a bundle
 that was altered, that needs weights not available here, or that is newer than this histoboost.
 """
 
@@ -27,10 +28,10 @@ from . import __version__
 from .backbones import file_sha256
 from .config import Config, HistoboostError
 from .data import GROUP_NAMES, IMAGE_SUFFIXES, Manifest, Problem, write_text_atomic
-from .evaluate import majority_vote, vote_counts
+from .classifier import DecisionRule, vote_counts
 
-FORMAT_VERSION = 1
-MODEL_FILE = "model.ubj"
+FORMAT_VERSION = 2  # 2: logistic classifier, decision rule
+MODEL_FILES = {"xgboost": "model.ubj", "logistic": "model.json"}
 META_FILE = "bundle.json"
 
 
@@ -45,18 +46,23 @@ class Prediction:
     path: str
     name: str
     image_id: str
-    probs: np.ndarray  # (3,) mean probability over augmentations
+    probs: np.ndarray  # (3,) mean probability over augmentations (calibrated where the bundle calibrates)
     votes: np.ndarray  # (3,)
-    majority: int
+    decision: int  # by the bundle's decision rule: majority vote, or its carcinoma threshold
     aug_probs: np.ndarray  # (A, 3)
+    agreement: float = 1.0  # share of augmentations that agree with the decision
+    refer: str = ""  # why a pathologist should look: "votes split", "stain QC failed", or ""
+    stain_qc: str = ""  # the quality check's flags, and the fallback used
 
     def record(self, bundle_sha256: str) -> dict[str, Any]:
         return {
             "path": self.path, "name": self.name, "image_id": self.image_id,
-            "class": GROUP_NAMES[self.majority], "group": self.majority,
+            "class": GROUP_NAMES[self.decision], "group": self.decision,
             "mean_prob_decision": int(self.probs.argmax()),
             **{f"p_{g}": round(float(p), 6) for g, p in zip(GROUP_NAMES, self.probs)},
+            "p_carcinoma": round(float(self.probs[1:].sum()), 6),
             **{f"votes_{g}": int(v) for g, v in zip(GROUP_NAMES, self.votes)},
+            "agreement": round(self.agreement, 3), "refer": self.refer, "stain_qc": self.stain_qc,
             "bundle_sha256": bundle_sha256, "bundle_format": FORMAT_VERSION,
         }
 
@@ -70,6 +76,7 @@ class Bundle:
         self.backbones = backbones
         self.meta = meta
         self.path = path
+        self.rule = DecisionRule(**meta.get("decision_rule", {}))
 
     @property
     def sha256(self) -> str:
@@ -84,16 +91,17 @@ class Bundle:
             raise BundleError(f"{out} exists: choose another --out or remove it")
         staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent if out.parent.exists() else None))
         try:
-            self.classifier.save_model(staging / MODEL_FILE)
+            model_file = self.meta["classifier"]["file"]
+            self.classifier.save_model(staging / model_file)
             meta = {k: v for k, v in self.meta.items() if not k.startswith("_")}
-            meta["files"] = {MODEL_FILE: file_sha256(staging / MODEL_FILE)}
+            meta["files"] = {model_file: file_sha256(staging / model_file)}
             meta["meta_sha256"] = _meta_digest(meta)
             write_text_atomic(staging / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
             out.parent.mkdir(parents=True, exist_ok=True)
             if out.suffix == ".zip":
                 tmp_zip = out.with_name(f".{out.name}.tmp")
                 with zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_DEFLATED) as archive:
-                    for name in (META_FILE, MODEL_FILE):
+                    for name in (META_FILE, model_file):
                         archive.write(staging / name, name)
                 os.replace(tmp_zip, out)
             else:
@@ -107,7 +115,7 @@ class Bundle:
     def load(cls, path: str | Path, device: str = "cpu") -> Bundle:
         """Open and verify a bundle folder or .zip; load its backbones (their weights must match)."""
         from .backbones import BackboneError, create_backbone
-        from .classifier import BoostedTrees
+        from .classifier import load_classifier
 
         path = Path(path)
         files = _read_bundle_files(path)
@@ -144,10 +152,11 @@ class Bundle:
                                   f"{backbone.weights_sha256[:12]}…, the bundle was trained with "
                                   f"{spec['weights_sha256'][:12]}…: pass the original file with --weights")
             backbones.append(backbone)
+        model_file = meta["classifier"]["file"]
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / MODEL_FILE).write_bytes(files[MODEL_FILE])
-            classifier = BoostedTrees.load_model(Path(tmp) / MODEL_FILE, config.classifier,
-                                                 meta["classifier"]["best_iteration"], device)
+            (Path(tmp) / model_file).write_bytes(files[model_file])
+            classifier = load_classifier(Path(tmp) / model_file, config.classifier,
+                                         meta["classifier"]["best_iteration"], device)
         return cls(config, classifier, backbones, meta, path)
 
     # -- predicting ------------------------------------------------------------------------------
@@ -172,7 +181,7 @@ class Bundle:
             if overlay_dir is not None:
                 from .report import write_overlay
 
-                write_overlay(file, grid, prediction.majority, Path(overlay_dir))
+                write_overlay(file, grid, prediction.decision, Path(overlay_dir))
         return records, problems
 
     def predict_one(self, path: Path, device: str = "cpu", batch_size: int = 8, want_grid: bool = False):
@@ -193,10 +202,19 @@ class Bundle:
         rows = np.concatenate([describe_image(prepared.rgb, prepared.plans, b, self.config, device, batch_size,
                                               prepared.stain_fit).descriptor(self.config.features.descriptor)
                                for b in self.backbones], axis=1)
-        aug_probs = self.classifier.predict_proba(rows)
+        raw = self.classifier.predict_proba(rows)
         grid = self._probability_grid(prepared.rgb, device) if want_grid else None
+        decision, agreement = self.rule.decide(raw[None])
+        aug_probs = self.rule.calibrated(raw)
+        refer = "votes split" if self.rule.refer(agreement)[0] else ""
+        qc = ""
+        if prepared.qc is not None and not prepared.qc.ok:
+            fallback = {"none": "used un-normalised", "reinhard": "used Reinhard", "kept": "kept"}[prepared.stain_fallback]
+            qc = f"{'; '.join(prepared.qc.flags)} ({fallback})"
+            refer = "; ".join(filter(None, [refer, "stain QC failed"]))
         prediction = Prediction(str(path), Path(path).stem, image_id, aug_probs.mean(axis=0),
-                                vote_counts(aug_probs[None])[0], int(majority_vote(aug_probs[None])[0]), aug_probs)
+                                vote_counts(aug_probs[None])[0], int(decision[0]), aug_probs, float(agreement[0]),
+                                refer, qc)
         return prediction, grid
 
     def _probability_grid(self, rgb: np.ndarray, device: str) -> np.ndarray:
@@ -222,15 +240,20 @@ def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | Non
                  batch_size: int = 8, progress: bool = True) -> Bundle:
     """Train the classifier on every image of the manifest (features from the store, extracted where
     missing) and return the bundle, ready to save."""
-    from .classifier import BoostedTrees
+    from .classifier import fit_decision_rule, make_classifier
     from .features import describe_dataset, library_versions
 
     described = describe_dataset(manifest, config, cache_dir, device, batch_size, progress)
     backbones, owners = [d.backbone for d in described], described[0].owners
     groups = manifest.groups
-    units = np.array([r.patient or r.image_id for r in manifest], dtype=object)
-    classifier = BoostedTrees(config.classifier, seed=config.seed, device=device)
-    classifier.fit(np.concatenate([d.X for d in described], axis=1), groups[owners], groups=units[owners])
+    units = _split_units(manifest, config)
+    X = np.concatenate([d.X for d in described], axis=1)
+    classifier = make_classifier(config.classifier, seed=config.seed, device=device)
+    classifier.fit(X, groups[owners], groups=units[owners])
+    try:
+        rule = fit_decision_rule(X, groups[owners], owners, units[owners], config.classifier, config.seed, device)
+    except ValueError as err:
+        raise BundleError(f"{manifest.root}: {err}") from None
     ids = sorted(r.image_id for r in manifest)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -239,7 +262,9 @@ def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | Non
         "config": config.to_dict(),
         "backbones": [b.identity for b in backbones],
         "classes": list(GROUP_NAMES),
-        "classifier": {"type": "xgboost", "file": MODEL_FILE, "best_iteration": classifier.best_iteration},
+        "classifier": {"type": config.classifier.kind, "file": MODEL_FILES[config.classifier.kind],
+                       "best_iteration": classifier.best_iteration},
+        "decision_rule": rule.to_dict(),
         "training_data": {"images": len(manifest), "per_group": {GROUP_NAMES[g]: int((groups == g).sum())
                                                                   for g in range(3)},
                           "image_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
@@ -267,6 +292,14 @@ def evaluate_bundle(bundle: Bundle, manifest: Manifest, device: str = "cpu", pro
                 np.array([r.patient or "" for r in manifest]))
     run.evaluate()
     return run
+
+
+def _split_units(manifest: Manifest, config: Config) -> np.ndarray:
+    """Each image's split unit, as cross-validation groups them: the configured column, else patient,
+    else the image itself; early stopping and the inner folds of the decision rule group by it."""
+    split_by = config.evaluate.split_by or ("patient" if manifest.has_patients else "image")
+    values = manifest.column(split_by)
+    return np.array([v or f"image:{r.image_id}" for v, r in zip(values, manifest)], dtype=object)
 
 
 def _read_bundle_files(path: Path) -> dict[str, bytes]:

@@ -1,13 +1,21 @@
-"""XGBoost on CNN descriptors: rows are augmented images, classes are the three diagnostic groups.
+"""Classifiers on CNN descriptors: rows are augmented images, classes are the three diagnostic groups.
 
-A small scikit-learn-style estimator (`fit` / `predict_proba`, numpy in and out) over XGBoost's native
-API, which (unlike `xgboost.XGBClassifier`) keeps three classes even when the training data lacks one
-(BreakHis has no in-situ images), and saves the model in XGBoost's portable JSON/UBJ format.
+Small scikit-learn-style estimators (`fit` / `predict_proba`, numpy in and out) that always answer
+three classes, even when the training data lacks one (BreakHis has no in-situ images), and save
+themselves without pickle:
+
+- `BoostedTrees`: XGBoost's native API (the seed study's classifier), saved in XGBoost's UBJ format.
+- `LogisticModel`: standardised features and a multinomial logistic regression (scikit-learn fits it);
+  its few arrays are saved as JSON and applied with numpy.
+
+`make_classifier` picks one from the config.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,15 +61,22 @@ class BoostedTrees:
             if groups is None:
                 raise ValueError("early stopping needs the groups of the rows, so that validation is grouped")
             train, valid = inner_split(y, np.asarray(groups), self.seed)
-            dtrain = xgb.DMatrix(X[train], y[train], weight=None if weights is None else weights[train])
-            dvalid = xgb.DMatrix(X[valid], y[valid])
+            dtrain = self._matrix(X[train], y[train], None if weights is None else weights[train])
+            dvalid = xgb.QuantileDMatrix(X[valid], y[valid], ref=dtrain)
             self.booster = xgb.train(self.params(), dtrain, rounds, evals=[(dvalid, "valid")],
                                      early_stopping_rounds=self.config.early_stopping_rounds, verbose_eval=False)
             self.best_iteration = int(self.booster.best_iteration)
         else:
-            self.booster = xgb.train(self.params(), xgb.DMatrix(X, y, weight=weights), rounds)
+            self.booster = xgb.train(self.params(), self._matrix(X, y, weights), rounds)
             self.best_iteration = rounds - 1
         return self
+
+    def _matrix(self, X: np.ndarray, y: np.ndarray, weights: np.ndarray | None):
+        """Training data quantised once into `max_bin` bins (what `hist` trains on), without the
+        float copy a plain DMatrix would also keep."""
+        import xgboost as xgb
+
+        return xgb.QuantileDMatrix(X, y, weight=weights, max_bin=self.config.max_bin, nthread=self.n_threads)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities (n, 3)."""
@@ -87,6 +102,186 @@ class BoostedTrees:
         model.booster.load_model(str(path))
         model.best_iteration = best_iteration if best_iteration is not None else model.booster.num_boosted_rounds() - 1
         return model
+
+
+class LogisticModel:
+    """Each feature standardised on the training rows, then L2-regularised multinomial logistic
+    regression (lbfgs). Linear on standardised features: robust where trees overfit few patients."""
+
+    def __init__(self, config: ClassifierConfig | None = None, seed: int = 0):
+        self.config = config or ClassifierConfig()
+        self.seed = seed
+        self.mean = self.scale = self.coef = self.intercept = None
+        self.best_iteration = None  # no rounds; kept so callers treat both classifiers alike
+
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> LogisticModel:
+        from sklearn.linear_model import LogisticRegression
+
+        X, y = _check_xy(X, y)
+        self.mean = X.mean(axis=0)
+        self.scale = np.where(X.std(axis=0) > 1e-6, X.std(axis=0), 1.0).astype(np.float32)
+        present = np.unique(y)
+        self.coef = np.zeros((N_CLASSES, X.shape[1]), dtype=np.float64)
+        self.intercept = np.full(N_CLASSES, -np.inf)  # an absent class gets probability 0
+        if len(present) == 1:
+            self.intercept[present[0]] = 0.0
+            return self
+        model = LogisticRegression(C=self.config.C, max_iter=3000, random_state=self.seed,
+                                   class_weight="balanced" if self.config.class_weight == "balanced" else None)
+        model.fit((X - self.mean) / self.scale, y)
+        if len(present) == 2:  # scikit-learn's binary form: one row for the second class
+            self.coef[present[1]], self.intercept[present] = model.coef_[0], [0.0, model.intercept_[0]]
+        else:
+            self.coef[present], self.intercept[present] = model.coef_, model.intercept_
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        if self.coef is None:
+            raise RuntimeError("fit the classifier first")
+        z = ((np.asarray(X, dtype=np.float32) - self.mean) / self.scale) @ self.coef.T + self.intercept
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def save_model(self, path: str | Path) -> None:
+        """Plain JSON arrays: readable anywhere, no pickle."""
+        arrays = {"mean": self.mean, "scale": self.scale, "coef": self.coef,
+                  "intercept": np.where(np.isfinite(self.intercept), self.intercept, -1e30)}
+        Path(path).write_text(json.dumps({"type": "logistic", **{k: np.asarray(v).tolist() for k, v in arrays.items()}}))
+
+    @classmethod
+    def load_model(cls, path: str | Path, config: ClassifierConfig | None = None) -> LogisticModel:
+        data = json.loads(Path(path).read_text())
+        model = cls(config)
+        model.mean, model.scale = np.array(data["mean"], np.float32), np.array(data["scale"], np.float32)
+        model.coef, model.intercept = np.array(data["coef"]), np.array(data["intercept"])
+        return model
+
+
+def make_classifier(config: ClassifierConfig, seed: int = 0, device: str = "cpu") -> BoostedTrees | LogisticModel:
+    """The configured classifier, unfitted."""
+    if config.kind == "logistic":
+        return LogisticModel(config, seed)
+    return BoostedTrees(config, seed, device)
+
+
+def load_classifier(path: str | Path, config: ClassifierConfig, best_iteration: int | None = None,
+                    device: str = "cpu") -> BoostedTrees | LogisticModel:
+    """A saved classifier of the configured kind."""
+    if config.kind == "logistic":
+        return LogisticModel.load_model(path, config)
+    return BoostedTrees.load_model(path, config, best_iteration, device)
+
+
+# -- from augmentation probabilities to one decision per image ------------------------------------
+
+
+def vote_counts(aug_probs: np.ndarray) -> np.ndarray:
+    """Votes per class (N, 3): each augmentation votes for its most probable class."""
+    winners = aug_probs.argmax(axis=2)
+    return np.stack([(winners == c).sum(axis=1) for c in range(aug_probs.shape[2])], axis=1)
+
+
+def majority_vote(aug_probs: np.ndarray) -> np.ndarray:
+    """The class with most votes; a tie goes to the tied class with the highest mean probability."""
+    votes = vote_counts(aug_probs)
+    tied = votes == votes.max(axis=1, keepdims=True)
+    return np.where(tied, aug_probs.mean(axis=1), -np.inf).argmax(axis=1)
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """How an image's augmentation probabilities (A, 3) become its decision, fitted on training data:
+    temperature scaling, then majority vote, or a threshold on the mean p(carcinoma) = p1 + p2
+    (carcinoma above it, in situ or invasive by the larger mean probability)."""
+
+    temperature: float = 1.0
+    threshold: float | None = None
+    refer_below_agreement: float = 0.0
+
+    def calibrated(self, aug_probs: np.ndarray) -> np.ndarray:
+        if self.temperature == 1.0:
+            return aug_probs
+        z = np.log(np.clip(aug_probs, 1e-12, 1.0)) / self.temperature
+        z -= z.max(axis=-1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=-1, keepdims=True)
+
+    def decide(self, aug_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Decisions (N,) of images (N, A, 3), and the share of augmentations that agree with each."""
+        p = self.calibrated(np.asarray(aug_probs, dtype=np.float64))
+        if self.threshold is None:
+            decision, per_aug = majority_vote(p), p.argmax(axis=2)
+        else:
+            decision = _thresholded(p.mean(axis=1), self.threshold)
+            per_aug = _thresholded(p, self.threshold)
+        return decision, (per_aug == decision[:, None]).mean(axis=1)
+
+    def refer(self, agreement: np.ndarray) -> np.ndarray:
+        """Images whose augmentations disagree too much to be trusted without a pathologist."""
+        return np.asarray(agreement) < self.refer_below_agreement
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _thresholded(p: np.ndarray, threshold: float) -> np.ndarray:
+    """Carcinoma when p1 + p2 >= threshold, then the larger of the two; else 0."""
+    return np.where(p[..., 1:].sum(axis=-1) >= threshold, 1 + (p[..., 2] > p[..., 1]), 0)
+
+
+def fit_decision_rule(X: np.ndarray, y: np.ndarray, owners: np.ndarray, units: np.ndarray, config: ClassifierConfig,
+                      seed: int = 0, device: str = "cpu") -> DecisionRule:
+    """Choose the temperature and threshold from out-of-fold predictions on the training rows only.
+
+    Rows `X` (n, d) with labels `y`, their image `owners` and split `units` (per row). Inner folds
+    group images by unit, as the outer cross-validation does, so the threshold is set on images of
+    units the inner model never saw. The threshold is the largest that keeps at least
+    `target_sensitivity` of the inner carcinomas at or above it.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    rule = DecisionRule(refer_below_agreement=config.refer_below_agreement)
+    if config.target_sensitivity is None and not config.calibrate:
+        return rule
+    images, first = np.unique(owners, return_index=True)
+    image_y, image_units = y[first], units[first]
+    per_class = [len(set(image_units[image_y == c])) for c in np.unique(image_y)]
+    n_splits = min(config.inner_folds, *per_class)
+    if n_splits < 2 or len(per_class) < 2:
+        raise ValueError("choosing a threshold or calibrating needs at least 2 split units of each class in the "
+                         "training data")
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    oof = np.zeros((len(images), np.bincount(owners)[images[0]], N_CLASSES))
+    for train, valid in splitter.split(images, image_y, image_units):
+        rows = np.isin(owners, images[train])
+        model = make_classifier(config, seed, device).fit(X[rows], y[rows], groups=units[rows])
+        for i in valid:
+            oof[i] = model.predict_proba(X[owners == images[i]])
+    temperature = fit_temperature(oof, image_y) if config.calibrate else 1.0
+    threshold = None
+    if config.target_sensitivity is not None and (image_y > 0).any():
+        scores = DecisionRule(temperature).calibrated(oof).mean(axis=1)[:, 1:].sum(axis=1)
+        positives = np.sort(scores[image_y > 0])
+        keep_below = int(np.floor((1 - config.target_sensitivity) * len(positives) + 1e-9))
+        threshold = float(positives[min(keep_below, len(positives) - 1)])
+    return DecisionRule(temperature, threshold, config.refer_below_agreement)
+
+
+def fit_temperature(aug_probs: np.ndarray, image_y: np.ndarray) -> float:
+    """The temperature T minimising the log loss of every augmentation's softmax(log p / T)."""
+    from scipy.optimize import minimize_scalar
+
+    logp = np.log(np.clip(aug_probs, 1e-12, 1.0))
+    labels = np.repeat(image_y, aug_probs.shape[1])
+    flat = logp.reshape(-1, N_CLASSES)
+
+    def loss(log_t: float) -> float:
+        z = flat / np.exp(log_t)
+        z = z - z.max(axis=1, keepdims=True)
+        return float(-(z[np.arange(len(z)), labels] - np.log(np.exp(z).sum(axis=1))).mean())
+
+    return float(np.exp(minimize_scalar(loss, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
 
 
 def class_weights(y: np.ndarray) -> np.ndarray:

@@ -122,6 +122,17 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--class-weight", choices=["none", "balanced"], help="weigh classes equally in training")
     group.add_argument("--early-stopping", type=int, metavar="ROUNDS",
                        help="stop boosting after ROUNDS without improvement on a grouped inner split")
+    group.add_argument("--classifier", choices=["xgboost", "logistic"],
+                       help="XGBoost (the seed study's, default) or standardised logistic regression")
+    group.add_argument("--target-sensitivity", type=float, metavar="S",
+                       help="call carcinoma above the mean p(carcinoma) threshold that reaches sensitivity S on "
+                       "inner folds of the training data, e.g. 0.95 (default: majority vote)")
+    group.add_argument("--calibrate", action="store_true", default=None,
+                       help="temperature-scale the probabilities, fitted on inner folds of the training data")
+    group.add_argument("--inner-folds", type=int, help="inner folds for the threshold and calibration (default 4)")
+    group.add_argument("--refer-below", type=float, metavar="SHARE",
+                       help="refer an image to a pathologist when fewer than SHARE of its augmentations agree "
+                       "with the decision, e.g. 0.8 (stain-QC failures are always referred)")
 
     cv = commands.add_parser(
         "cv", parents=[common, protocol, features, evaluation], help="cross-validate and write a report",
@@ -130,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     cv.add_argument("data", type=Path, help="data folder or CSV manifest")
     cv.add_argument("--out", type=Path, help="run folder (default: runs/cv-DATE-TIME)")
+    cv.add_argument("--compare-split", metavar="UNIT", default="auto",
+                    help="also cross-validate split by UNIT and show both side by side (default auto: image beside "
+                    "patient or a column, patient beside image where known; none to skip)")
     cv.set_defaults(run=_cv)
 
     report = commands.add_parser("report", parents=[common], help="rebuild a run's metrics and report.html",
@@ -220,6 +234,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "classifier.n_estimators": getattr(args, "rounds", None),
         "classifier.class_weight": getattr(args, "class_weight", None),
         "classifier.early_stopping_rounds": getattr(args, "early_stopping", None),
+        "classifier.kind": getattr(args, "classifier", None),
+        "classifier.target_sensitivity": getattr(args, "target_sensitivity", None),
+        "classifier.calibrate": getattr(args, "calibrate", None),
+        "classifier.inner_folds": getattr(args, "inner_folds", None),
+        "classifier.refer_below_agreement": getattr(args, "refer_below", None),
     }
     if args.stain is not None and args.stain_reference is None:
         overrides["preprocess.stain.target"] = None
@@ -319,7 +338,7 @@ def _run_cv(manifest, config: Config, out: Path, args: argparse.Namespace) -> in
 
     device = _device(getattr(args, "device", "cpu"))
     run = cross_validate(manifest, config, args.cache_dir, device, getattr(args, "batch_size", 8),
-                         progress=not args.quiet)
+                         progress=not args.quiet, compare_split=getattr(args, "compare_split", "auto"))
     for note in run.plan.warnings:
         print(f"warning: {note}", file=sys.stderr)
     provenance = {"backbones": run.extraction, "data": str(manifest.root)}

@@ -19,12 +19,14 @@ from typing import Any, Literal
 SCHEMA_VERSION = 1
 
 StainMethod = Literal["macenko", "reinhard", "none"]
+StainFallback = Literal["reinhard", "none", "keep"]
 ColorAugment = Literal["rgb_affine", "he", "none"]
 Orientation = Literal["none", "flip", "dihedral"]
 CropPooling = Literal["mean", "max", "gem"]
 ExtractMode = Literal["shared", "exact"]
 Descriptor = Literal["crops", "whole", "crops+whole"]
 ComputeDtype = Literal["float32", "bfloat16"]
+ClassifierKind = Literal["xgboost", "logistic"]
 
 
 class HistoboostError(Exception):
@@ -45,6 +47,10 @@ class StainConfig:
     # from the reference image, so a saved config alone reproduces the run.
     target: tuple[float, ...] | None = None
     reference_image_sha256: str | None = None
+    # When an image's normalised output fails the quality check (washed out, saturated, not H&E):
+    # try Reinhard and, if that fails too, use the image un-normalised ("reinhard"); go straight to
+    # un-normalised ("none"); or use the failed output anyway ("keep"). Such images are referred.
+    on_failure: StainFallback = "reinhard"
 
 
 @dataclass(frozen=True)
@@ -95,8 +101,11 @@ class FeatureConfig:
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """XGBoost on rows = augmented images."""
+    """The classifier on rows = augmented images, and how an image's rows become its decision."""
 
+    kind: ClassifierKind = "xgboost"  # the seed study's; "logistic" = standardised logistic regression
+    C: float = 0.01  # logistic: inverse L2 strength on standardised features
+    # XGBoost:
     n_estimators: int = 300
     max_depth: int = 6
     learning_rate: float = 0.05
@@ -107,6 +116,15 @@ class ClassifierConfig:
     # Stop adding trees when an inner validation part (split off by whole images or patients, never
     # from the test fold) stops improving for this many rounds; 0 = off, train all n_estimators.
     early_stopping_rounds: int = 0
+    # The decision (all chosen on training data only, by inner cross-validation grouped like the outer):
+    # carcinoma when the mean p(in situ) + p(invasive) reaches the threshold that gives this sensitivity
+    # on the inner folds; None = majority vote over augmentations, as in the seed study.
+    target_sensitivity: float | None = None
+    calibrate: bool = False  # temperature scaling of the probabilities, fitted on the inner folds
+    inner_folds: int = 4
+    # "Refer to a pathologist" when fewer than this share of the augmentations agree with the
+    # decision, or the stain quality check failed; 0 = only stain failures.
+    refer_below_agreement: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -337,6 +355,11 @@ def _validate(config: Config) -> None:
         (len(feat.backbones) >= 1, "features.backbones must name at least one backbone"),
         (feat.gem_p > 0, "features.gem_p must be positive"),
         (config.classifier.n_estimators >= 1, "classifier.n_estimators must be at least 1"),
+        (config.classifier.C > 0, "classifier.C must be positive"),
+        (config.classifier.target_sensitivity is None or 0 < config.classifier.target_sensitivity <= 1,
+         "classifier.target_sensitivity must be in (0, 1]"),
+        (config.classifier.inner_folds >= 2, "classifier.inner_folds must be at least 2"),
+        (0 <= config.classifier.refer_below_agreement <= 1, "classifier.refer_below_agreement must be in [0, 1]"),
         (config.evaluate.folds >= 2, "evaluate.folds must be at least 2"),
         (config.seed >= 0, "seed must be a non-negative integer"),
     ]

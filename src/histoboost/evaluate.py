@@ -9,6 +9,7 @@ side, the argmax of the mean probability.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .classifier import BoostedTrees
+from .classifier import DecisionRule, fit_decision_rule, majority_vote, make_classifier, vote_counts
 from .config import Config, HistoboostError
 from .data import GROUP_NAMES, Manifest
 
@@ -53,6 +54,11 @@ class CVResult:
     truth: np.ndarray  # (N,)
     plan: FoldPlan
     metrics: dict[str, Any] = field(default_factory=dict)
+    # The operating point, where one was chosen: each fold's rule (fitted on its training images) and
+    # the decision and augmentation agreement it gives each held-out image.
+    rules: list[DecisionRule] | None = None
+    decision: np.ndarray | None = None
+    agreement: np.ndarray | None = None
 
     @property
     def mean_probs(self) -> np.ndarray:
@@ -125,17 +131,30 @@ def cross_validate_features(X: np.ndarray, owners: np.ndarray, manifest: Manifes
     if len(set(n_aug)) != 1:
         raise EvaluationError("every image needs the same number of augmentations")
     probs = np.zeros((len(manifest), n_aug[0], 3))
+    decision, agreement = np.zeros(len(manifest), dtype=np.int64), np.zeros(len(manifest))
+    rules = []
     row_fold = plan.folds[owners]
+    row_units = plan.units[owners]
     for k in tqdm(range(plan.n_folds), desc=f"{model} folds", disable=not progress, leave=False):
         train, test = row_fold != k, row_fold == k
-        clf = BoostedTrees(config.classifier, seed=config.seed, device=device)
-        clf.fit(X[train], truth[owners[train]], groups=plan.units[owners[train]])
+        clf = make_classifier(config.classifier, seed=config.seed, device=device)
+        clf.fit(X[train], truth[owners[train]], groups=row_units[train])
+        try:
+            rule = fit_decision_rule(X[train], truth[owners[train]], owners[train], row_units[train],
+                                     config.classifier, config.seed, device)
+        except ValueError as err:
+            raise EvaluationError(f"fold {k + 1}: {err}; use fewer --folds or --inner-folds, or split by a finer unit")
         test_images = np.flatnonzero(plan.folds == k)
         p = clf.predict_proba(X[test])
         order = owners[test]
         for i in test_images:
             probs[i] = p[order == i]
-    return CVResult(model, probs, truth, plan)
+        decision[test_images], agreement[test_images] = rule.decide(probs[test_images])
+        rules.append(rule)
+    c = config.classifier
+    if c.target_sensitivity is None and not c.calibrate and not c.refer_below_agreement:
+        return CVResult(model, probs, truth, plan)  # the seed study's majority vote only
+    return CVResult(model, probs, truth, plan, rules=rules, decision=decision, agreement=agreement)
 
 
 def combine_mean(results: list[CVResult], name: str) -> CVResult:
@@ -155,6 +174,10 @@ class CVRun:
     paths: np.ndarray
     patients: np.ndarray
     extraction: dict[str, Any] = field(default_factory=dict)
+    stain_fallbacks: np.ndarray | None = None  # per image: "" or what replaced a failed normalisation
+    # The same models cross-validated under another split, summarised (e.g. image split beside patient
+    # split), so the report can show how much grouping by image overstates accuracy.
+    split_comparison: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def truth(self) -> np.ndarray:
@@ -167,10 +190,17 @@ class CVRun:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
         arrays = {f"probs__{r.model}": r.aug_probs for r in self.results}
+        for r in self.results:
+            if r.rules is not None:
+                arrays.update({f"decision__{r.model}": r.decision, f"agreement__{r.model}": r.agreement,
+                               f"rules__{r.model}": np.array(json.dumps([rule.to_dict() for rule in r.rules]))})
         np.savez_compressed(
             tmp, image_ids=self.image_ids.astype(str), names=self.names.astype(str), paths=self.paths.astype(str),
             patients=self.patients.astype(str), truth=self.truth, folds=self.plan.folds,
             units=self.plan.units.astype(str), split_by=np.array(self.plan.split_by),
+            stain_fallbacks=(self.stain_fallbacks if self.stain_fallbacks is not None
+                             else np.full(len(self.truth), "")).astype(str),
+            split_comparison=np.array(json.dumps(self.split_comparison)),
             warnings=np.array(self.plan.warnings, dtype=str), models=np.array([r.model for r in self.results]),
             **arrays)
         os.replace(tmp, path)
@@ -182,8 +212,19 @@ class CVRun:
                 folds = data["folds"]
                 plan = FoldPlan(folds, data["units"].astype(object), str(data["split_by"]), int(folds.max()) + 1,
                                 tuple(str(w) for w in data["warnings"]))
-                results = [CVResult(str(m), data[f"probs__{m}"], data["truth"], plan) for m in data["models"]]
-                return cls(config, plan, results, data["image_ids"], data["names"], data["paths"], data["patients"])
+                results = []
+                for m in map(str, data["models"]):
+                    result = CVResult(m, data[f"probs__{m}"], data["truth"], plan)
+                    if f"rules__{m}" in data:
+                        result.rules = [DecisionRule(**r) for r in json.loads(str(data[f"rules__{m}"]))]
+                        result.decision, result.agreement = data[f"decision__{m}"], data[f"agreement__{m}"]
+                    results.append(result)
+                run = cls(config, plan, results, data["image_ids"], data["names"], data["paths"], data["patients"])
+                if "stain_fallbacks" in data:
+                    run.stain_fallbacks = data["stain_fallbacks"]
+                if "split_comparison" in data:
+                    run.split_comparison = json.loads(str(data["split_comparison"]))
+                return run
         except (OSError, KeyError, ValueError, EOFError) as err:
             raise EvaluationError(f"{path}: damaged or not written by histoboost cv ({err}); rerun histoboost cv") \
                 from None
@@ -195,10 +236,12 @@ class CVRun:
 
 
 def cross_validate(manifest: Manifest, config: Config, cache_dir: str | Path | None = None, device: str = "cpu",
-                   batch_size: int = 8, progress: bool = True) -> CVRun:
+                   batch_size: int = 8, progress: bool = True, compare_split: str | None = None) -> CVRun:
     """The seed study's protocol end to end: extract what the feature store lacks, split, train and
     predict each fold for each backbone and their combinations (concatenated features; averaged
-    probabilities), all on the same folds, then compute the metrics."""
+    probabilities), all on the same folds, then compute the metrics. With `compare_split` (a unit, or
+    "auto": see `default_comparison_split`), each backbone is also cross-validated split by that unit,
+    for the report's side-by-side table."""
     from .features import describe_dataset
 
     plan = make_folds(manifest, config.evaluate.split_by, config.evaluate.folds, config.seed)
@@ -214,24 +257,44 @@ def cross_validate(manifest: Manifest, config: Config, cache_dir: str | Path | N
     extraction = {d.backbone.name: d.provenance for d in described}
     run = CVRun(config, plan, results, np.array([r.image_id for r in manifest]), np.array([r.name for r in manifest]),
                 np.array([str(r.path) for r in manifest]), np.array([r.patient or "" for r in manifest]), extraction)
+    run.stain_fallbacks = np.array(described[0].stain_fallbacks, dtype=str)
     run.evaluate()
+    run.split_comparison = [split_summary(r, config.seed) for r in results[:len(described)]]
+    if compare_split == "auto":
+        compare_split = default_comparison_split(manifest, plan.split_by)
+    if compare_split and compare_split not in ("none", plan.split_by):
+        other = make_folds(manifest, compare_split, config.evaluate.folds, config.seed)
+        for d in described:
+            result = cross_validate_features(d.X, d.owners, manifest, other, config, d.backbone.name, device, progress)
+            evaluate_result(result, config.seed)
+            run.split_comparison.append(split_summary(result, config.seed))
     return run
 
 
-# -- voting --------------------------------------------------------------------------------------
+def default_comparison_split(manifest: Manifest, split_by: str) -> str | None:
+    """The split to show beside the chosen one: image beside patient (or any column), and patient
+    beside image where patients are known; None when there is nothing honest to compare with."""
+    if split_by != "image":
+        return "image"
+    return "patient" if manifest.has_patients else None
 
 
-def vote_counts(aug_probs: np.ndarray) -> np.ndarray:
-    """Votes per class (N, 3): each augmentation votes for its most probable class."""
-    winners = aug_probs.argmax(axis=2)
-    return np.stack([(winners == c).sum(axis=1) for c in range(aug_probs.shape[2])], axis=1)
-
-
-def majority_vote(aug_probs: np.ndarray) -> np.ndarray:
-    """The class with most votes; a tie goes to the tied class with the highest mean probability."""
-    votes = vote_counts(aug_probs)
-    tied = votes == votes.max(axis=1, keepdims=True)
-    return np.where(tied, aug_probs.mean(axis=1), -np.inf).argmax(axis=1)
+def split_summary(result: CVResult, seed: int) -> dict[str, Any]:
+    """One row of the split comparison: accuracy and carcinoma sensitivity/specificity (majority vote,
+    and at the operating point where one is set)."""
+    votes = result.metrics["majority_vote"]
+    carcinoma = votes["binary"]["carcinoma"]
+    row = {"model": result.model, "split_by": result.plan.split_by, "folds": result.plan.n_folds,
+           "new_patients": result.plan.split_by != "image",
+           "accuracy": votes["accuracy"], "accuracy_ci": votes["accuracy_ci"],
+           "carcinoma_sensitivity": carcinoma["sensitivity"], "carcinoma_specificity": carcinoma["specificity"]}
+    if "operating_point" in result.metrics:
+        op = result.metrics["operating_point"]
+        row["operating_point"] = {"accuracy": op["accuracy"],
+                                  "carcinoma_sensitivity": op["binary"]["carcinoma"]["sensitivity"],
+                                  "carcinoma_specificity": op["binary"]["carcinoma"]["specificity"],
+                                  "refer_rate": op["refer_rate"]}
+    return row
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -326,10 +389,41 @@ def evaluate_result(result: CVResult, seed: int, patients: np.ndarray | None = N
         "per_augmentation_accuracy": float((result.aug_probs.argmax(2) == result.truth[:, None]).mean()),
         "auc": binary_aucs(result.truth, result.mean_probs),
     }
+    if result.rules is not None:
+        metrics["operating_point"] = operating_point_metrics(result, seed)
     if patients is not None and any(patients):
         metrics["per_patient"] = _per_patient(patients, result)
     result.metrics = metrics
     return metrics
+
+
+def operating_point_metrics(result: CVResult, seed: int) -> dict[str, Any]:
+    """The chosen operating point on the held-out images: the usual metrics of its decisions, each
+    fold's threshold and temperature, the refer rate and the accuracy on the images not referred, and
+    the log loss of the mean probabilities before and after calibration."""
+    plan, rules = result.plan, result.rules
+    metrics = decision_metrics(result.truth, result.decision, plan.folds, plan.units, seed)
+    refer = np.zeros(len(result.truth), dtype=bool)
+    calibrated = np.zeros_like(result.aug_probs)
+    for k, rule in enumerate(rules):
+        fold = plan.folds == k
+        refer[fold] = rule.refer(result.agreement[fold])
+        calibrated[fold] = rule.calibrated(result.aug_probs[fold])
+    kept = ~refer
+    kept_cm = confusion_matrix(result.truth[kept], result.decision[kept])
+    metrics.update({
+        "thresholds": [r.threshold for r in rules], "temperatures": [r.temperature for r in rules],
+        "refer_rate": float(refer.mean()),
+        "accuracy_not_referred": _ratio(int(np.trace(kept_cm)), int(kept.sum())),
+        "carcinoma_sensitivity_not_referred": binary_metrics(kept_cm)["carcinoma"]["sensitivity"],
+        "log_loss": _log_loss(result.truth, result.mean_probs),
+        "log_loss_calibrated": _log_loss(result.truth, calibrated.mean(axis=1)),
+    })
+    return metrics
+
+
+def _log_loss(truth: np.ndarray, probs: np.ndarray) -> float:
+    return float(-np.log(np.clip(probs[np.arange(len(truth)), truth], 1e-12, 1.0)).mean())
 
 
 def _per_patient(patients: np.ndarray, result: CVResult) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -49,6 +49,7 @@ class ImageFeatures:
     whole: np.ndarray  # (A, D) float32: the whole feature map pooled per augmentation
     crops: np.ndarray | None = None  # (A, C, D) float16 crop descriptors, when kept (heat maps)
     boxes: np.ndarray | None = None  # (A, C, 4) crop boxes, with `crops`
+    stain_fallback: str = ""  # what replaced a normalisation that failed its quality check, if any
 
     def descriptor(self, kind: str) -> np.ndarray:
         """The (A, D') rows the classifier sees: `crops`, `whole` or `crops+whole`."""
@@ -66,6 +67,7 @@ class PreparedImage:
     qc: StainQC | None
     plans: list[AugmentPlan]
     stain_fit: StainFit | None  # the normalised image's stains, for H&E-space augmentation
+    stain_fallback: str = ""  # "reinhard", "none" (un-normalised) or "kept" after a failed check
 
 
 def prepare_image(path: str | Path, image_id: str, mpp: float | None, config: Config) -> PreparedImage:
@@ -77,9 +79,27 @@ def prepare_image(path: str | Path, image_id: str, mpp: float | None, config: Co
     if min(rgb.shape[:2]) < config.augment.crop_size:
         raise DataError(f"too small: {rgb.shape[1]}x{rgb.shape[0]} px at the working scale, smaller than the "
                         f"{config.augment.crop_size} px crop")
-    rgb, qc = Normalizer(config.preprocess.stain).normalize_with_qc(rgb)
+    normalised, qc, fallback = normalize_safely(rgb, config.preprocess.stain)
     plans = plan_augmentations(image_id, rgb.shape[0], rgb.shape[1], config.augment, config.seed)
-    return PreparedImage(rgb, qc, plans, fit_macenko(rgb) if config.augment.color == "he" else None)
+    return PreparedImage(normalised, qc, plans, fit_macenko(normalised) if config.augment.color == "he" else None,
+                         fallback)
+
+
+def normalize_safely(rgb: np.ndarray, stain) -> tuple[np.ndarray, StainQC | None, str]:
+    """Stain-normalise; where the output fails its quality check, fall back as `stain.on_failure` says
+    instead of feeding an artefact to the model. Returns (image, the first method's QC, fallback used)."""
+    from dataclasses import replace
+
+    out, qc = Normalizer(stain).normalize_with_qc(rgb)
+    if qc is None or qc.ok:
+        return out, qc, ""
+    if stain.on_failure == "keep":
+        return out, qc, "kept"
+    if stain.on_failure == "reinhard" and stain.method != "reinhard":
+        second, second_qc = Normalizer(replace(stain, method="reinhard", target=None)).normalize_with_qc(rgb)
+        if second_qc is not None and second_qc.ok:
+            return second, qc, "reinhard"
+    return rgb, qc, "none"
 
 
 # -- describing one image ------------------------------------------------------------------------
@@ -210,7 +230,8 @@ class FeatureStore:
             with np.load(self.path(image_id)) as data:
                 crops = data["crops"] if "crops" in data else None
                 boxes = data["boxes"] if "boxes" in data else None
-                return ImageFeatures(data["pooled"], data["whole"], crops, boxes)
+                fallback = str(data["stain_fallback"]) if "stain_fallback" in data else ""
+                return ImageFeatures(data["pooled"], data["whole"], crops, boxes, fallback)
         except (OSError, KeyError, ValueError, EOFError):
             return None
 
@@ -223,7 +244,8 @@ class FeatureStore:
 
     def save(self, image_id: str, features: ImageFeatures) -> None:
         """Write atomically: a temporary file in the same folder, then a rename."""
-        arrays = {"pooled": features.pooled, "whole": features.whole}
+        arrays = {"pooled": features.pooled, "whole": features.whole,
+                  "stain_fallback": np.array(features.stain_fallback)}
         if features.crops is not None:
             arrays.update(crops=features.crops, boxes=features.boxes)
         tmp = self.root / f".{image_id}.{os.getpid()}.tmp.npz"
@@ -324,7 +346,7 @@ def extract_features(manifest: Manifest, config: Config, backbone: Backbone, cac
                 result.stain_qc[record.image_id] = prepared.qc
             features = describe_image(prepared.rgb, prepared.plans, backbone, config, device, batch_size,
                                       prepared.stain_fit, keep_crops)
-            store.save(record.image_id, features)
+            store.save(record.image_id, replace(features, stain_fallback=prepared.stain_fallback))
             result.computed += 1
         bar.update(1)
     bar.close()
@@ -340,6 +362,7 @@ class DatasetFeatures:
     extraction: ExtractResult
     X: np.ndarray
     owners: np.ndarray
+    stain_fallbacks: list[str] = field(default_factory=list)  # per manifest image, "" where none
 
     @property
     def provenance(self) -> dict:
@@ -365,7 +388,8 @@ def describe_dataset(manifest: Manifest, config: Config, cache_dir: str | Path |
             raise DataError(f"{len(result.problems)} image(s) could not be described with {name}",
                             tuple(result.problems))
         X, owners = load_matrix(manifest, result.store, config.features.descriptor)
-        out.append(DatasetFeatures(backbone, result, X, owners))
+        fallbacks = [result.store.load(r.image_id).stain_fallback for r in manifest]
+        out.append(DatasetFeatures(backbone, result, X, owners, fallbacks))
     return out
 
 

@@ -34,21 +34,48 @@ def write_outputs(run: CVRun, out: str | Path, provenance: dict[str, Any] | None
 
 def write_metrics(run: CVRun, out: Path) -> None:
     metrics = {"histoboost": __version__, "split_by": run.plan.split_by, "folds": run.plan.n_folds,
-               "warnings": list(run.plan.warnings), "models": {r.model: r.metrics for r in run.results}}
+               "warnings": list(run.plan.warnings), "models": {r.model: r.metrics for r in run.results},
+               "split_comparison": run.split_comparison, "stain_fallbacks": _fallbacks(run)}
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["model", "name", "path", "image_id", "patient", "truth", "truth_name", "fold", "majority",
-                     "mean_prob_decision", "class", "group", *(f"p_{g}" for g in GROUP_NAMES),
-                     *(f"votes_{g}" for g in GROUP_NAMES)])
+                     "mean_prob_decision", "operating_point_decision", "class", "group", *(f"p_{g}" for g in GROUP_NAMES),
+                     *(f"votes_{g}" for g in GROUP_NAMES), "agreement", "refer", "stain_fallback"])
+    fallbacks = run.stain_fallbacks if run.stain_fallbacks is not None else np.full(len(run.truth), "")
     for result in run.results:
         probs, votes, majority, mean_decision = result.mean_probs, result.votes, result.majority, result.mean_decision
+        # The class column is the run's decision: the operating point where one was chosen, else majority vote.
+        decision = result.decision if result.decision is not None else majority
+        refer = _referred(run, result)
         for i in range(len(result.truth)):
             writer.writerow([result.model, run.names[i], run.paths[i], run.image_ids[i], run.patients[i],
                              result.truth[i], GROUP_NAMES[result.truth[i]], run.plan.folds[i], majority[i],
-                             mean_decision[i], GROUP_NAMES[majority[i]], majority[i],
-                             *(f"{p:.6f}" for p in probs[i]), *votes[i]])
+                             mean_decision[i], "" if result.decision is None else decision[i],
+                             GROUP_NAMES[decision[i]], decision[i],
+                             *(f"{p:.6f}" for p in probs[i]), *votes[i],
+                             "" if result.agreement is None else f"{result.agreement[i]:.3f}",
+                             refer[i], fallbacks[i]])
     write_text_atomic(out / "predictions.csv", buffer.getvalue())
+
+
+def _referred(run: CVRun, result) -> list[str]:
+    """Why each image would go to a pathologist: split votes (at the operating point) or a stain fallback."""
+    reasons = [[] for _ in run.truth]
+    if result.rules is not None:
+        for k, rule in enumerate(result.rules):
+            for i in np.flatnonzero((run.plan.folds == k) & rule.refer(result.agreement)):
+                reasons[i].append("votes split")
+    if run.stain_fallbacks is not None:
+        for i in np.flatnonzero(run.stain_fallbacks != ""):
+            reasons[i].append("stain QC failed")
+    return ["; ".join(r) for r in reasons]
+
+
+def _fallbacks(run: CVRun) -> dict[str, str]:
+    if run.stain_fallbacks is None:
+        return {}
+    return {str(run.names[i]): str(run.stain_fallbacks[i]) for i in np.flatnonzero(run.stain_fallbacks != "")}
 
 
 def accuracy_table(run: CVRun) -> str:
@@ -61,6 +88,17 @@ def accuracy_table(run: CVRun) -> str:
         lines.append(f"{result.model:<40} {_pct_ci(maj['accuracy'], maj['accuracy_ci']):>22} "
                      f"{_pct_ci(mean['accuracy'], mean['accuracy_ci']):>22} {_pct(carc['sensitivity']):>15} "
                      f"{_pct(carc['specificity']):>6}")
+    for result in run.results:
+        if "operating_point" in result.metrics:
+            op = result.metrics["operating_point"]
+            carc = op["binary"]["carcinoma"]
+            lines.append(f"{result.model + ' (operating point)':<40} {_pct_ci(op['accuracy'], op['accuracy_ci']):>22} "
+                         f"{'':>22} {_pct(carc['sensitivity']):>15} {_pct(carc['specificity']):>6}"
+                         f"  refer {_pct(op['refer_rate'])}")
+    others = [row for row in run.split_comparison if row["split_by"] != run.plan.split_by]
+    for row in others:
+        lines.append(f"{row['model'] + ' split by ' + row['split_by']:<40} {_pct_ci(row['accuracy'], row['accuracy_ci']):>22} "
+                     f"{'':>22} {_pct(row['carcinoma_sensitivity']):>15} {_pct(row['carcinoma_specificity']):>6}")
     return "\n".join(lines)
 
 
@@ -83,8 +121,7 @@ def write_report(run: CVRun, out: Path) -> Path:
          f"{c.augment.crop_size} px, orientation {c.augment.orientation}"),
         ("features", f"{', '.join(c.features.backbones)}; {c.features.mode} mode, {c.features.crop_pooling} crop pooling, "
          f"descriptor {c.features.descriptor}"),
-        ("classifier", f"XGBoost hist, {c.classifier.n_estimators} rounds, depth {c.classifier.max_depth}, "
-         f"eta {c.classifier.learning_rate}"),
+        ("classifier", _classifier_text(c)),
         ("seed", str(c.seed)),
     ]
     honesty = ("Evaluated on a labelled set held out from training, with a trained bundle: this estimates "
@@ -114,6 +151,8 @@ def write_report(run: CVRun, out: Path) -> Path:
                  f"{_pct(r.metrics['majority_vote']['fold_mean'])} &plusmn; {_pct(r.metrics['majority_vote']['fold_std'])}",
                  _pct(r.metrics["majority_vote"]["balanced_accuracy"]),
                  _num(r.metrics["auc"]["carcinoma"])) for r in run.results]),
+        _split_comparison(run),
+        _operating_point(run),
         "<h2>Confusion matrices (majority vote; rows = truth, columns = prediction)</h2>", _img(figures["confusion"]),
         "<h2>Binary tasks (layout of the seed study's Table 1)</h2>",
         "<p>Standard definitions: positive = carcinoma, or the higher group of a pair, computed on the pair's 2x2 "
@@ -121,6 +160,7 @@ def write_report(run: CVRun, out: Path) -> Path:
         *(_binary_table(r) for r in run.results),
         "<h2>ROC, carcinoma vs non-carcinoma (mean probability p1 + p2)</h2>", _img(figures["roc"]),
         "<h2>Accuracy per fold</h2>", _img(figures["folds"]),
+        "<h2>Stain quality control</h2>", _stain_section(run),
         "<h2>Misclassified images</h2>", _misclassified(run),
         f"<footer>histoboost {__version__}</footer></body></html>",
     ]
@@ -130,6 +170,74 @@ def write_report(run: CVRun, out: Path) -> Path:
 
 
 # -- pieces --------------------------------------------------------------------------------------
+
+
+def _classifier_text(c) -> str:
+    k = c.classifier
+    text = (f"logistic regression on standardised features, C = {k.C}" if k.kind == "logistic" else
+            f"XGBoost hist, {k.n_estimators} rounds" + (f" (early stopping after {k.early_stopping_rounds})"
+                                                       if k.early_stopping_rounds else "")
+            + f", depth {k.max_depth}, eta {k.learning_rate}")
+    if k.target_sensitivity is not None:
+        text += f"; carcinoma threshold for sensitivity {k.target_sensitivity} on {k.inner_folds} inner folds"
+    if k.calibrate:
+        text += "; temperature-calibrated"
+    return text
+
+
+def _split_comparison(run: CVRun) -> str:
+    rows = run.split_comparison
+    if not any(r["split_by"] != run.plan.split_by for r in rows):
+        return ""
+    honest = [r for r in rows if r["new_patients"]]
+    by_image = {r["model"]: r for r in rows if not r["new_patients"]}
+    gaps = [by_image[r["model"]]["accuracy"] - r["accuracy"] for r in honest if r["model"] in by_image]
+    note = (f" Here grouping by image reads {100 * np.mean(gaps):+.1f} points against the split that keeps "
+            f"{html.escape(honest[0]['split_by'])} units apart." if gaps and honest else "")
+    return ("<h2>Split by image vs split by patient</h2><p>The same features and classifier, folds grouped two ways. "
+            "Only the split that keeps a patient's images (or a proxy unit's) on one side estimates accuracy on "
+            f"<b>new patients</b>; the image split is the seed study's protocol and overstates it.{note}</p>"
+            + _table(["model", "split by", "folds", "estimates new patients", "accuracy (majority)",
+                      "carcinoma sensitivity", "specificity"],
+                     [(html.escape(r["model"]), html.escape(r["split_by"]), r["folds"], "yes" if r["new_patients"] else "no",
+                       _pct_ci(r["accuracy"], r["accuracy_ci"]), _pct(r["carcinoma_sensitivity"]),
+                       _pct(r["carcinoma_specificity"])) for r in rows]))
+
+
+def _operating_point(run: CVRun) -> str:
+    rows = []
+    for r in run.results:
+        op = r.metrics.get("operating_point")
+        if op is None:
+            continue
+        carc = op["binary"]["carcinoma"]
+        thresholds = [t for t in op["thresholds"] if t is not None]
+        rows.append((html.escape(r.model),
+                     f"{min(thresholds):.3f}&ndash;{max(thresholds):.3f}" if thresholds else "majority vote",
+                     f"{min(op['temperatures']):.2f}&ndash;{max(op['temperatures']):.2f}",
+                     _pct_ci(op["accuracy"], op["accuracy_ci"]),
+                     _pct_ci(carc["sensitivity"], carc.get("sensitivity_ci")),
+                     _pct_ci(carc["specificity"], carc.get("specificity_ci")),
+                     _pct(op["refer_rate"]), _pct(op["accuracy_not_referred"]),
+                     f"{op['log_loss']:.3f} &rarr; {op['log_loss_calibrated']:.3f}"))
+    if not rows:
+        return ""
+    return ("<h2>Operating point</h2><p>Chosen inside each outer fold's training images by inner cross-validation "
+            "grouped like the outer folds (never on the test fold): carcinoma when the mean p(in situ) + p(invasive) "
+            "reaches the threshold, then the larger of the two. Images whose augmentations disagree, or whose stain "
+            "normalisation failed, are referred to a pathologist.</p>"
+            + _table(["model", "threshold (per fold)", "temperature", "accuracy", "carcinoma sensitivity",
+                      "specificity", "referred", "accuracy not referred", "log loss raw &rarr; calibrated"], rows))
+
+
+def _stain_section(run: CVRun) -> str:
+    fallbacks = _fallbacks(run)
+    if not fallbacks:
+        return f"<p>All {len(run.truth)} images passed the stain quality check.</p>"
+    items = "".join(f"<li>{html.escape(name)}: {'used un-normalised' if how == 'none' else html.escape(how)}</li>"
+                    for name, how in fallbacks.items())
+    return (f"<p class='warn'>{len(fallbacks)} image(s) failed the stain quality check after normalisation and fell "
+            f"back as configured (preprocess.stain.on_failure); they are referred:</p><ul>{items}</ul>")
 
 
 def _binary_table(result) -> str:
