@@ -22,8 +22,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/histoboost demo --out runs/demo
 
+BACH := ../shared/data/bach_iciar2018
 bench: $(STAMP)
-	$(PY) benchmarks/extract_bench.py
+	$(PY) benchmarks/extract_bench.py $(if $(wildcard $(BACH)/manifest.csv),--accuracy $(BACH))
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

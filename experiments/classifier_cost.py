@@ -22,11 +22,9 @@ from histoboost.features import describe_dataset
 VARIANTS = {
     "before: 200 rounds, 256 bins, colsample 0.5": {},
     "early stopping (20 rounds, grouped inner split)": {"classifier.early_stopping_rounds": 20},
-    "early stopping + 64 bins + colsample 0.25": {"classifier.early_stopping_rounds": 20, "classifier.max_bin": 64,
-                                                  "classifier.colsample_bytree": 0.25},
-    "early stopping + 64 bins + colsample 0.25 + eta 0.1": {
-        "classifier.early_stopping_rounds": 20, "classifier.max_bin": 64, "classifier.colsample_bytree": 0.25,
-        "classifier.learning_rate": 0.1},
+    "64 bins, colsample 0.25, 200 rounds": {"classifier.max_bin": 64, "classifier.colsample_bytree": 0.25},
+    "64 bins, colsample 0.25, 100 rounds at eta 0.1": {"classifier.max_bin": 64, "classifier.colsample_bytree": 0.25,
+                                                       "classifier.n_estimators": 100, "classifier.learning_rate": 0.1},
 }
 
 
@@ -42,7 +40,11 @@ def main() -> None:
     results = {"machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
                "features": {"backbone": features.backbone.name, "rows": int(features.X.shape[0]),
                             "dims": int(features.X.shape[1])}, "variants": {}}
+    if os.path.exists(args.out):  # resume: variants already measured are kept
+        results["variants"] = json.load(open(args.out))["variants"]
     for name, overrides in VARIANTS.items():
+        if name in results["variants"]:
+            continue
         config = base.merged(overrides)
         row = {"overrides": overrides}
         for split in (["id_block", "image"] if args.both_splits else ["id_block"]):

@@ -55,6 +55,8 @@ def test_early_stopping_uses_a_grouped_inner_split():
     assert not set(groups[train]) & set(groups[valid])
     model = BoostedTrees(ClassifierConfig(n_estimators=400, early_stopping_rounds=10), seed=0).fit(X, y, groups)
     assert model.best_iteration < 399
+    few_bins = BoostedTrees(ClassifierConfig(n_estimators=400, early_stopping_rounds=10, max_bin=32)).fit(X, y, groups)
+    assert few_bins.best_iteration < 399  # the validation matrix is binned like the training one
     with pytest.raises(ValueError, match="groups"):
         BoostedTrees(ClassifierConfig(early_stopping_rounds=10)).fit(X, y)
 

@@ -163,3 +163,17 @@ def test_list_and_prune(backbone, config, tmp_path):
     assert len(list_stores(tmp_path)) == 1
     assert prune_stores(tmp_path, older_than_days=1) == []
     assert len(prune_stores(tmp_path, everything=True)) == 1
+
+
+@pytest.mark.parametrize("mode", ["shared", "exact"])
+def test_more_stages_add_the_earlier_stage_to_the_final_descriptor(bach_subset, backbone, config, mode):
+    record = bach_subset.records[0]
+    one = config.merged({"features.mode": mode, "augment.n_augment": 2})
+    two = one.merged({"features.stages": 2})
+    rgb = Normalizer(one.preprocess.stain)(read_record(record, one.preprocess))
+    plans = plan_augmentations(record.image_id, *rgb.shape[:2], one.augment, one.seed)
+    final = describe_image(rgb, plans, backbone, one)
+    both = describe_image(rgb, plans, backbone, two)
+    assert both.pooled.shape == (2, 1280 + 112) and both.whole.shape == (2, 1280 + 112)  # + blocks.4 (stride 16)
+    assert np.allclose(both.pooled[:, :1280], final.pooled, atol=1e-4)
+    assert one.stage_hash("features") != two.stage_hash("features")

@@ -124,3 +124,11 @@ def test_a_failed_normalisation_falls_back_per_image(bach_image, on_failure, exp
         assert np.array_equal(out, Normalizer(StainConfig("reinhard")).normalize_with_qc(rgb)[0])
     good, good_qc, none = normalize_safely(rgb, StainConfig("macenko", on_failure=on_failure))
     assert good_qc.ok and none == ""
+
+
+def test_check_images_says_what_the_fallback_will_do(bach):
+    manifest, _ = load_manifest(bach)
+    faint = (*np.asarray(MACENKO_HE_REF).ravel(), 0.02, 0.01)
+    preprocess = PreprocessConfig(scale=0.25, stain=StainConfig("macenko", target=faint, on_failure="none"))
+    qcs, problems = check_images(manifest.records[:1], preprocess)
+    assert problems and all("un-normalised image" in p.fix and p.severity == "warning" for p in problems)

@@ -86,6 +86,16 @@ class Backbone:
     def feature_map(self, rgb: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(self.prepare(rgb))
 
+    def feature_maps(self, rgb: torch.Tensor, stages: int = 1) -> list[tuple[torch.Tensor, int]]:
+        """The final map and the outputs of the `stages - 1` network stages before the last one, each
+        with its stride: (map (B, D_i, h_i, w_i), stride). One forward pass (timm's forward_intermediates)."""
+        if stages == 1:
+            return [(self.feature_map(rgb), self.stride)]
+        info = self.model.feature_info
+        picked = list(range(len(info) - stages, len(info) - 1))
+        final, inter = self.model.forward_intermediates(self.prepare(rgb), indices=picked, intermediates_only=False)
+        return [(final, self.stride)] + [(m, int(info[i]["reduction"])) for m, i in zip(inter, picked)]
+
     def classify(self, rgb: torch.Tensor) -> torch.Tensor:
         """ImageNet logits (B, 1000): how tests prove the weights are real."""
         return self.model.forward_head(self.feature_map(rgb))

@@ -49,7 +49,7 @@ class Prediction:
     probs: np.ndarray  # (3,) mean probability over augmentations (calibrated where the bundle calibrates)
     votes: np.ndarray  # (3,)
     decision: int  # by the bundle's decision rule: majority vote, or its carcinoma threshold
-    aug_probs: np.ndarray  # (A, 3)
+    aug_probs: np.ndarray  # (A, 3) as the classifier gave them (before calibration)
     agreement: float = 1.0  # share of augmentations that agree with the decision
     refer: str = ""  # why a pathologist should look: "votes split", "stain QC failed", or ""
     stain_qc: str = ""  # the quality check's flags, and the fallback used
@@ -205,16 +205,14 @@ class Bundle:
         raw = self.classifier.predict_proba(rows)
         grid = self._probability_grid(prepared.rgb, device) if want_grid else None
         decision, agreement = self.rule.decide(raw[None])
-        aug_probs = self.rule.calibrated(raw)
         refer = "votes split" if self.rule.refer(agreement)[0] else ""
         qc = ""
         if prepared.qc is not None and not prepared.qc.ok:
             fallback = {"none": "used un-normalised", "reinhard": "used Reinhard", "kept": "kept"}[prepared.stain_fallback]
             qc = f"{'; '.join(prepared.qc.flags)} ({fallback})"
             refer = "; ".join(filter(None, [refer, "stain QC failed"]))
-        prediction = Prediction(str(path), Path(path).stem, image_id, aug_probs.mean(axis=0),
-                                vote_counts(aug_probs[None])[0], int(decision[0]), aug_probs, float(agreement[0]),
-                                refer, qc)
+        prediction = Prediction(str(path), Path(path).stem, image_id, self.rule.calibrated(raw).mean(axis=0),
+                                vote_counts(raw[None])[0], int(decision[0]), raw, float(agreement[0]), refer, qc)
         return prediction, grid
 
     def _probability_grid(self, rgb: np.ndarray, device: str) -> np.ndarray:
@@ -226,7 +224,10 @@ class Bundle:
         with torch.inference_mode():
             x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().to(device)
             for backbone in self.backbones:
-                maps.append(backbone.feature_map(x)[0].float().cpu().numpy())
+                stage_maps = backbone.feature_maps(x, self.config.features.stages)
+                size = stage_maps[0][0].shape[2:]  # finer stages averaged onto the final map's cells
+                maps.append(torch.cat([torch.nn.functional.adaptive_avg_pool2d(m.float(), size)
+                                       for m, _ in stage_maps], dim=1)[0].cpu().numpy())
         h, w = maps[0].shape[1:]
         cells = []
         for fmap in maps:
@@ -287,6 +288,10 @@ def evaluate_bundle(bundle: Bundle, manifest: Manifest, device: str = "cpu", pro
     plan = FoldPlan(np.zeros(n, dtype=np.int64), np.array([r.patient or r.image_id for r in manifest], dtype=object),
                     "held-out set", 1)
     result = CVResult("bundle", np.stack([p.aug_probs for p in predictions]), manifest.groups, plan)
+    if bundle.rule != DecisionRule():  # the bundle's operating point, as cross-validation reports it
+        result.rules = [bundle.rule]
+        result.decision = np.array([p.decision for p in predictions])
+        result.agreement = np.array([p.agreement for p in predictions])
     run = CVRun(bundle.config, plan, [result], np.array([r.image_id for r in manifest]),
                 np.array([r.name for r in manifest]), np.array([str(r.path) for r in manifest]),
                 np.array([r.patient or "" for r in manifest]))

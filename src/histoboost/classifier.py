@@ -62,7 +62,7 @@ class BoostedTrees:
                 raise ValueError("early stopping needs the groups of the rows, so that validation is grouped")
             train, valid = inner_split(y, np.asarray(groups), self.seed)
             dtrain = self._matrix(X[train], y[train], None if weights is None else weights[train])
-            dvalid = xgb.QuantileDMatrix(X[valid], y[valid], ref=dtrain)
+            dvalid = xgb.QuantileDMatrix(X[valid], y[valid], ref=dtrain, max_bin=self.config.max_bin)
             self.booster = xgb.train(self.params(), dtrain, rounds, evals=[(dvalid, "valid")],
                                      early_stopping_rounds=self.config.early_stopping_rounds, verbose_eval=False)
             self.best_iteration = int(self.booster.best_iteration)

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--scale", type=float, help="working scale factor (paper: 0.5)")
     group.add_argument("--mpp", type=float, help="target µm/px, used where the file states its resolution")
     group.add_argument("--stain", choices=["macenko", "reinhard", "none"], help="stain normalisation")
+    group.add_argument("--stain-fallback", choices=["reinhard", "none", "keep"],
+                       help="for an image whose normalisation fails the quality check: Reinhard, then none "
+                       "(default); none; or keep the failed output")
     group.add_argument("--stain-reference", type=Path, metavar="IMAGE",
                        help="fit the stain reference to this image instead of the published default")
     group.add_argument("--augmentations", "-A", type=int, help="colour augmentations per image")
@@ -78,9 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--weights", action="append", metavar="[NAME=]PATH",
                        help="local weights file (safetensors or torch state dict) instead of downloading")
     group.add_argument("--mode", choices=["shared", "exact"], help="shared feature map (fast, default) or CNN per crop")
+    group.add_argument("--stages", type=int, help="feature maps used: 1 = final (default); k = also the k-1 stages "
+                       "before the last")
     group.add_argument("--pooling", choices=["mean", "max", "gem"], help="how crop descriptors are pooled")
     group.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    group.add_argument("--batch-size", type=int, default=8, help="augmentations (or crops) per CNN batch")
+    group.add_argument("--batch-size", type=int,
+                       help="augmentations (or crops) per CNN batch (default: 8 on CPU, 48 on CUDA)")
     group.add_argument("--cache-dir", type=Path, help="feature store (default: $HISTOBOOST_CACHE or ~/.cache/histoboost)")
 
     parser = argparse.ArgumentParser(
@@ -171,7 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, help="predictions file, .csv or .json (default: print CSV)")
     predict.add_argument("--overlay", type=Path, metavar="DIR", help="write a heat-map PNG per image here")
     predict.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    predict.add_argument("--batch-size", type=int, default=8, help="augmentations per CNN batch")
+    predict.add_argument("--batch-size", type=int, help="augmentations per CNN batch (default: 8 on CPU, 48 on CUDA)")
     predict.set_defaults(run=_predict)
 
     evaluate = commands.add_parser(
@@ -221,12 +227,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "preprocess.scale": args.scale,
         "preprocess.target_mpp": args.mpp,
         "preprocess.stain.method": args.stain,
+        "preprocess.stain.on_failure": args.stain_fallback,
         "augment.n_augment": args.augmentations,
         "augment.n_crops": args.crops,
         "augment.crop_size": args.crop_size,
         "features.backbones": getattr(args, "backbone", None),
         "features.weights": getattr(args, "weights", None),
         "features.mode": getattr(args, "mode", None),
+        "features.stages": getattr(args, "stages", None),
         "features.crop_pooling": getattr(args, "pooling", None),
         "features.descriptor": getattr(args, "descriptor", None),
         "evaluate.split_by": getattr(args, "split_by", None),
@@ -305,7 +313,7 @@ def _extract(args: argparse.Namespace) -> int:
     failed = False
     for name in config.features.backbones:
         backbone = create_backbone(name, config.weights_for(name), device)
-        result = extract_features(manifest, config, backbone, cache_dir, device, args.batch_size,
+        result = extract_features(manifest, config, backbone, cache_dir, device, _batch_size(args, device),
                                   args.keep_crops, progress=not args.quiet)
         _print_problems(result.problems)
         failed |= bool(result.problems)
@@ -337,7 +345,7 @@ def _run_cv(manifest, config: Config, out: Path, args: argparse.Namespace) -> in
     from .report import accuracy_table, write_outputs
 
     device = _device(getattr(args, "device", "cpu"))
-    run = cross_validate(manifest, config, args.cache_dir, device, getattr(args, "batch_size", 8),
+    run = cross_validate(manifest, config, args.cache_dir, device, _batch_size(args, device),
                          progress=not args.quiet, compare_split=getattr(args, "compare_split", "auto"))
     for note in run.plan.warnings:
         print(f"warning: {note}", file=sys.stderr)
@@ -374,7 +382,7 @@ def _train(args: argparse.Namespace) -> int:
     manifest = _load_data(args, config)
     if args.out.exists():
         raise UsageError(f"{args.out} exists: choose another --out or remove it")
-    bundle = train_bundle(manifest, config, args.cache_dir, _device(args.device), args.batch_size,
+    bundle = train_bundle(manifest, config, args.cache_dir, _device(args.device), _batch_size(args, _device(args.device)),
                           progress=not args.quiet)
     path = bundle.save(args.out)
     counts = ", ".join(f"{k} {v}" for k, v in bundle.meta["training_data"]["per_group"].items())
@@ -387,7 +395,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     bundle = Bundle.load(args.model, device)
-    records, problems = bundle.predict(args.images, device, args.batch_size, progress=not args.quiet,
+    records, problems = bundle.predict(args.images, device, _batch_size(args, device), progress=not args.quiet,
                                        overlay_dir=args.overlay)
     _print_problems(problems)
     text = _records_text(records, args.out.suffix.lower() if args.out else ".csv")
@@ -442,7 +450,7 @@ def _demo(args: argparse.Namespace) -> int:
     manifest, problems = load_manifest(data_dir, config.preprocess, config.augment.crop_size, threads=args.threads,
                                        progress=not args.quiet)
     _print_problems(problems)
-    args.device, args.batch_size = "cpu", 8
+    args.device, args.batch_size = "cpu", None
     return _run_cv(manifest, config, args.out, args)
 
 
@@ -489,6 +497,12 @@ def _device(name: str) -> str:
     if not (name == "cpu" or name.startswith("cuda")):
         raise UsageError(f"--device {name}: use cpu or cuda")
     return name
+
+
+def _batch_size(args: argparse.Namespace, device: str) -> int:
+    """Augmentations per CNN batch: the flag, else what fills the device without waste (8 keeps two CPU
+    cores busy, 48 an H100; one image's augmentations are one batch unit, so A caps it)."""
+    return getattr(args, "batch_size", None) or (8 if device == "cpu" else 48)
 
 
 def _print_summary(summary: dict, config: Config) -> None:

@@ -115,14 +115,13 @@ def describe_image(image: np.ndarray, plans: list[AugmentPlan], backbone: Backbo
     with torch.inference_mode(), _autocast(device, feat.dtype):
         for chunk in _chunks(plans, batch_size):
             batch = augment_batch(base, chunk, stain_fit)
+            maps = [(m.float(), stride) for m, stride in backbone.feature_maps(batch, feat.stages)]
             if feat.mode == "shared":
-                fmap = backbone.feature_map(batch).float()
-                crop_desc = roi_pool(fmap, [p.boxes for p in chunk], backbone.stride)
-                whole.append(fmap.mean(dim=(2, 3)))
+                crop_desc = torch.cat([roi_pool(m, [p.boxes for p in chunk], stride) for m, stride in maps], dim=2)
             else:
-                crop_desc = torch.stack([_exact_crops(backbone, view, plan.boxes, batch_size)
+                crop_desc = torch.stack([_exact_crops(backbone, view, plan.boxes, batch_size, feat.stages)
                                          for view, plan in zip(batch, chunk)])
-                whole.append(backbone.feature_map(batch).float().mean(dim=(2, 3)))
+            whole.append(torch.cat([m.mean(dim=(2, 3)) for m, _ in maps], dim=1))
             crops.append(crop_desc)
             pooled.append(pool_crops(crop_desc, feat.crop_pooling, feat.gem_p))
     crop_array = torch.cat(crops).cpu().numpy()
@@ -157,12 +156,13 @@ def pool_crops(crops: torch.Tensor, how: str, p: float = 3.0) -> torch.Tensor:
     return crops.clamp(min=1e-6).pow(p).mean(dim=1).pow(1.0 / p)
 
 
-def _exact_crops(backbone: Backbone, view: torch.Tensor, boxes: np.ndarray, batch_size: int) -> torch.Tensor:
+def _exact_crops(backbone: Backbone, view: torch.Tensor, boxes: np.ndarray, batch_size: int,
+                 stages: int = 1) -> torch.Tensor:
     """The CNN on every crop of one augmented view (3, H, W), globally average-pooled: (C, D)."""
     out = []
     for chunk in _chunks(list(boxes), batch_size):
         batch = torch.stack([view[:, y0:y1, x0:x1] for x0, y0, x1, y1 in chunk])
-        out.append(backbone.feature_map(batch).float().mean(dim=(2, 3)))
+        out.append(torch.cat([m.float().mean(dim=(2, 3)) for m, _ in backbone.feature_maps(batch, stages)], dim=1))
     return torch.cat(out)
 
 

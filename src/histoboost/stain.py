@@ -261,7 +261,10 @@ def check_images(records: Sequence[ImageRecord], preprocess: PreprocessConfig, t
             problems.append(Problem(record.path, str(result), "remove the image, or use --stain none"))
         elif result is not None:
             qcs[record.image_id] = result
+            fallback = {"reinhard": "Reinhard's normalisation (or none, if that fails too)",
+                        "none": "the un-normalised image", "keep": "this output anyway"}[preprocess.stain.on_failure]
             problems.extend(Problem(record.path, f"stain normalisation: {flag}",
-                                    "check the image; it may be out of focus, faded or not H&E", "warning")
+                                    f"check the image (out of focus, faded or not H&E?); histoboost will use {fallback} "
+                                    "and refer it (preprocess.stain.on_failure)", "warning")
                             for flag in result.flags)
     return qcs, problems
