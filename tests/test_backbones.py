@@ -78,3 +78,16 @@ def test_no_network_and_no_weights_stops_with_one_line(tmp_path):
                              "create_backbone('resnet50')"], capture_output=True, text=True, env=env)
     assert "BackboneError: pretrained weights for resnet50 (resnet50.tv_in1k) are not in the local cache" in result.stderr
     assert "--weights resnet50=PATH" in result.stderr and "efficientnet_lite0" in result.stderr
+
+
+def test_keep_freed_memory_tunes_glibc_unless_the_user_chose():
+    import subprocess
+    import sys
+
+    code = "from histoboost.backbones import keep_freed_memory; print(keep_freed_memory())"
+    clean = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    tuned = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
+    assert tuned.stdout.strip() == "set"  # this project's machines run glibc
+    chosen = subprocess.run([sys.executable, "-c", code], env={**clean, "MALLOC_MMAP_MAX_": "0"},
+                            capture_output=True, text=True, check=True)
+    assert chosen.stdout.strip() == "user's choice"
