@@ -65,10 +65,7 @@ def fixed(X, owners, manifest, plan, config, name, seed) -> dict:
     out = {"seconds": round(time.perf_counter() - start, 1),
            "majority_vote": summarise(result.truth, result.majority, plan, seed)}
     if result.rules is not None:
-        refer = np.zeros(len(result.truth), dtype=bool)
-        for k, rule in enumerate(result.rules):
-            refer[plan.folds == k] = rule.refer(result.agreement[plan.folds == k])
-        out["operating_point"] = summarise(result.truth, result.decision, plan, seed, refer, result.rules)
+        out["operating_point"] = summarise(result.truth, result.decision, plan, seed, result.referred, result.rules)
     return out
 
 

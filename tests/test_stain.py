@@ -14,6 +14,7 @@ from histoboost.stain import (
     fit_macenko,
     fit_reference,
     macenko_normalize,
+    normalize_safely,
     quality_check,
     reinhard_stats,
 )
@@ -111,8 +112,6 @@ def test_check_images_reports_blank_images_per_file(tmp_path, bach):
 
 @pytest.mark.parametrize("on_failure, expected", [("reinhard", "reinhard"), ("none", "none"), ("keep", "kept")])
 def test_a_failed_normalisation_falls_back_per_image(bach_image, on_failure, expected):
-    from histoboost.features import normalize_safely
-
     rgb = bach_image("Benign/b001")
     faint = (*np.asarray(MACENKO_HE_REF).ravel(), 0.02, 0.01)  # a target this faint washes the tissue out
     out, qc, fallback = normalize_safely(rgb, StainConfig("macenko", target=faint, on_failure=on_failure))

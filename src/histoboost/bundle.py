@@ -197,6 +197,7 @@ class Bundle:
                       batch_size: int = 8, want_grid: bool = False):
         """An image whose id (sha256) and resolution are known, e.g. from a validated manifest."""
         from .features import describe_image, prepare_image
+        from .stain import FALLBACK_NOTES
 
         prepared = prepare_image(path, image_id, mpp, self.config)
         rows = np.concatenate([describe_image(prepared.rgb, prepared.plans, b, self.config, device, batch_size,
@@ -208,8 +209,7 @@ class Bundle:
         refer = "votes split" if self.rule.refer(agreement)[0] else ""
         qc = ""
         if prepared.qc is not None and not prepared.qc.ok:
-            fallback = {"none": "used un-normalised", "reinhard": "used Reinhard", "kept": "kept"}[prepared.stain_fallback]
-            qc = f"{'; '.join(prepared.qc.flags)} ({fallback})"
+            qc = f"{'; '.join(prepared.qc.flags)} ({FALLBACK_NOTES[prepared.stain_fallback]})"
             refer = "; ".join(filter(None, [refer, "stain QC failed"]))
         prediction = Prediction(str(path), Path(path).stem, image_id, self.rule.calibrated(raw).mean(axis=0),
                                 vote_counts(raw[None])[0], int(decision[0]), raw, float(agreement[0]), refer, qc)
@@ -242,12 +242,14 @@ def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | Non
     """Train the classifier on every image of the manifest (features from the store, extracted where
     missing) and return the bundle, ready to save."""
     from .classifier import fit_decision_rule, make_classifier
+    from .evaluate import split_units
     from .features import describe_dataset, library_versions
 
     described = describe_dataset(manifest, config, cache_dir, device, batch_size, progress)
     backbones, owners = [d.backbone for d in described], described[0].owners
     groups = manifest.groups
-    units = _split_units(manifest, config)
+    # Early stopping and the decision rule's inner folds group images as cross-validation does.
+    _, units = split_units(manifest, config.evaluate.split_by)
     X = np.concatenate([d.X for d in described], axis=1)
     classifier = make_classifier(config.classifier, seed=config.seed, device=device)
     classifier.fit(X, groups[owners], groups=units[owners])
@@ -288,7 +290,7 @@ def evaluate_bundle(bundle: Bundle, manifest: Manifest, device: str = "cpu", pro
     plan = FoldPlan(np.zeros(n, dtype=np.int64), np.array([r.patient or r.image_id for r in manifest], dtype=object),
                     "held-out set", 1)
     result = CVResult("bundle", np.stack([p.aug_probs for p in predictions]), manifest.groups, plan)
-    if bundle.rule != DecisionRule():  # the bundle's operating point, as cross-validation reports it
+    if bundle.config.classifier.decides_by_rule:  # the bundle's operating point, as cross-validation reports it
         result.rules = [bundle.rule]
         result.decision = np.array([p.decision for p in predictions])
         result.agreement = np.array([p.agreement for p in predictions])
@@ -297,14 +299,6 @@ def evaluate_bundle(bundle: Bundle, manifest: Manifest, device: str = "cpu", pro
                 np.array([r.patient or "" for r in manifest]))
     run.evaluate()
     return run
-
-
-def _split_units(manifest: Manifest, config: Config) -> np.ndarray:
-    """Each image's split unit, as cross-validation groups them: the configured column, else patient,
-    else the image itself; early stopping and the inner folds of the decision rule group by it."""
-    split_by = config.evaluate.split_by or ("patient" if manifest.has_patients else "image")
-    values = manifest.column(split_by)
-    return np.array([v or f"image:{r.image_id}" for v, r in zip(values, manifest)], dtype=object)
 
 
 def _read_bundle_files(path: Path) -> dict[str, bytes]:

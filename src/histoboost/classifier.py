@@ -118,8 +118,8 @@ class LogisticModel:
         from sklearn.linear_model import LogisticRegression
 
         X, y = _check_xy(X, y)
-        self.mean = X.mean(axis=0)
-        self.scale = np.where(X.std(axis=0) > 1e-6, X.std(axis=0), 1.0).astype(np.float32)
+        self.mean, std = X.mean(axis=0), X.std(axis=0)
+        self.scale = np.where(std > 1e-6, std, 1.0).astype(np.float32)
         present = np.unique(y)
         self.coef = np.zeros((N_CLASSES, X.shape[1]), dtype=np.float64)
         self.intercept = np.full(N_CLASSES, -np.inf)  # an absent class gets probability 0

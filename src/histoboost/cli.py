@@ -382,8 +382,8 @@ def _train(args: argparse.Namespace) -> int:
     manifest = _load_data(args, config)
     if args.out.exists():
         raise UsageError(f"{args.out} exists: choose another --out or remove it")
-    bundle = train_bundle(manifest, config, args.cache_dir, _device(args.device), _batch_size(args, _device(args.device)),
-                          progress=not args.quiet)
+    device = _device(args.device)
+    bundle = train_bundle(manifest, config, args.cache_dir, device, _batch_size(args, device), progress=not args.quiet)
     path = bundle.save(args.out)
     counts = ", ".join(f"{k} {v}" for k, v in bundle.meta["training_data"]["per_group"].items())
     print(f"trained on {len(manifest)} images ({counts}) with {', '.join(config.features.backbones)}: {path}")

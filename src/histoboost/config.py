@@ -131,6 +131,12 @@ class ClassifierConfig:
     # decision, or the stain quality check failed; 0 = only stain failures.
     refer_below_agreement: float = 0.0
 
+    @property
+    def decides_by_rule(self) -> bool:
+        """Whether images are decided by a fitted rule (threshold, calibration or refer), not only
+        by the seed study's majority vote."""
+        return self.target_sensitivity is not None or self.calibrate or self.refer_below_agreement > 0
+
 
 @dataclass(frozen=True)
 class EvaluateConfig:

@@ -76,6 +76,15 @@ class CVResult:
     def mean_decision(self) -> np.ndarray:
         return self.mean_probs.argmax(axis=1)
 
+    @property
+    def referred(self) -> np.ndarray:
+        """Images whose augmentations disagree too much with the decision, by their fold's rule (N,)."""
+        refer = np.zeros(len(self.truth), dtype=bool)
+        for k, rule in enumerate(self.rules or []):
+            fold = self.plan.folds == k
+            refer[fold] = rule.refer(self.agreement[fold])
+        return refer
+
 
 # -- folds ---------------------------------------------------------------------------------------
 
@@ -90,13 +99,10 @@ def make_folds(manifest: Manifest, split_by: str | None, n_folds: int, seed: int
     from sklearn.model_selection import StratifiedGroupKFold
 
     notes = []
-    if split_by is None:
-        split_by = "patient" if manifest.has_patients else "image"
-        if split_by == "image":
-            notes.append("no patient ids: folds are split by image, which overstates accuracy on new patients "
-                         "(use --split-by patient or a proxy column such as id_block where one exists)")
-    values = manifest.column(split_by)
-    units = np.array([v if v else f"image:{r.image_id}" for v, r in zip(values, manifest)], dtype=object)
+    if split_by is None and not manifest.has_patients:
+        notes.append("no patient ids: folds are split by image, which overstates accuracy on new patients "
+                     "(use --split-by patient or a proxy column such as id_block where one exists)")
+    split_by, units = split_units(manifest, split_by)
     groups = manifest.groups
     per_class = {g: len(set(units[groups == g])) for g in np.unique(groups)}
     usable = min(n_folds, *per_class.values())
@@ -116,6 +122,15 @@ def make_folds(manifest: Manifest, split_by: str | None, n_folds: int, seed: int
     for k in range(usable):
         assert not set(units[folds == k]) & set(units[folds != k]), "a split unit is in training and test"
     return FoldPlan(folds, units, split_by, usable, tuple(notes))
+
+
+def split_units(manifest: Manifest, split_by: str | None) -> tuple[str, np.ndarray]:
+    """The split unit of each image, and the unit's name: `split_by` (None = patient where the
+    manifest has patient ids, else image); an image without a value is a unit of its own."""
+    if split_by is None:
+        split_by = "patient" if manifest.has_patients else "image"
+    values = manifest.column(split_by)
+    return split_by, np.array([v if v else f"image:{r.image_id}" for v, r in zip(values, manifest)], dtype=object)
 
 
 # -- cross-validation ----------------------------------------------------------------------------
@@ -151,8 +166,7 @@ def cross_validate_features(X: np.ndarray, owners: np.ndarray, manifest: Manifes
             probs[i] = p[order == i]
         decision[test_images], agreement[test_images] = rule.decide(probs[test_images])
         rules.append(rule)
-    c = config.classifier
-    if c.target_sensitivity is None and not c.calibrate and not c.refer_below_agreement:
+    if not config.classifier.decides_by_rule:
         return CVResult(model, probs, truth, plan)  # the seed study's majority vote only
     return CVResult(model, probs, truth, plan, rules=rules, decision=decision, agreement=agreement)
 
@@ -179,6 +193,10 @@ class CVRun:
     # split), so the report can show how much grouping by image overstates accuracy.
     split_comparison: list[dict[str, Any]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.stain_fallbacks is None:  # none known: no image fell back
+            self.stain_fallbacks = np.full(len(self.image_ids), "")
+
     @property
     def truth(self) -> np.ndarray:
         return self.results[0].truth
@@ -198,8 +216,7 @@ class CVRun:
             tmp, image_ids=self.image_ids.astype(str), names=self.names.astype(str), paths=self.paths.astype(str),
             patients=self.patients.astype(str), truth=self.truth, folds=self.plan.folds,
             units=self.plan.units.astype(str), split_by=np.array(self.plan.split_by),
-            stain_fallbacks=(self.stain_fallbacks if self.stain_fallbacks is not None
-                             else np.full(len(self.truth), "")).astype(str),
+            stain_fallbacks=self.stain_fallbacks.astype(str),
             split_comparison=np.array(json.dumps(self.split_comparison)),
             warnings=np.array(self.plan.warnings, dtype=str), models=np.array([r.model for r in self.results]),
             **arrays)
@@ -245,6 +262,11 @@ def cross_validate(manifest: Manifest, config: Config, cache_dir: str | Path | N
     from .features import describe_dataset
 
     plan = make_folds(manifest, config.evaluate.split_by, config.evaluate.folds, config.seed)
+    if compare_split == "auto":
+        compare_split = default_comparison_split(manifest, plan.split_by)
+    # Both splits are made before any work, so a bad split unit stops the run before it computes anything.
+    other = (make_folds(manifest, compare_split, config.evaluate.folds, config.seed)
+             if compare_split and compare_split not in ("none", plan.split_by) else None)
     described = describe_dataset(manifest, config, cache_dir, device, batch_size, progress)
     results = [cross_validate_features(d.X, d.owners, manifest, plan, config, d.backbone.name, device, progress)
                for d in described]
@@ -256,14 +278,11 @@ def cross_validate(manifest: Manifest, config: Config, cache_dir: str | Path | N
         results.append(combine_mean(results[:len(described)], f"{names} (mean prob)"))
     extraction = {d.backbone.name: d.provenance for d in described}
     run = CVRun(config, plan, results, np.array([r.image_id for r in manifest]), np.array([r.name for r in manifest]),
-                np.array([str(r.path) for r in manifest]), np.array([r.patient or "" for r in manifest]), extraction)
-    run.stain_fallbacks = np.array(described[0].stain_fallbacks, dtype=str)
+                np.array([str(r.path) for r in manifest]), np.array([r.patient or "" for r in manifest]), extraction,
+                np.array(described[0].stain_fallbacks, dtype=str))
     run.evaluate()
     run.split_comparison = [split_summary(r, config.seed) for r in results[:len(described)]]
-    if compare_split == "auto":
-        compare_split = default_comparison_split(manifest, plan.split_by)
-    if compare_split and compare_split not in ("none", plan.split_by):
-        other = make_folds(manifest, compare_split, config.evaluate.folds, config.seed)
+    if other is not None:
         for d in described:
             result = cross_validate_features(d.X, d.owners, manifest, other, config, d.backbone.name, device, progress)
             evaluate_result(result, config.seed)
@@ -403,12 +422,10 @@ def operating_point_metrics(result: CVResult, seed: int) -> dict[str, Any]:
     the log loss of the mean probabilities before and after calibration."""
     plan, rules = result.plan, result.rules
     metrics = decision_metrics(result.truth, result.decision, plan.folds, plan.units, seed)
-    refer = np.zeros(len(result.truth), dtype=bool)
+    refer = result.referred
     calibrated = np.zeros_like(result.aug_probs)
     for k, rule in enumerate(rules):
-        fold = plan.folds == k
-        refer[fold] = rule.refer(result.agreement[fold])
-        calibrated[fold] = rule.calibrated(result.aug_probs[fold])
+        calibrated[plan.folds == k] = rule.calibrated(result.aug_probs[plan.folds == k])
     kept = ~refer
     kept_cm = confusion_matrix(result.truth[kept], result.decision[kept])
     metrics.update({

@@ -30,7 +30,7 @@ from .augment import AugmentPlan, augment_batch, plan_augmentations
 from .backbones import Backbone
 from .config import Config, HistoboostError
 from .data import ImageRecord, Manifest, Problem, read_image, working_scale, write_text_atomic
-from .stain import Normalizer, StainError, StainFit, StainQC, fit_macenko
+from .stain import StainError, StainFit, StainQC, fit_macenko, normalize_safely
 
 STORE_FORMAT = 1
 T = TypeVar("T")
@@ -83,23 +83,6 @@ def prepare_image(path: str | Path, image_id: str, mpp: float | None, config: Co
     plans = plan_augmentations(image_id, rgb.shape[0], rgb.shape[1], config.augment, config.seed)
     return PreparedImage(normalised, qc, plans, fit_macenko(normalised) if config.augment.color == "he" else None,
                          fallback)
-
-
-def normalize_safely(rgb: np.ndarray, stain) -> tuple[np.ndarray, StainQC | None, str]:
-    """Stain-normalise; where the output fails its quality check, fall back as `stain.on_failure` says
-    instead of feeding an artefact to the model. Returns (image, the first method's QC, fallback used)."""
-    from dataclasses import replace
-
-    out, qc = Normalizer(stain).normalize_with_qc(rgb)
-    if qc is None or qc.ok:
-        return out, qc, ""
-    if stain.on_failure == "keep":
-        return out, qc, "kept"
-    if stain.on_failure == "reinhard" and stain.method != "reinhard":
-        second, second_qc = Normalizer(replace(stain, method="reinhard", target=None)).normalize_with_qc(rgb)
-        if second_qc is not None and second_qc.ok:
-            return second, qc, "reinhard"
-    return rgb, qc, "none"
 
 
 # -- describing one image ------------------------------------------------------------------------
@@ -387,15 +370,20 @@ def describe_dataset(manifest: Manifest, config: Config, cache_dir: str | Path |
         if result.problems:
             raise DataError(f"{len(result.problems)} image(s) could not be described with {name}",
                             tuple(result.problems))
-        X, owners = load_matrix(manifest, result.store, config.features.descriptor)
-        fallbacks = [result.store.load(r.image_id).stain_fallback for r in manifest]
+        X, owners, fallbacks = _load_rows(manifest, result.store, config.features.descriptor)
         out.append(DatasetFeatures(backbone, result, X, owners, fallbacks))
     return out
 
 
 def load_matrix(manifest: Manifest, store: FeatureStore, descriptor: str) -> tuple[np.ndarray, np.ndarray]:
     """Rows = augmented images: features (N * A, D') and the manifest index of each row."""
-    rows, owners = [], []
+    X, owners, _ = _load_rows(manifest, store, descriptor)
+    return X, owners
+
+
+def _load_rows(manifest: Manifest, store: FeatureStore, descriptor: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """`load_matrix`'s rows and owners, with each image's stain fallback, from one read of each file."""
+    rows, owners, fallbacks = [], [], []
     for i, record in enumerate(manifest):
         features = store.load(record.image_id)
         if features is None:
@@ -403,7 +391,8 @@ def load_matrix(manifest: Manifest, store: FeatureStore, descriptor: str) -> tup
         block = features.descriptor(descriptor)
         rows.append(block)
         owners.append(np.full(len(block), i))
-    return np.concatenate(rows), np.concatenate(owners)
+        fallbacks.append(features.stain_fallback)
+    return np.concatenate(rows), np.concatenate(owners), fallbacks
 
 
 def _prefetch(fn: Callable[[T], R], items: list[T], depth: int = 2) -> Iterator[R]:

@@ -16,6 +16,7 @@ import numpy as np
 from . import __version__
 from .data import GROUP_NAMES, write_text_atomic
 from .evaluate import BINARY_TASKS, CVRun, carcinoma_roc
+from .stain import FALLBACK_NOTES
 
 TASK_TITLES = {"carcinoma": "carcinoma (1+2) vs non-carcinoma (0)", "0v1": "normal/benign (0) vs in situ (1)",
                "0v2": "normal/benign (0) vs invasive (2)", "1v2": "in situ (1) vs invasive (2)"}
@@ -42,7 +43,6 @@ def write_metrics(run: CVRun, out: Path) -> None:
     writer.writerow(["model", "name", "path", "image_id", "patient", "truth", "truth_name", "fold", "majority",
                      "mean_prob_decision", "operating_point_decision", "class", "group", *(f"p_{g}" for g in GROUP_NAMES),
                      *(f"votes_{g}" for g in GROUP_NAMES), "agreement", "refer", "stain_fallback"])
-    fallbacks = run.stain_fallbacks if run.stain_fallbacks is not None else np.full(len(run.truth), "")
     for result in run.results:
         probs, votes, majority, mean_decision = result.mean_probs, result.votes, result.majority, result.mean_decision
         # The class column is the run's decision: the operating point where one was chosen, else majority vote.
@@ -55,26 +55,18 @@ def write_metrics(run: CVRun, out: Path) -> None:
                              GROUP_NAMES[decision[i]], decision[i],
                              *(f"{p:.6f}" for p in probs[i]), *votes[i],
                              "" if result.agreement is None else f"{result.agreement[i]:.3f}",
-                             refer[i], fallbacks[i]])
+                             refer[i], run.stain_fallbacks[i]])
     write_text_atomic(out / "predictions.csv", buffer.getvalue())
 
 
 def _referred(run: CVRun, result) -> list[str]:
     """Why each image would go to a pathologist: split votes (at the operating point) or a stain fallback."""
-    reasons = [[] for _ in run.truth]
-    if result.rules is not None:
-        for k, rule in enumerate(result.rules):
-            for i in np.flatnonzero((run.plan.folds == k) & rule.refer(result.agreement)):
-                reasons[i].append("votes split")
-    if run.stain_fallbacks is not None:
-        for i in np.flatnonzero(run.stain_fallbacks != ""):
-            reasons[i].append("stain QC failed")
-    return ["; ".join(r) for r in reasons]
+    split, failed = result.referred, run.stain_fallbacks != ""
+    return ["; ".join(why for why, hit in (("votes split", split[i]), ("stain QC failed", failed[i])) if hit)
+            for i in range(len(run.truth))]
 
 
 def _fallbacks(run: CVRun) -> dict[str, str]:
-    if run.stain_fallbacks is None:
-        return {}
     return {str(run.names[i]): str(run.stain_fallbacks[i]) for i in np.flatnonzero(run.stain_fallbacks != "")}
 
 
@@ -234,8 +226,7 @@ def _stain_section(run: CVRun) -> str:
     fallbacks = _fallbacks(run)
     if not fallbacks:
         return f"<p>All {len(run.truth)} images passed the stain quality check.</p>"
-    items = "".join(f"<li>{html.escape(name)}: {'used un-normalised' if how == 'none' else html.escape(how)}</li>"
-                    for name, how in fallbacks.items())
+    items = "".join(f"<li>{html.escape(name)}: {FALLBACK_NOTES[how]}</li>" for name, how in fallbacks.items())
     return (f"<p class='warn'>{len(fallbacks)} image(s) failed the stain quality check after normalisation and fell "
             f"back as configured (preprocess.stain.on_failure); they are referred:</p><ul>{items}</ul>")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -177,6 +177,25 @@ class Normalizer:
             return out, quality_check(rgb, out, fit, self.he_ref)
         out = reinhard_normalize(rgb, self.means_ref, self.stds_ref)
         return out, quality_check(rgb, out, fit, MACENKO_HE_REF)
+
+
+def normalize_safely(rgb: np.ndarray, stain: StainConfig) -> tuple[np.ndarray, StainQC | None, str]:
+    """Stain-normalise; where the output fails its quality check, fall back as `stain.on_failure` says
+    instead of feeding an artefact to the model. Returns (image, the first method's QC, fallback used)."""
+    out, qc = Normalizer(stain).normalize_with_qc(rgb)
+    if qc is None or qc.ok:
+        return out, qc, ""
+    if stain.on_failure == "keep":
+        return out, qc, "kept"
+    if stain.on_failure == "reinhard" and stain.method != "reinhard":
+        second, second_qc = Normalizer(replace(stain, method="reinhard", target=None)).normalize_with_qc(rgb)
+        if second_qc is not None and second_qc.ok:
+            return second, qc, "reinhard"
+    return rgb, qc, "none"
+
+
+# What each fallback of `normalize_safely` means, as reports and predictions say it.
+FALLBACK_NOTES = {"reinhard": "used Reinhard", "none": "used un-normalised", "kept": "kept the failed output"}
 
 
 def fit_reference(method: str, rgb: np.ndarray) -> tuple[float, ...]:
