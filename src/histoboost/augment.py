@@ -137,3 +137,22 @@ def _apply_color(x: Any, plan: AugmentPlan, stain_fit: StainFit | None, channel_
     else:
         out = x
     return xp.clip(xp.round(out) if xp is torch else np.rint(out), 0, 255)
+
+
+def training_view(crop: torch.Tensor, rng: np.random.Generator, stain_fit: StainFit | None,
+                  he_scale: float, he_shift: float, rgb_scale: float, rgb_shift: float) -> torch.Tensor:
+    """One random fine-tuning view of a (3, s, s) crop on its device: a random H&E-space change (where the
+    image's stains are known), then a random RGB affine change, rot90 and mirror; float32 in [0, 255].
+
+    Fine-tuning draws a fresh view of every crop each epoch, so the network sees the stain variety of
+    other labs rather than memorising one; square crops keep every orientation batchable.
+    """
+    empty = np.zeros((0, 4), dtype=np.int64)
+    view = crop
+    if stain_fit is not None:
+        he = AugmentPlan(0, "he", rng.uniform(1 - he_scale, 1 + he_scale, 2), rng.uniform(-he_shift, he_shift, 2),
+                         0, False, empty)
+        view = augment_batch(view, [he], stain_fit)[0]
+    rgb = AugmentPlan(0, "rgb_affine", rng.uniform(1 - rgb_scale, 1 + rgb_scale, 3),
+                      rng.uniform(-rgb_shift, rgb_shift, 3), int(rng.integers(4)), bool(rng.integers(2)), empty)
+    return augment_batch(view, [rgb])[0]

@@ -97,7 +97,8 @@ class Backbone:
         return [(final, self.stride)] + [(m, int(info[i]["reduction"])) for m, i in zip(inter, picked)]
 
     def classify(self, rgb: torch.Tensor) -> torch.Tensor:
-        """ImageNet logits (B, 1000): how tests prove the weights are real."""
+        """The head's logits: ImageNet's (B, 1000), how tests prove the weights are real, or the 3 classes
+        of fine-tuned weights."""
         return self.model.forward_head(self.feature_map(rgb))
 
     def to(self, device: str | torch.device) -> Backbone:
@@ -205,6 +206,9 @@ def load_weights(model: nn.Module, path: Path) -> None:
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    head = f"{model.pretrained_cfg.get('classifier', '')}.weight"
+    if head in state and state[head].ndim == 2 and state[head].shape[0] != model.num_classes:
+        model.reset_classifier(state[head].shape[0])  # fine-tuned weights: histoboost's 3-class head
     expected = model.state_dict()
     if set(state) != set(expected):
         mismatch = len(state) != len(expected) or any(

@@ -1,7 +1,8 @@
 """A trained model as a portable bundle, and prediction on new images.
 
 A bundle is a folder (optionally zipped): the classifier (XGBoost's native `model.ubj`, or the
-logistic model's arrays as `model.json`), and `bundle.json` with the format version, the full config
+logistic model's arrays as `model.json`), every backbone weights file that was given locally or made
+by fine-tuning (`weights-<backbone>.safetensors`, so the bundle works on another machine), and `bundle.json` with the format version, the full config
 (stain reference, protocol, seed), the decision rule chosen on the training data (threshold,
 temperature, refer setting), the backbones' weights identity (sha256), the class names, library
 versions, a fingerprint of the training data and the sha256 of every other file. No pickle anywhere. Loading verifies all of it and refuses, with one line, a bundle
@@ -30,7 +31,7 @@ from .config import Config, HistoboostError
 from .data import GROUP_NAMES, IMAGE_SUFFIXES, Manifest, Problem, write_text_atomic
 from .classifier import DecisionRule, vote_counts
 
-FORMAT_VERSION = 2  # 2: logistic classifier, decision rule
+FORMAT_VERSION = 3  # 2: logistic classifier, decision rule; 3: local and fine-tuned weights carried
 MODEL_FILES = {"xgboost": "model.ubj", "logistic": "model.json"}
 META_FILE = "bundle.json"
 
@@ -93,15 +94,22 @@ class Bundle:
         try:
             model_file = self.meta["classifier"]["file"]
             self.classifier.save_model(staging / model_file)
-            meta = {k: v for k, v in self.meta.items() if not k.startswith("_")}
+            meta = json.loads(json.dumps({k: v for k, v in self.meta.items() if not k.startswith("_")}))
             meta["files"] = {model_file: file_sha256(staging / model_file)}
+            for spec in meta["backbones"]:
+                if spec["weights_source"].startswith("file:"):  # not downloadable: carried in the bundle
+                    name = f"weights-{spec['name']}{Path(spec['weights_source']).suffix}"
+                    shutil.copyfile(spec["weights_source"].removeprefix("file:"), staging / name)
+                    if file_sha256(staging / name) != spec["weights_sha256"]:
+                        raise BundleError(f"{spec['weights_source'][5:]} changed since the model was trained: retrain")
+                    spec["file"], meta["files"][name] = name, spec["weights_sha256"]
             meta["meta_sha256"] = _meta_digest(meta)
             write_text_atomic(staging / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
             out.parent.mkdir(parents=True, exist_ok=True)
             if out.suffix == ".zip":
                 tmp_zip = out.with_name(f".{out.name}.tmp")
                 with zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_DEFLATED) as archive:
-                    for name in (META_FILE, model_file):
+                    for name in (META_FILE, *meta["files"]):
                         archive.write(staging / name, name)
                 os.replace(tmp_zip, out)
             else:
@@ -141,19 +149,23 @@ class Bundle:
         meta["_sha256"] = hashlib.sha256(files[META_FILE]).hexdigest()
         config = Config.from_dict(meta["config"])
         backbones = []
-        for spec in meta["backbones"]:
-            try:
-                backbone = create_backbone(spec["name"], config.weights_for(spec["name"]), device)
-            except BackboneError as err:
-                raise BundleError(f"{path}: needs backbone {spec['name']} with weights sha256 "
-                                  f"{spec['weights_sha256'][:12]}…: {err}") from None
-            if backbone.weights_sha256 != spec["weights_sha256"]:
-                raise BundleError(f"{path}: backbone {spec['name']} here has weights sha256 "
-                                  f"{backbone.weights_sha256[:12]}…, the bundle was trained with "
-                                  f"{spec['weights_sha256'][:12]}…: pass the original file with --weights")
-            backbones.append(backbone)
-        model_file = meta["classifier"]["file"]
         with tempfile.TemporaryDirectory() as tmp:
+            for spec in meta["backbones"]:
+                weights = config.weights_for(spec["name"])
+                if "file" in spec:  # carried in the bundle (checked against its sha256 above)
+                    weights = Path(tmp) / spec["file"]
+                    weights.write_bytes(files[spec["file"]])
+                try:
+                    backbone = create_backbone(spec["name"], weights, device)
+                except BackboneError as err:
+                    raise BundleError(f"{path}: needs backbone {spec['name']} with weights sha256 "
+                                      f"{spec['weights_sha256'][:12]}…: {err}") from None
+                if backbone.weights_sha256 != spec["weights_sha256"]:
+                    raise BundleError(f"{path}: backbone {spec['name']} here has weights sha256 "
+                                      f"{backbone.weights_sha256[:12]}…, the bundle was trained with "
+                                      f"{spec['weights_sha256'][:12]}…: pass the original file with --weights")
+                backbones.append(backbone)
+            model_file = meta["classifier"]["file"]
             (Path(tmp) / model_file).write_bytes(files[model_file])
             classifier = load_classifier(Path(tmp) / model_file, config.classifier,
                                          meta["classifier"]["best_iteration"], device)
@@ -245,6 +257,9 @@ def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | Non
     from .evaluate import split_units
     from .features import describe_dataset, library_versions
 
+    unseen = None  # with fine-tuning: the images it did not train on, where the decision rule is chosen
+    if config.finetune.enabled:
+        config, unseen = _finetuned_config(manifest, config, cache_dir, device, progress)
     described = describe_dataset(manifest, config, cache_dir, device, batch_size, progress)
     backbones, owners = [d.backbone for d in described], described[0].owners
     groups = manifest.groups
@@ -254,7 +269,8 @@ def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | Non
     classifier = make_classifier(config.classifier, seed=config.seed, device=device)
     classifier.fit(X, groups[owners], groups=units[owners])
     try:
-        rule = fit_decision_rule(X, groups[owners], owners, units[owners], config.classifier, config.seed, device)
+        rule = fit_decision_rule(X, groups[owners], owners, units[owners], config.classifier, config.seed, device,
+                                 None if unseen is None else unseen[owners])
     except ValueError as err:
         raise BundleError(f"{manifest.root}: {err}") from None
     ids = sorted(r.image_id for r in manifest)
@@ -275,6 +291,26 @@ def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | Non
         "versions": library_versions(),
     }
     return Bundle(config, classifier, backbones, meta)
+
+
+def _finetuned_config(manifest: Manifest, config: Config, cache_dir: str | Path | None, device: str,
+                      progress: bool) -> tuple[Config, np.ndarray]:
+    """The config with each backbone's weights fine-tuned on these images (cached by key), and which
+    images the fine-tuning did not train on (its validation part)."""
+    from .evaluate import split_units
+    from .features import default_cache_dir
+    from .finetune import finetune_cached, prepare_training_images
+
+    _, units = split_units(manifest, config.evaluate.split_by)
+    images = prepare_training_images(manifest, config, units, progress=progress)
+    weights, trained_on = [], set()
+    for name in config.features.backbones:
+        result = finetune_cached(images, config, name, cache_dir or default_cache_dir(), config.weights_for(name),
+                                 device, progress)
+        weights.append(f"{name}={result.weights}")
+        trained_on |= set(result.card["data"]["train_images"])
+    unseen = ~np.isin([r.image_id for r in manifest], list(trained_on))
+    return config.merged({"features.weights": weights}), unseen
 
 
 def evaluate_bundle(bundle: Bundle, manifest: Manifest, device: str = "cpu", progress: bool = True):

@@ -231,13 +231,18 @@ def _thresholded(p: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def fit_decision_rule(X: np.ndarray, y: np.ndarray, owners: np.ndarray, units: np.ndarray, config: ClassifierConfig,
-                      seed: int = 0, device: str = "cpu") -> DecisionRule:
+                      seed: int = 0, device: str = "cpu", held_out: np.ndarray | None = None) -> DecisionRule:
     """Choose the temperature and threshold from out-of-fold predictions on the training rows only.
 
     Rows `X` (n, d) with labels `y`, their image `owners` and split `units` (per row). Inner folds
     group images by unit, as the outer cross-validation does, so the threshold is set on images of
     units the inner model never saw. The threshold is the largest that keeps at least
     `target_sensitivity` of the inner carcinomas at or above it.
+
+    `held_out` (per row) replaces the inner folds by one split: fit on the other rows, choose on these.
+    With a fine-tuned backbone these are the images its fine-tuning never trained on: the others'
+    features are memorised, so probabilities on them are overconfident and a threshold set there fails
+    on new images (measured: docs/accuracy.md).
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -246,18 +251,29 @@ def fit_decision_rule(X: np.ndarray, y: np.ndarray, owners: np.ndarray, units: n
         return rule
     images, first = np.unique(owners, return_index=True)
     image_y, image_units = y[first], units[first]
-    per_class = [len(set(image_units[image_y == c])) for c in np.unique(image_y)]
-    n_splits = min(config.inner_folds, *per_class)
-    if n_splits < 2 or len(per_class) < 2:
-        raise ValueError("choosing a threshold or calibrating needs at least 2 split units of each class in the "
-                         "training data")
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    if held_out is not None:
+        chosen = held_out[first]
+        if len(np.unique(image_y[chosen])) < 2 or len(np.unique(image_y[~chosen])) < 2:
+            raise ValueError("choosing a threshold or calibrating needs images of at least 2 classes on both sides "
+                             "of the fine-tuning validation split")
+        splits = [(np.flatnonzero(~chosen), np.flatnonzero(chosen))]
+    else:
+        per_class = [len(set(image_units[image_y == c])) for c in np.unique(image_y)]
+        n_splits = min(config.inner_folds, *per_class)
+        if n_splits < 2 or len(per_class) < 2:
+            raise ValueError("choosing a threshold or calibrating needs at least 2 split units of each class in the "
+                             "training data")
+        splits = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(
+            images, image_y, image_units)
     oof = np.zeros((len(images), np.bincount(owners)[images[0]], N_CLASSES))
-    for train, valid in splitter.split(images, image_y, image_units):
+    scored = np.zeros(len(images), dtype=bool)
+    for train, valid in splits:
         rows = np.isin(owners, images[train])
         model = make_classifier(config, seed, device).fit(X[rows], y[rows], groups=units[rows])
         for i in valid:
             oof[i] = model.predict_proba(X[owners == images[i]])
+        scored[valid] = True
+    oof, image_y = oof[scored], image_y[scored]
     temperature = fit_temperature(oof, image_y) if config.calibrate else 1.0
     threshold = None
     if config.target_sensitivity is not None and (image_y > 0).any():

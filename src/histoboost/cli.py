@@ -140,13 +140,46 @@ def _parser() -> argparse.ArgumentParser:
                        help="refer an image to a pathologist when fewer than SHARE of its augmentations agree "
                        "with the decision, e.g. 0.8 (stain-QC failures are always referred)")
 
+    tuning = argparse.ArgumentParser(add_help=False)
+    group = tuning.add_argument_group("fine-tuning (see histoboost finetune --help)")
+    group.add_argument("--epochs", type=int, help="fine-tuning epochs at most (default 8; early stopping may end sooner)")
+    group.add_argument("--lr", type=float, help="backbone learning rate (default 3e-4; the new head: 10x)")
+    group.add_argument("--freeze-stages", type=int, metavar="K",
+                       help="keep the stem and the first K feature levels at their ImageNet weights (default 0)")
+    group.add_argument("--crops-per-image", type=int, help="random training crops per image and epoch (default 8)")
+    group.add_argument("--finetune-crop-size", type=int, metavar="PX",
+                       help="training crop side at the working resolution (default: --crop-size)")
+    group.add_argument("--finetune-batch-size", type=int, metavar="N", help="crops per training step (default 16)")
+    group.add_argument("--patience", type=int, help="epochs without a better validation loss before stopping (default 3)")
+
+    finetune = commands.add_parser(
+        "finetune", parents=[common, protocol, tuning], help="fine-tune a backbone on labelled H&E images",
+        description="Train a backbone from its ImageNet weights on stain-normalised, colour-augmented random crops "
+        "of the images (3-class head, AdamW, warm-up + cosine, label smoothing, class balancing), stopping early on a "
+        "validation part split off by whole split units. Writes WEIGHTS (safetensors) and WEIGHTS.json (its card); "
+        "use them with --backbone NAME --weights WEIGHTS. Interrupted runs resume from their last epoch.",
+    )
+    finetune.add_argument("data", type=Path, help="data folder or CSV manifest")
+    finetune.add_argument("--backbone", required=True, metavar="NAME",
+                          help="resnet50, xception, efficientnet_lite0/1/2 (offline) or a timm name")
+    finetune.add_argument("--weights", metavar="PATH", help="start from this local weights file instead of ImageNet's")
+    finetune.add_argument("--out", type=Path, required=True, metavar="WEIGHTS", help="output .safetensors file")
+    finetune.add_argument("--split-by", metavar="UNIT",
+                          help="unit the validation part is split by: patient (default where known), image or a "
+                          "manifest column, e.g. id_block")
+    finetune.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    finetune.set_defaults(run=_finetune)
+
     cv = commands.add_parser(
-        "cv", parents=[common, protocol, features, evaluation], help="cross-validate and write a report",
+        "cv", parents=[common, protocol, features, evaluation, tuning], help="cross-validate and write a report",
         description="Extract what the feature store lacks, cross-validate each backbone and their combinations on "
         "the same grouped folds, and write metrics.json, predictions.csv and report.html.",
     )
     cv.add_argument("data", type=Path, help="data folder or CSV manifest")
     cv.add_argument("--out", type=Path, help="run folder (default: runs/cv-DATE-TIME)")
+    cv.add_argument("--finetune", action="store_true", default=None,
+                    help="fine-tune each backbone inside every outer fold on that fold's training images only, "
+                    "then extract features with it (no test image ever reaches fine-tuning)")
     cv.add_argument("--compare-split", metavar="UNIT", default="auto",
                     help="also cross-validate split by UNIT and show both side by side (default auto: image beside "
                     "patient or a column, patient beside image where known; none to skip)")
@@ -159,12 +192,14 @@ def _parser() -> argparse.ArgumentParser:
     report.set_defaults(run=_report)
 
     train = commands.add_parser(
-        "train", parents=[common, protocol, features, evaluation], help="train on all images and save a bundle",
+        "train", parents=[common, protocol, features, evaluation, tuning], help="train on all images and save a bundle",
         description="Train the classifier on every image (features from the store, extracted where missing) and "
         "write a portable bundle: XGBoost's native model, bundle.json with config and checksums. No pickle.",
     )
     train.add_argument("data", type=Path, help="data folder or CSV manifest")
     train.add_argument("--out", type=Path, required=True, metavar="MODEL", help="bundle folder, or MODEL.zip")
+    train.add_argument("--finetune", action="store_true", default=None,
+                       help="fine-tune each backbone on the training images first; the bundle carries the weights")
     train.set_defaults(run=_train)
 
     predict = commands.add_parser(
@@ -247,6 +282,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "classifier.calibrate": getattr(args, "calibrate", None),
         "classifier.inner_folds": getattr(args, "inner_folds", None),
         "classifier.refer_below_agreement": getattr(args, "refer_below", None),
+        "finetune.enabled": getattr(args, "finetune", None),
+        "finetune.epochs": getattr(args, "epochs", None),
+        "finetune.learning_rate": getattr(args, "lr", None),
+        "finetune.freeze_stages": getattr(args, "freeze_stages", None),
+        "finetune.crops_per_image": getattr(args, "crops_per_image", None),
+        "finetune.crop_size": getattr(args, "finetune_crop_size", None),
+        "finetune.batch_size": getattr(args, "finetune_batch_size", None),
+        "finetune.patience": getattr(args, "patience", None),
     }
     if args.stain is not None and args.stain_reference is None:
         overrides["preprocess.stain.target"] = None
@@ -334,6 +377,34 @@ def _extract(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from .evaluate import split_units
+    from .finetune import finetune, prepare_training_images
+
+    backbone = args.backbone
+    args.backbone, args.weights = [backbone], [args.weights] if args.weights else None
+    config = config_from_args(args)
+    device = _device(args.device)
+    if args.out.suffix != ".safetensors":
+        raise UsageError(f"--out {args.out}: give a .safetensors file name")
+    manifest = _load_data(args, config)
+    split_by, units = split_units(manifest, config.evaluate.split_by)
+    if config.evaluate.split_by is None and not manifest.has_patients:
+        print("warning: no patient ids: the validation part is split by image, which overstates accuracy on new "
+              "patients (use --split-by with a patient proxy such as id_block)", file=sys.stderr)
+    images = prepare_training_images(manifest, config, units, args.threads, progress=not args.quiet)
+    result = finetune(images, config, backbone, args.out, config.weights_for(backbone), device, not args.quiet)
+    card = result.card
+    best = next(h for h in card["history"] if h["epoch"] == card["best_epoch"])
+    done = "already done with these settings and images, reused" if result.reused else (
+        f"{card['epochs_run']} epoch(s){' (stopped early)' if card['stopped_early'] else ''}")
+    print(f"{backbone} fine-tuned on {len(card['data']['train_images'])} images, validated on "
+          f"{len(card['data']['validation_images'])} (split by {split_by}): {done}; best epoch {card['best_epoch']}: "
+          f"validation accuracy {best['val_accuracy']:.1%}, loss {best['val_loss']:.3f}")
+    print(f"weights: {result.weights}\ncard:    {result.card_path}\nuse:     --backbone {backbone} --weights {result.weights}")
+    return 0
+
+
 def _cv(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     manifest = _load_data(args, config)
@@ -353,7 +424,8 @@ def _run_cv(manifest, config: Config, out: Path, args: argparse.Namespace) -> in
     manifest.to_csv(_mkdir(out) / "manifest.csv")
     report = write_outputs(run, out, provenance)
     print(f"{len(manifest)} images, {run.plan.n_folds}-fold cross-validation split by {run.plan.split_by}, "
-          f"{config.augment.n_augment} augmentations per image")
+          f"{config.augment.n_augment} augmentations per image"
+          + (", backbones fine-tuned inside each fold on its training images only" if run.finetuned else ""))
     print(accuracy_table(run))
     print(f"report: {report}")
     return 0

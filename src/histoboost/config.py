@@ -27,6 +27,7 @@ ExtractMode = Literal["shared", "exact"]
 Descriptor = Literal["crops", "whole", "crops+whole"]
 ComputeDtype = Literal["float32", "bfloat16"]
 ClassifierKind = Literal["xgboost", "logistic"]
+TrainDtype = Literal["auto", "float32", "bfloat16"]
 
 
 class HistoboostError(Exception):
@@ -103,6 +104,37 @@ class FeatureConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Adapting the backbone to H&E before features are extracted (`histoboost finetune`, `--finetune`).
+
+    The network is trained from its ImageNet weights on random crops of the stain-normalised training
+    images, each crop with its own H&E-space and RGB colour change and dihedral orientation; AdamW with
+    linear warm-up then cosine decay, label smoothing, class-balanced loss, early stopping on a
+    validation part split off by whole split units (patients, blocks), best epoch kept.
+    """
+
+    enabled: bool = False  # cv: fine-tune inside every outer fold; train: on the training images first
+    epochs: int = 8
+    crops_per_image: int = 8  # random crops of each training image per epoch
+    crop_size: int | None = None  # pixels at the working resolution; None = augment.crop_size
+    batch_size: int = 16
+    learning_rate: float = 3e-4  # backbone; the new 3-class head learns 10x faster
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    class_balance: bool = True  # loss weighted by inverse class frequency of the training images
+    freeze_stages: int = 0  # leave the stem and this many early network stages at their ImageNet weights
+    he_scale: float = 0.3  # stronger than the feature-time augmentation: training wants variety
+    he_shift: float = 0.1
+    rgb_scale: float = 0.1
+    rgb_shift: float = 0.05
+    validation_fraction: float = 0.2  # of the split units, stratified by class
+    patience: int = 3  # epochs without a better validation loss before stopping
+    validation_crops: int = 8  # fixed crops per validation image
+    dtype: TrainDtype = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU (no bf16 units here)
+
+
+@dataclass(frozen=True)
 class ClassifierConfig:
     """The classifier on rows = augmented images, and how an image's rows become its decision."""
 
@@ -155,6 +187,7 @@ class Config:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -213,6 +246,11 @@ class Config:
                 return item
         return None
 
+    @property
+    def finetune_crop_size(self) -> int:
+        """The crop side fine-tuning trains on: its own setting, else the features' crop size."""
+        return self.finetune.crop_size or self.augment.crop_size
+
     def stage_settings(self, stage: Stage) -> dict[str, Any]:
         """The settings that determine a stage's output, upstream stages included."""
         plain = _to_plain(self)
@@ -223,6 +261,8 @@ class Config:
             # Only the extraction settings: each backbone is keyed on its own by the feature store, and
             # the descriptor is chosen from what the store holds.
             settings["features"] = {k: v for k, v in plain["features"].items() if k not in ("backbones", "descriptor", "weights")}
+        if stage == "finetune":  # the crop size it trains on, wherever it was set
+            settings["finetune"]["crop_size"] = self.finetune_crop_size
         return settings
 
     def stage_hash(self, stage: Stage) -> str:
@@ -231,7 +271,7 @@ class Config:
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-Stage = Literal["preprocess", "augment", "features", "classifier", "evaluate"]
+Stage = Literal["preprocess", "augment", "features", "finetune", "classifier", "evaluate"]
 
 # Each stage depends on its own section and those upstream of it (the seed drives augmentations,
 # fold assignment and the classifier).
@@ -239,8 +279,11 @@ _STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "preprocess": ("preprocess",),
     "augment": ("preprocess", "augment", "seed"),
     "features": ("preprocess", "augment", "seed", "features"),
-    "classifier": ("preprocess", "augment", "seed", "features", "classifier"),
-    "evaluate": ("preprocess", "augment", "seed", "features", "classifier", "evaluate"),
+    # Fine-tuning reads stain-normalised images (preprocess); its weights then key the feature store
+    # through their sha256.
+    "finetune": ("preprocess", "seed", "finetune"),
+    "classifier": ("preprocess", "augment", "seed", "features", "finetune", "classifier"),
+    "evaluate": ("preprocess", "augment", "seed", "features", "finetune", "classifier", "evaluate"),
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -373,6 +416,20 @@ def _validate(config: Config) -> None:
         (config.classifier.inner_folds >= 2, "classifier.inner_folds must be at least 2"),
         (0 <= config.classifier.refer_below_agreement <= 1, "classifier.refer_below_agreement must be in [0, 1]"),
         (config.evaluate.folds >= 2, "evaluate.folds must be at least 2"),
+        (config.finetune.epochs >= 1, "finetune.epochs must be at least 1"),
+        (config.finetune.crops_per_image >= 1, "finetune.crops_per_image must be at least 1"),
+        (config.finetune.crop_size is None or config.finetune.crop_size >= 32,
+         "finetune.crop_size must be at least 32 pixels"),
+        (config.finetune.batch_size >= 2, "finetune.batch_size must be at least 2 (batch normalisation)"),
+        (config.finetune.learning_rate > 0, "finetune.learning_rate must be positive"),
+        (0 <= config.finetune.label_smoothing < 1, "finetune.label_smoothing must be in [0, 1)"),
+        (0 <= config.finetune.freeze_stages <= 4, "finetune.freeze_stages must be 0 to 4"),
+        (0 < config.finetune.validation_fraction < 1, "finetune.validation_fraction must be in (0, 1)"),
+        (config.finetune.patience >= 1, "finetune.patience must be at least 1"),
+        (config.finetune.validation_crops >= 1, "finetune.validation_crops must be at least 1"),
+        (0 <= config.finetune.he_scale < 1 and 0 <= config.finetune.he_shift < 1
+         and 0 <= config.finetune.rgb_scale < 1 and 0 <= config.finetune.rgb_shift < 1,
+         "finetune colour strengths must be in [0, 1)"),
         (config.seed >= 0, "seed must be a non-negative integer"),
     ]
     stain = pre.stain

@@ -136,9 +136,13 @@ def split_units(manifest: Manifest, split_by: str | None) -> tuple[str, np.ndarr
 # -- cross-validation ----------------------------------------------------------------------------
 
 
-def cross_validate_features(X: np.ndarray, owners: np.ndarray, manifest: Manifest, plan: FoldPlan, config: Config,
-                            model: str, device: str = "cpu", progress: bool = False) -> CVResult:
-    """Train on the training folds' augmented images, predict each held-out image's augmentations."""
+def cross_validate_features(X: np.ndarray | list[np.ndarray], owners: np.ndarray, manifest: Manifest, plan: FoldPlan,
+                            config: Config, model: str, device: str = "cpu", progress: bool = False,
+                            unseen: list[np.ndarray] | None = None) -> CVResult:
+    """Train on the training folds' augmented images, predict each held-out image's augmentations.
+    `X` is one matrix for all folds, or one per fold (features of a backbone fine-tuned in that fold);
+    `unseen` then marks, per fold, the training images its fine-tuning did not train on (per image), on
+    which the decision rule is chosen."""
     from tqdm.auto import tqdm
 
     truth = manifest.groups
@@ -152,15 +156,17 @@ def cross_validate_features(X: np.ndarray, owners: np.ndarray, manifest: Manifes
     row_units = plan.units[owners]
     for k in tqdm(range(plan.n_folds), desc=f"{model} folds", disable=not progress, leave=False):
         train, test = row_fold != k, row_fold == k
+        Xk = X[k] if isinstance(X, list) else X
         clf = make_classifier(config.classifier, seed=config.seed, device=device)
-        clf.fit(X[train], truth[owners[train]], groups=row_units[train])
+        clf.fit(Xk[train], truth[owners[train]], groups=row_units[train])
         try:
-            rule = fit_decision_rule(X[train], truth[owners[train]], owners[train], row_units[train],
-                                     config.classifier, config.seed, device)
+            rule = fit_decision_rule(Xk[train], truth[owners[train]], owners[train], row_units[train],
+                                     config.classifier, config.seed, device,
+                                     None if unseen is None else unseen[k][owners[train]])
         except ValueError as err:
             raise EvaluationError(f"fold {k + 1}: {err}; use fewer --folds or --inner-folds, or split by a finer unit")
         test_images = np.flatnonzero(plan.folds == k)
-        p = clf.predict_proba(X[test])
+        p = clf.predict_proba(Xk[test])
         order = owners[test]
         for i in test_images:
             probs[i] = p[order == i]
@@ -192,6 +198,8 @@ class CVRun:
     # The same models cross-validated under another split, summarised (e.g. image split beside patient
     # split), so the report can show how much grouping by image overstates accuracy.
     split_comparison: list[dict[str, Any]] = field(default_factory=list)
+    # With fine-tuning: per outer fold and backbone, the weights, what they were trained on and how.
+    finetuned: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.stain_fallbacks is None:  # none known: no image fell back
@@ -218,6 +226,7 @@ class CVRun:
             units=self.plan.units.astype(str), split_by=np.array(self.plan.split_by),
             stain_fallbacks=self.stain_fallbacks.astype(str),
             split_comparison=np.array(json.dumps(self.split_comparison)),
+            finetuned=np.array(json.dumps(self.finetuned)),
             warnings=np.array(self.plan.warnings, dtype=str), models=np.array([r.model for r in self.results]),
             **arrays)
         os.replace(tmp, path)
@@ -241,6 +250,8 @@ class CVRun:
                     run.stain_fallbacks = data["stain_fallbacks"]
                 if "split_comparison" in data:
                     run.split_comparison = json.loads(str(data["split_comparison"]))
+                if "finetuned" in data:
+                    run.finetuned = json.loads(str(data["finetuned"]))
                 return run
         except (OSError, KeyError, ValueError, EOFError) as err:
             raise EvaluationError(f"{path}: damaged or not written by histoboost cv ({err}); rerun histoboost cv") \
@@ -258,28 +269,38 @@ def cross_validate(manifest: Manifest, config: Config, cache_dir: str | Path | N
     predict each fold for each backbone and their combinations (concatenated features; averaged
     probabilities), all on the same folds, then compute the metrics. With `compare_split` (a unit, or
     "auto": see `default_comparison_split`), each backbone is also cross-validated split by that unit,
-    for the report's side-by-side table."""
+    for the report's side-by-side table. With `config.finetune.enabled`, each backbone is fine-tuned inside
+    every outer fold on that fold's training images only (`finetuned_features`)."""
     from .features import describe_dataset
 
     plan = make_folds(manifest, config.evaluate.split_by, config.evaluate.folds, config.seed)
     if compare_split == "auto":
         compare_split = default_comparison_split(manifest, plan.split_by)
     # Both splits are made before any work, so a bad split unit stops the run before it computes anything.
+    # With fine-tuning the other split would fine-tune again in each of its folds: not done.
     other = (make_folds(manifest, compare_split, config.evaluate.folds, config.seed)
-             if compare_split and compare_split not in ("none", plan.split_by) else None)
-    described = describe_dataset(manifest, config, cache_dir, device, batch_size, progress)
-    results = [cross_validate_features(d.X, d.owners, manifest, plan, config, d.backbone.name, device, progress)
-               for d in described]
+             if compare_split and compare_split not in ("none", plan.split_by) and not config.finetune.enabled
+             else None)
+    finetuned: list[dict[str, Any]] = []
+    unseen = None
+    if config.finetune.enabled:
+        per_fold, unseen = finetuned_features(manifest, config, plan, cache_dir, device, batch_size, progress, finetuned)
+    else:
+        per_fold = [describe_dataset(manifest, config, cache_dir, device, batch_size, progress)] * plan.n_folds
+    described = per_fold[0]
+    names = [d.backbone.name for d in described]
+    results = [cross_validate_features([fold[b].X for fold in per_fold], d.owners, manifest, plan, config, d.backbone.name,
+                                       device, progress, unseen) for b, d in enumerate(described)]
     if len(described) > 1:
-        names = " + ".join(d.backbone.name for d in described)
-        X = np.concatenate([d.X for d in described], axis=1)
-        results.append(cross_validate_features(X, described[0].owners, manifest, plan, config, f"{names} (concat)",
-                                               device, progress))
-        results.append(combine_mean(results[:len(described)], f"{names} (mean prob)"))
-    extraction = {d.backbone.name: d.provenance for d in described}
+        X = [np.concatenate([d.X for d in fold], axis=1) for fold in per_fold]
+        results.append(cross_validate_features(X, described[0].owners, manifest, plan, config,
+                                               f"{' + '.join(names)} (concat)", device, progress, unseen))
+        results.append(combine_mean(results[:len(described)], f"{' + '.join(names)} (mean prob)"))
+    extraction = ({d.backbone.name: d.provenance for d in described} if not finetuned else
+                  {name: [fold[b].provenance for fold in per_fold] for b, name in enumerate(names)})
     run = CVRun(config, plan, results, np.array([r.image_id for r in manifest]), np.array([r.name for r in manifest]),
                 np.array([str(r.path) for r in manifest]), np.array([r.patient or "" for r in manifest]), extraction,
-                np.array(described[0].stain_fallbacks, dtype=str))
+                np.array(described[0].stain_fallbacks, dtype=str), finetuned=finetuned)
     run.evaluate()
     run.split_comparison = [split_summary(r, config.seed) for r in results[:len(described)]]
     if other is not None:
@@ -288,6 +309,49 @@ def cross_validate(manifest: Manifest, config: Config, cache_dir: str | Path | N
             evaluate_result(result, config.seed)
             run.split_comparison.append(split_summary(result, config.seed))
     return run
+
+
+def finetuned_features(manifest: Manifest, config: Config, plan: FoldPlan, cache_dir: str | Path | None, device: str,
+                       batch_size: int, progress: bool, records: list[dict[str, Any]]
+                       ) -> tuple[list[list], list[np.ndarray]]:
+    """Per outer fold: each backbone fine-tuned on that fold's training images only (its own validation
+    part split off from them by unit), then every image described with it. Returns each fold's
+    descriptions and which images no fine-tuning of the fold trained on (per image: its test images and
+    the validation part). Appends one record per fold and backbone to `records`, and stops if a test
+    image is found in a fine-tuning card (a bug)."""
+    from .features import default_cache_dir, describe_dataset
+    from .finetune import finetune_cached, prepare_training_images
+
+    cache_dir = Path(cache_dir or default_cache_dir())
+    images = prepare_training_images(manifest, config, plan.units, progress=progress)
+    ids = np.array([r.image_id for r in manifest])
+    per_fold, unseen = [], []
+    for k in range(plan.n_folds):
+        training = [images[i] for i in np.flatnonzero(plan.folds != k)]
+        weights, trained_on = [], set()
+        for name in config.features.backbones:
+            result = finetune_cached(training, config, name, cache_dir, config.weights_for(name), device, progress)
+            data = result.card["data"]
+            seen = set(data["train_images"]) | set(data["validation_images"])
+            trained_on |= set(data["train_images"])
+            leaked = seen & set(ids[plan.folds == k])
+            if leaked:
+                raise EvaluationError(f"fold {k + 1}: {len(leaked)} test image(s) in the fine-tuning data of "
+                                      f"{result.weights}: remove that folder and report this bug")
+            weights.append(f"{name}={result.weights}")
+            records.append({"fold": k, "backbone": name, "weights": str(result.weights),
+                            "weights_sha256": result.card["weights_sha256"], "reused": result.reused,
+                            "train_images": len(data["train_images"]),
+                            "validation_images": len(data["validation_images"]),
+                            "test_images": int((plan.folds == k).sum()), "test_images_in_finetuning": len(leaked),
+                            "best_epoch": result.card["best_epoch"], "epochs_run": result.card["epochs_run"],
+                            "best_val_accuracy": max((h["val_accuracy"] for h in result.card["history"]
+                                                      if h["epoch"] == result.card["best_epoch"]), default=None),
+                            "seconds": round(sum(h["seconds"] for h in result.card["history"]), 1)})
+        fold_config = config.merged({"features.weights": weights})
+        per_fold.append(describe_dataset(manifest, fold_config, cache_dir, device, batch_size, progress))
+        unseen.append(~np.isin(ids, list(trained_on)))
+    return per_fold, unseen
 
 
 def default_comparison_split(manifest: Manifest, split_by: str) -> str | None:

@@ -36,7 +36,8 @@ def write_outputs(run: CVRun, out: str | Path, provenance: dict[str, Any] | None
 def write_metrics(run: CVRun, out: Path) -> None:
     metrics = {"histoboost": __version__, "split_by": run.plan.split_by, "folds": run.plan.n_folds,
                "warnings": list(run.plan.warnings), "models": {r.model: r.metrics for r in run.results},
-               "split_comparison": run.split_comparison, "stain_fallbacks": _fallbacks(run)}
+               "split_comparison": run.split_comparison, "stain_fallbacks": _fallbacks(run),
+               "finetuned": run.finetuned}
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -116,6 +117,14 @@ def write_report(run: CVRun, out: Path) -> Path:
         ("classifier", _classifier_text(c)),
         ("seed", str(c.seed)),
     ]
+    if run.finetuned:
+        f = c.finetune
+        protocol.insert(-2, ("fine-tuning", f"inside each outer fold, on its training images only: up to {f.epochs} "
+                             f"epochs of {f.crops_per_image} crops of {c.finetune_crop_size} px per image, lr "
+                             f"{f.learning_rate:g}, label smoothing {f.label_smoothing}, "
+                             f"{'class-balanced, ' if f.class_balance else ''}freeze {f.freeze_stages} stage(s), "
+                             f"early stopping (patience {f.patience}) on {f.validation_fraction:.0%} of the training "
+                             "units"))
     honesty = ("Evaluated on a labelled set held out from training, with a trained bundle: this estimates "
                "accuracy on new patients if none of these patients was in the training data."
                if run.plan.split_by == "held-out set" else
@@ -152,6 +161,7 @@ def write_report(run: CVRun, out: Path) -> Path:
         *(_binary_table(r) for r in run.results),
         "<h2>ROC, carcinoma vs non-carcinoma (mean probability p1 + p2)</h2>", _img(figures["roc"]),
         "<h2>Accuracy per fold</h2>", _img(figures["folds"]),
+        _finetune_section(run),
         "<h2>Stain quality control</h2>", _stain_section(run),
         "<h2>Misclassified images</h2>", _misclassified(run),
         f"<footer>histoboost {__version__}</footer></body></html>",
@@ -220,6 +230,22 @@ def _operating_point(run: CVRun) -> str:
             "normalisation failed, are referred to a pathologist.</p>"
             + _table(["model", "threshold (per fold)", "temperature", "accuracy", "carcinoma sensitivity",
                       "specificity", "referred", "accuracy not referred", "log loss raw &rarr; calibrated"], rows))
+
+
+def _finetune_section(run: CVRun) -> str:
+    if not run.finetuned:
+        return ""
+    rows = [(r["fold"] + 1, html.escape(r["backbone"]), r["train_images"], r["validation_images"], r["test_images"],
+             r["test_images_in_finetuning"], f"{r['best_epoch']} of {r['epochs_run']}", _pct(r["best_val_accuracy"]),
+             f"{r['seconds']:.0f} s" + (" (reused)" if r["reused"] else ""), r["weights_sha256"][:12])
+            for r in run.finetuned]
+    return ("<h2>Fine-tuning inside the folds</h2><p>Each backbone was fine-tuned in every outer fold on that "
+            "fold's training images only (its validation part split off from them by whole units), then every image "
+            "was described with the fold's weights. The test images of a fold never reach its fine-tuning: the run "
+            "checks each fold's fine-tuning card against its test images and stops if one is there. No split "
+            "comparison is run with fine-tuning (it would fine-tune again for every fold of the other split).</p>"
+            + _table(["fold", "backbone", "train images", "validation images", "test images", "test images seen",
+                      "best epoch", "validation accuracy", "training time", "weights sha256"], rows))
 
 
 def _stain_section(run: CVRun) -> str:
