@@ -50,3 +50,13 @@ def write_png(path: Path, size: tuple[int, int] = (400, 300), mode: str = "RGB",
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The synthetic demo set (48 images of 24 patients), generated once per test session."""
+    from histoboost.demo import make_demo_data
+
+    root = tmp_path_factory.mktemp("demo") / "data"
+    make_demo_data(root)
+    return root

@@ -137,3 +137,58 @@ def test_operating_point_is_chosen_inside_each_fold_and_survives_save_and_load(t
     loaded = CVRun.load(tmp_path / "cv.npz", config)
     assert loaded.results[0].rules == result.rules
     assert np.array_equal(loaded.results[0].decision, result.decision)
+
+
+FINETUNE_TINY = {"preprocess.scale": 0.125, "augment.n_augment": 2, "augment.n_crops": 2, "augment.crop_size": 64,
+                 "evaluate.folds": 3, "classifier.kind": "logistic", "classifier.target_sensitivity": 0.9,
+                 "finetune.enabled": True, "finetune.epochs": 1, "finetune.crops_per_image": 1,
+                 "finetune.batch_size": 8, "finetune.validation_crops": 1}
+
+
+@pytest.mark.heavy
+def test_cv_finetune_never_lets_a_test_image_reach_finetuning(demo_data, tmp_path, monkeypatch):
+    import histoboost.finetune as ft
+    from histoboost.config import preset
+    from histoboost.evaluate import cross_validate
+
+    config = preset("quick").merged(FINETUNE_TINY)
+    manifest, _ = load_manifest(demo_data, config.preprocess, 64, progress=False)
+    given, real = [], ft.finetune
+
+    def spy(images, *args, **kwargs):  # every image that reaches fine-tuning, per call
+        given.append({im.image_id for im in images})
+        return real(images, *args, **kwargs)
+
+    monkeypatch.setattr(ft, "finetune", spy)
+    run = cross_validate(manifest, config, tmp_path / "cache", progress=False, compare_split="auto")
+    ids = np.array([r.image_id for r in manifest])
+    assert len(given) == run.plan.n_folds == 3
+    for k, images in enumerate(given):
+        assert images == set(ids[run.plan.folds != k])  # exactly the fold's training images, no test image
+        assert not images & set(ids[run.plan.folds == k])
+    assert [r["test_images_in_finetuning"] for r in run.finetuned] == [0, 0, 0]
+    assert len({r["weights_sha256"] for r in run.finetuned}) == 3  # each fold has its own weights
+    assert [r["split_by"] for r in run.split_comparison] == ["patient"]  # no second split: it would re-tune
+    op = run.results[0].metrics["operating_point"]
+    assert len(op["thresholds"]) == 3
+
+
+@pytest.mark.heavy
+def test_cv_finetune_stops_when_a_card_lists_a_test_image(demo_data, tmp_path, monkeypatch):
+    import histoboost.finetune as ft
+    from histoboost.config import preset
+    from histoboost.evaluate import cross_validate
+
+    config = preset("quick").merged(FINETUNE_TINY)
+    manifest, _ = load_manifest(demo_data, config.preprocess, 64, progress=False)
+    real = ft.finetune_cached
+    everything = [r.image_id for r in manifest]
+
+    def leaky(*args, **kwargs):  # a card that claims every image, test images included
+        result = real(*args, **kwargs)
+        card = {**result.card, "data": {**result.card["data"], "train_images": everything}}
+        return ft.FinetuneResult(result.weights, card)
+
+    monkeypatch.setattr(ft, "finetune_cached", leaky)
+    with pytest.raises(EvaluationError, match="fold 1: 16 test image"):
+        cross_validate(manifest, config, tmp_path / "cache", progress=False)

@@ -119,12 +119,16 @@ def validation_split(groups: np.ndarray, units: np.ndarray, fraction: float, see
         raise FinetuneError("fine-tuning needs at least 2 split units (patients, blocks or images) of every class "
                             "to keep some for validation; add images or split by a finer unit")
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    classes = set(np.unique(groups))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # scarce classes: checked below
-        _, val = next(splitter.split(np.zeros(len(groups)), groups, units))
+        warnings.simplefilter("ignore", UserWarning)  # scarce classes: handled below
+        parts = [val for _, val in splitter.split(np.zeros(len(groups)), groups, units)]
+    # The first part that holds every class (one exists unless a class has too few units), so that the
+    # validation loss weighs all classes.
+    val = next((v for v in parts if set(groups[v]) == classes), parts[0])
     is_val = np.zeros(len(groups), dtype=bool)
     is_val[val] = True
-    if not all((groups[~is_val] == g).any() for g in np.unique(groups)):
+    if set(groups[~is_val]) != classes:
         raise FinetuneError("the validation split left a class without training images; add images of it")
     return is_val
 
