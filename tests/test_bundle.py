@@ -151,3 +151,32 @@ def test_logistic_bundle_carries_its_operating_point(trained):
         assert record["p_carcinoma"] == pytest.approx(record["p_in_situ"] + record["p_invasive"], abs=1e-5)
         assert (record["group"] > 0) == (record["p_carcinoma"] >= rule.threshold)
         assert (record["refer"] == "votes split") == (record["agreement"] < 0.9)
+
+
+def test_local_weights_travel_inside_the_bundle(trained, tmp_path):
+    import shutil
+
+    from histoboost.backbones import REGISTRY, _package_weights
+
+    bundle, manifest, root = trained
+    local = tmp_path / "lite0.pth"  # the same ImageNet weights, given as a local file (as fine-tuned ones are)
+    shutil.copy(_package_weights(REGISTRY["efficientnet_lite0"]), local)
+    carrying = train_bundle(manifest, bundle.config.merged({"features.weights": [str(local)]}), root / "cache",
+                            progress=False)
+    out = carrying.save(tmp_path / "model")
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["format_version"] == FORMAT_VERSION == 3
+    assert meta["backbones"][0]["file"] == "weights-efficientnet_lite0.pth"
+    local.unlink()  # the bundle no longer needs the original file
+    paths = [r.path for r in manifest][:2]
+    expected, _ = carrying.predict(paths)
+    loaded = Bundle.load(out)
+    assert loaded.backbones[0].weights_sha256 == carrying.backbones[0].weights_sha256
+    got, _ = loaded.predict(paths)
+    assert [r["p_invasive"] for r in got] == [r["p_invasive"] for r in expected]
+    weights = out / "weights-efficientnet_lite0.pth"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="weights-efficientnet_lite0.pth does not match its checksum"):
+        Bundle.load(out)

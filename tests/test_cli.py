@@ -228,7 +228,7 @@ def test_train_predict_evaluate_and_tamper(small_folder, tmp_path):
     assert len(list((tmp_path / "overlays").glob("*.overlay.png"))) == 2
     as_json = run_cli("predict", model, new / rows[1].split(",")[0].rsplit("/", 1)[-1], "--out",
                       tmp_path / "one.json", "--quiet")
-    assert as_json.returncode == 0 and json.loads((tmp_path / "one.json").read_text())[0]["bundle_format"] == 2
+    assert as_json.returncode == 0 and json.loads((tmp_path / "one.json").read_text())[0]["bundle_format"] == 3
     evaluated = run_cli("evaluate", model, small_folder, "--out", tmp_path / "eval", "--quiet")
     assert evaluated.returncode == 0, evaluated.stderr
     assert "held out from training" in (tmp_path / "eval" / "report.html").read_text()
@@ -238,3 +238,32 @@ def test_train_predict_evaluate_and_tamper(small_folder, tmp_path):
     tampered = run_cli("predict", model, new)
     assert tampered.returncode == 2 and len(tampered.stderr.strip().splitlines()) == 1
     assert "use the original bundle" in tampered.stderr
+
+
+@pytest.mark.heavy
+def test_finetune_command_resumes_nothing_twice_and_its_weights_travel(demo_data, tmp_path):
+    import zipfile
+
+    out = tmp_path / "lite0-demo.safetensors"
+    tiny = ("--preset", "quick", "--scale", "0.125", "--crop-size", "64", "--epochs", "1", "--crops-per-image", "1",
+            "--finetune-batch-size", "8", "--quiet")
+    first = run_cli("finetune", demo_data, "--backbone", "efficientnet_lite0", "--out", out, *tiny)
+    assert first.returncode == 0, first.stderr
+    assert "split by patient" in first.stdout and f"--weights {out}" in first.stdout
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert len(card["data"]["train_images"]) + len(card["data"]["validation_images"]) == 48
+    again = run_cli("finetune", demo_data, "--backbone", "efficientnet_lite0", "--out", out, *tiny)
+    assert again.returncode == 0 and "already done" in again.stdout
+    bad = run_cli("finetune", demo_data, "--backbone", "efficientnet_lite0", "--out", tmp_path / "w.pt", *tiny)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        f"histoboost: error: --out {tmp_path / 'w.pt'}: give a .safetensors file name")
+    model = tmp_path / "model.zip"
+    trained = run_cli("train", demo_data, "--preset", "quick", "--scale", "0.125", "--crop-size", "64", "-A", "2",
+                      "-C", "2", "--classifier", "logistic", "--weights", out, "--cache-dir", tmp_path / "cache",
+                      "--out", model, "--quiet")
+    assert trained.returncode == 0, trained.stderr
+    assert "weights-efficientnet_lite0.safetensors" in zipfile.ZipFile(model).namelist()
+    out.unlink()
+    predicted = run_cli("predict", model, demo_data / "invasive", "--quiet")
+    assert predicted.returncode == 0, predicted.stderr
+    assert len(predicted.stdout.strip().splitlines()) == 1 + 16

@@ -63,6 +63,8 @@ def test_hash_is_stable_across_processes():
     ({"augment": {"n_augment": 0}}, "at least 1"),
     ({"preprocess": {"stain": {"target": [1.0, 2.0]}}}, "8 numbers"),
     ({"schema_version": 99}, "schema version 99"),
+    ({"finetune": {"freeze_stages": 9}}, "finetune.freeze_stages must be 0 to 4"),
+    ({"finetune": {"batch_size": 1}}, "finetune.batch_size must be at least 2"),
 ])
 def test_bad_config_gives_a_clear_error(bad, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -73,3 +75,15 @@ def test_bad_config_gives_a_clear_error(bad, message):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset 'fast'"):
         preset("fast")
+
+
+def test_finetune_settings_key_the_weights_not_the_feature_store():
+    base = preset("quick")
+    longer = base.merged({"finetune.epochs": 20})
+    assert longer.stage_hash("features") == base.stage_hash("features")  # the weights' sha256 keys the store
+    assert longer.stage_hash("finetune") != base.stage_hash("finetune")
+    assert longer.stage_hash("classifier") != base.stage_hash("classifier")
+    # The crop size fine-tuning trains on, however it was set, and only what fine-tuning reads.
+    assert base.finetune_crop_size == 384
+    assert base.merged({"finetune.crop_size": 384}).stage_hash("finetune") == base.stage_hash("finetune")
+    assert base.merged({"augment.n_augment": 3}).stage_hash("finetune") == base.stage_hash("finetune")

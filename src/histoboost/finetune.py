@@ -32,7 +32,7 @@ from torch import nn
 
 from .augment import image_key, training_view
 from .backbones import Backbone, create_backbone, file_sha256
-from .config import Config, HistoboostError
+from .config import Config, FinetuneConfig, HistoboostError
 from .data import GROUP_NAMES, DataError, Manifest, Problem, read_image, working_scale, write_text_atomic
 from .stain import StainError, StainFit, fit_macenko, normalize_safely
 
@@ -216,15 +216,7 @@ def finetune(images: list[TrainingImage], config: Config, backbone_name: str, ou
 
     backbone, frozen = trainable_backbone(backbone_name, base_weights, ft.freeze_stages, seed, device)
     model = backbone.model
-    head = set(id(p) for p in model.get_classifier().parameters())
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1 and id(p) not in head]
-    no_decay = [p for p in params if p.ndim <= 1 and id(p) not in head]
-    optimizer = torch.optim.AdamW([
-        {"params": decay, "lr": ft.learning_rate, "weight_decay": ft.weight_decay},
-        {"params": no_decay, "lr": ft.learning_rate, "weight_decay": 0.0},
-        {"params": [p for p in params if id(p) in head], "lr": 10 * ft.learning_rate, "weight_decay": ft.weight_decay},
-    ])
+    optimizer = _optimizer(model, ft)
     steps_per_epoch = math.ceil(len(train) * ft.crops_per_image / ft.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(round(ft.warmup_epochs * steps_per_epoch), ft.epochs * steps_per_epoch))
@@ -234,8 +226,6 @@ def finetune(images: list[TrainingImage], config: Config, backbone_name: str, ou
     loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device),
                                   label_smoothing=ft.label_smoothing)
     use_bf16 = ft.dtype == "bfloat16" or (ft.dtype == "auto" and torch.device(device).type == "cuda")
-    if torch.device(device).type == "cuda":
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
     state = _resume(out, key) or {"epoch": 0, "history": [], "best": None, "best_epoch": 0, "best_loss": math.inf}
     if state["epoch"]:
@@ -243,6 +233,9 @@ def finetune(images: list[TrainingImage], config: Config, backbone_name: str, ou
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     val_batches = _validation_batches(val, config, device)
+    cudnn = torch.backends.cudnn
+    was = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False  # same seed, same weights on CUDA too
     bar = tqdm(total=ft.epochs * steps_per_epoch, initial=state["epoch"] * steps_per_epoch, unit="step",
                desc=f"fine-tuning {backbone_name}", disable=not progress, dynamic_ncols=True)
     stale = state["epoch"] - state["best_epoch"] if state["best_epoch"] else 0
@@ -280,10 +273,24 @@ def finetune(images: list[TrainingImage], config: Config, backbone_name: str, ou
         _checkpoint(out, key, state)
         bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.3f}", val_acc=f"{val_acc:.2f}")
     bar.close()
+    cudnn.deterministic, cudnn.benchmark = was
     card = _card(backbone_name, backbone, base, key, fingerprint, config, train, val, state, device)
     _write_weights(out, state["best"], card)
     _checkpoint_path(out).unlink(missing_ok=True)
     return FinetuneResult(out, json.loads(card_path(out).read_text()))
+
+
+def _optimizer(model: nn.Module, ft: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: weight decay on weights only (not biases or norms), the
+    new head at 10x the backbone's learning rate."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    body = [p for p in params if id(p) not in head]
+    return torch.optim.AdamW([
+        {"params": [p for p in body if p.ndim > 1], "lr": ft.learning_rate, "weight_decay": ft.weight_decay},
+        {"params": [p for p in body if p.ndim <= 1], "lr": ft.learning_rate, "weight_decay": 0.0},
+        {"params": [p for p in params if id(p) in head], "lr": 10 * ft.learning_rate, "weight_decay": ft.weight_decay},
+    ])
 
 
 def finetune_cached(images: list[TrainingImage], config: Config, backbone_name: str, cache_dir: str | Path,
