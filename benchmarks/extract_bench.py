@@ -50,11 +50,11 @@ def build(name: str, device: str) -> torch.nn.Module:
 
     if name == "efficientnet_lite0":
         # The offline weights, loaded without create_backbone, which would also tune the allocator.
-        from histoboost.backbones import REGISTRY, _package_weights, load_weights
+        from histoboost.backbones import REGISTRY, _package_weights, load_weights, read_weights
 
         spec = REGISTRY[name]
         model = timm.create_model(spec.architecture, pretrained=False)
-        load_weights(model, _package_weights(spec))
+        load_weights(model, read_weights(_package_weights(spec)).state, name)
         return model.eval().to(device)
     return timm.create_model(name, pretrained=False).eval().to(device)
 

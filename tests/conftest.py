@@ -42,13 +42,18 @@ def small_folder(tmp_path: Path, bach: Path) -> Path:
     return root
 
 
-def write_png(path: Path, size: tuple[int, int] = (400, 300), mode: str = "RGB", seed: int = 0) -> Path:
-    """A small random image file, for layout tests that need no real tissue."""
+def tissue_like(size: tuple[int, int] = (400, 300), seed: int = 0) -> Image.Image:
+    """Random colours at 1/20 scale, enlarged: smooth like tissue, so the tissue check accepts it
+    (per-pixel noise is refused as "not tissue")."""
     rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-    pixels = rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+    coarse = rng.integers(0, 256, (max(2, size[1] // 20), max(2, size[0] // 20), 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC)
+
+
+def write_png(path: Path, size: tuple[int, int] = (400, 300), mode: str = "RGB", seed: int = 0) -> Path:
+    """A small image that passes the tissue check, for layout tests that need no real tissue."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path)
+    tissue_like(size, seed).convert(mode).save(path)
     return path
 
 

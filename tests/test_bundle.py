@@ -65,6 +65,8 @@ def test_bundle_holds_no_pickle_and_says_what_it_is(trained):
 
 
 def test_altered_bundles_are_refused(trained):
+    from histoboost.bundle import _meta_digest
+
     bundle, _, root = trained
     out = bundle.save(root / "tamper")
     model = out / "model.ubj"
@@ -77,11 +79,12 @@ def test_altered_bundles_are_refused(trained):
     meta = json.loads((out2 / "bundle.json").read_text())
     meta["config"]["seed"] = 1
     (out2 / "bundle.json").write_text(json.dumps(meta))
-    with pytest.raises(BundleError, match="bundle.json does not match its checksum"):
+    with pytest.raises(BundleError, match="bundle.json does not match its checksum: the bundle was damaged"):
         Bundle.load(out2)
     out3 = bundle.save(root / "future")
     meta = json.loads((out3 / "bundle.json").read_text())
     meta["format_version"] = FORMAT_VERSION + 1
+    meta["meta_sha256"] = _meta_digest(meta)
     (out3 / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="newer than"):
         Bundle.load(out3)
@@ -100,12 +103,11 @@ def test_bundle_needing_other_weights_is_refused(trained):
     out = bundle.save(root / "weights")
     meta = json.loads((out / "bundle.json").read_text())
     meta["backbones"][0]["weights_sha256"] = "0" * 64
-    meta.pop("meta_sha256")
     from histoboost.bundle import _meta_digest
 
     meta["meta_sha256"] = _meta_digest(meta)
     (out / "bundle.json").write_text(json.dumps(meta))
-    with pytest.raises(BundleError, match="was trained with 000000000000"):
+    with pytest.raises(BundleError, match="trained with tf_efficientnet_lite0 and 000000000000"):
         Bundle.load(out)
 
 
@@ -124,7 +126,8 @@ def test_overlay_size_and_legend(trained, tmp_path):
     bundle, manifest, _ = trained
     path = manifest.records[0].path
     records, _ = bundle.predict([path], overlay_dir=tmp_path)
-    overlay = Image.open(tmp_path / f"{path.stem}.overlay.png")
+    overlay = Image.open(tmp_path / records[0]["overlay"])
+    assert records[0]["overlay"] == f"{path.stem}-{records[0]['image_id'][:12]}.overlay.png"
     assert overlay.size == (1024, 1024 + OVERLAY_LEGEND_HEIGHT)  # 1536 px image, longest side capped at 1024
     pixels = np.asarray(overlay.convert("RGB"))
     legend = pixels[1024:]
@@ -165,8 +168,9 @@ def test_local_weights_travel_inside_the_bundle(trained, tmp_path):
                             progress=False)
     out = carrying.save(tmp_path / "model")
     meta = json.loads((out / "bundle.json").read_text())
-    assert meta["format_version"] == FORMAT_VERSION == 3
-    assert meta["backbones"][0]["file"] == "weights-efficientnet_lite0.pth"
+    assert meta["format_version"] == FORMAT_VERSION == 4
+    assert meta["backbones"][0]["file"] == "weights-efficientnet_lite0.safetensors"  # a .pth travels as safetensors
+    assert "features" in meta["config"] and meta["config"]["features"]["weights"] == []  # no local path
     local.unlink()  # the bundle no longer needs the original file
     paths = [r.path for r in manifest][:2]
     expected, _ = carrying.predict(paths)
@@ -174,9 +178,9 @@ def test_local_weights_travel_inside_the_bundle(trained, tmp_path):
     assert loaded.backbones[0].weights_sha256 == carrying.backbones[0].weights_sha256
     got, _ = loaded.predict(paths)
     assert [r["p_invasive"] for r in got] == [r["p_invasive"] for r in expected]
-    weights = out / "weights-efficientnet_lite0.pth"
+    weights = out / "weights-efficientnet_lite0.safetensors"
     data = bytearray(weights.read_bytes())
     data[-10] ^= 1
     weights.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="weights-efficientnet_lite0.pth does not match its checksum"):
+    with pytest.raises(BundleError, match="weights-efficientnet_lite0.safetensors does not match its checksum"):
         Bundle.load(out)

@@ -38,14 +38,28 @@ def test_a_missing_class_keeps_three_columns():
     assert p.shape == (80, 3) and p[:, 1].max() < 0.5
 
 
-def test_native_model_round_trip(tmp_path):
+def test_native_model_round_trip():
     X, y = _blobs()
     model = BoostedTrees(ClassifierConfig(n_estimators=15)).fit(X, y)
-    for name in ("model.json", "model.ubj"):
-        model.save_model(tmp_path / name)
-        loaded = BoostedTrees.load_model(tmp_path / name)
-        assert np.array_equal(loaded.predict_proba(X), model.predict_proba(X))
-    assert b"pickle" not in (tmp_path / "model.json").read_bytes()
+    data = model.to_bytes()
+    assert data[:1] == b"{" and b"pickle" not in data  # UBJ: a binary JSON object
+    loaded = BoostedTrees.from_bytes(data)
+    assert np.array_equal(loaded.predict_proba(X), model.predict_proba(X))
+
+
+def test_foreign_or_damaged_models_are_value_errors():
+    X, y = _blobs()
+    trees = BoostedTrees(ClassifierConfig(n_estimators=5)).fit(X, y).to_bytes()
+    for junk in (b"", b"junk", trees[: len(trees) // 2]):
+        with pytest.raises(ValueError, match="not an XGBoost model"):
+            BoostedTrees.from_bytes(junk)
+    with pytest.raises(ValueError, match="outside the model"):
+        BoostedTrees.from_bytes(trees, best_iteration=99)
+    logistic = LogisticModel(ClassifierConfig(C=1.0)).fit(X, y).to_bytes()
+    for junk in (b"junk", b"[]", logistic.replace(b'"coef": [[', b'"coef": [[[', 1), b'{"mean": [1], "scale": [0], '
+                 b'"coef": [[1], [1], [1]], "intercept": [0, 0, 0]}'):
+        with pytest.raises(ValueError, match="not a logistic model"):
+            LogisticModel.from_bytes(junk)
 
 
 def test_early_stopping_uses_a_grouped_inner_split():
@@ -79,8 +93,7 @@ def test_logistic_learns_keeps_three_columns_and_round_trips_as_json(tmp_path):
     assert isinstance(model, LogisticModel)
     p = model.fit(X, y).predict_proba(X)
     assert p.shape == (120, 3) and np.allclose(p.sum(axis=1), 1) and (p.argmax(1) == y).mean() > 0.9
-    model.save_model(tmp_path / "model.json")
-    loaded = load_classifier(tmp_path / "model.json", ClassifierConfig(kind="logistic"))
+    loaded = load_classifier(model.to_bytes(), ClassifierConfig(kind="logistic"))
     assert np.allclose(loaded.predict_proba(X), p)
     X2, y2 = _blobs(classes=(0, 2))
     p2 = LogisticModel(ClassifierConfig(C=1.0)).fit(X2, y2).predict_proba(X2)

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -61,7 +62,7 @@ def test_inspect_json_and_grayscale_warning_only(small_folder):
     assert result.returncode == 1
     assert summary["stain"] == {"method": "macenko", "checked": 9, "flagged": 0, "failed": 1}
     assert [p.split(": ")[1].rsplit("/", 1)[-1] for p in summary["problems"]] == ["gray.png", "gray.png"]
-    assert "cannot be told apart" in summary["problems"][1] and "--stain none" in summary["problems"][1]
+    assert "cannot be told apart" in summary["problems"][1] and "--stain reinhard or none" in summary["problems"][1]
 
 
 def test_bad_config_file_and_missing_data_are_one_line(tmp_path, small_folder):
@@ -104,7 +105,9 @@ def test_extract_then_reuse(small_folder, tmp_path):
     first = run_cli("extract", small_folder, *SMALL_FLAGS, "--cache-dir", cache, "--out", run)
     assert first.returncode == 0, first.stderr
     assert "efficientnet_lite0: 8 images: 8 extracted" in first.stdout
-    second = run_cli("extract", small_folder, *SMALL_FLAGS, "--cache-dir", cache, "--out", run)
+    refused = run_cli("extract", small_folder, *SMALL_FLAGS, "--cache-dir", cache, "--out", run)
+    assert refused.returncode == 2 and "--force" in refused.stderr
+    second = run_cli("extract", small_folder, *SMALL_FLAGS, "--cache-dir", cache, "--out", run, "--force")
     assert "8 images: 0 extracted, 8 reused, 0 failed" in second.stdout
     config = json.loads((run / "config.json").read_text())
     assert config["augment"]["n_augment"] == 2
@@ -207,13 +210,14 @@ def test_cv_end_to_end_on_real_bach_images(bach, tmp_path):
 
 
 @pytest.mark.heavy
-def test_train_predict_evaluate_and_tamper(small_folder, tmp_path):
+def test_train_predict_evaluate_and_tamper(small_folder, tmp_path, bach):
     flags = ["--preset", "quick", "--scale", "0.25", "--crop-size", "192", "-A", "3", "-C", "3", "--rounds", "20",
              "--quiet", "--cache-dir", tmp_path / "cache"]
     model = tmp_path / "model.zip"
     trained = run_cli("train", small_folder, *flags, "--out", model)
     assert trained.returncode == 0, trained.stderr
     assert "trained on 8 images" in trained.stdout and model.is_file()
+    identity = trained.stdout.split("bundle sha256: ")[1].split()[0]
     new = tmp_path / "new"
     new.mkdir()
     for path in list(small_folder.rglob("*.jpeg"))[:2]:
@@ -228,8 +232,16 @@ def test_train_predict_evaluate_and_tamper(small_folder, tmp_path):
     assert len(list((tmp_path / "overlays").glob("*.overlay.png"))) == 2
     as_json = run_cli("predict", model, new / rows[1].split(",")[0].rsplit("/", 1)[-1], "--out",
                       tmp_path / "one.json", "--quiet")
-    assert as_json.returncode == 0 and json.loads((tmp_path / "one.json").read_text())[0]["bundle_format"] == 3
-    evaluated = run_cli("evaluate", model, small_folder, "--out", tmp_path / "eval", "--quiet")
+    record = json.loads((tmp_path / "one.json").read_text())[0]
+    assert as_json.returncode == 0 and record["bundle_format"] == 4 and record["bundle_sha256"] == identity
+    refused = run_cli("evaluate", model, small_folder, "--out", tmp_path / "eval", "--quiet")
+    assert refused.returncode == 2 and "in the bundle's training set" in refused.stderr
+    held_out = tmp_path / "held_out"
+    for label, name in (("Normal", "n010"), ("Benign", "b010"), ("InSitu", "is005"), ("Invasive", "iv011")):
+        (held_out / label).mkdir(parents=True)
+        shutil.copy(bach / label / f"{name}.jpeg", held_out / label)
+    evaluated = run_cli("evaluate", model, held_out, "--out", tmp_path / "eval", "--quiet",
+                        "--expect-sha256", identity)
     assert evaluated.returncode == 0, evaluated.stderr
     assert "held out from training" in (tmp_path / "eval" / "report.html").read_text()
     raw = bytearray(model.read_bytes())

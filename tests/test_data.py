@@ -1,15 +1,15 @@
 import csv
-import hashlib
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_png
+from conftest import tissue_like, write_png
 from histoboost.config import PreprocessConfig
-from histoboost.data import DataError, load_manifest, parse_label_map, read_image, working_scale
+from histoboost.data import DataError, content_key, load_manifest, parse_label_map, read_image, working_scale
 
 
 def test_bach_manifest_counts(bach):
@@ -22,7 +22,7 @@ def test_bach_manifest_counts(bach):
     assert summary["sizes"] == {"1536x1536": 144}
     assert problems == []
     first = manifest.records[0]
-    assert first.image_id == hashlib.sha256(first.path.read_bytes()).hexdigest()
+    assert first.image_id == content_key(read_image(first.path))
     assert first.extra["id_block"] == "Benign-0"
     assert len(set(manifest.column("id_block"))) == 18  # counted from the shared manifest.csv
 
@@ -136,7 +136,7 @@ def test_tiff_resolution_sets_the_working_scale(tmp_path):
     path = tmp_path / "Normal" / "a.tif"
     path.parent.mkdir()
     # 0.42 µm/px, as BACH's originals: 1e4 / 0.42 pixels per centimetre.
-    Image.fromarray(np.full((200, 300, 3), 200, np.uint8)).save(path, resolution=1e4 / 0.42, resolution_unit="cm")
+    tissue_like((300, 200)).save(path, resolution=1e4 / 0.42, resolution_unit="cm")
     manifest, _ = load_manifest(tmp_path)
     assert manifest.records[0].mpp == pytest.approx(0.42, rel=1e-3)
     assert working_scale(manifest.records[0].mpp, PreprocessConfig(target_mpp=0.84)) == pytest.approx(0.5, rel=1e-3)

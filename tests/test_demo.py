@@ -26,7 +26,7 @@ def test_demo_data_set_is_reproducible_and_runs_offline(tmp_path):
     result = run_cli("demo", "--out", tmp_path / "demo", "--cache-dir", tmp_path / "cache", "--quiet")
     assert result.returncode == 0, result.stderr
     assert "synthetic" in result.stdout and "split by patient" in result.stdout and "report:" in result.stdout
-    assert (tmp_path / "demo" / "report.html").is_file()
+    assert (tmp_path / "demo" / "cv" / "report.html").is_file()
     manifest, problems = load_manifest(tmp_path / "demo" / "data")
     assert problems == [] and len(manifest) == len(CLASSES) * PATIENTS_PER_CLASS * IMAGES_PER_PATIENT
     assert manifest.summary()["patients"] == len(CLASSES) * PATIENTS_PER_CLASS

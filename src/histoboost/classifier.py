@@ -88,19 +88,31 @@ class BoostedTrees:
         out = self.booster.predict(xgb.DMatrix(X), iteration_range=(0, (self.best_iteration or 0) + 1))
         return np.asarray(out, dtype=np.float64).reshape(len(X), N_CLASSES)
 
-    def save_model(self, path: str | Path) -> None:
-        """XGBoost's native format (`.json` or `.ubj` by suffix): portable, no pickle."""
-        self.booster.save_model(str(path))
+    def to_bytes(self) -> bytes:
+        """XGBoost's native UBJ format: portable, no pickle."""
+        return bytes(self.booster.save_raw(raw_format="ubj"))
 
     @classmethod
-    def load_model(cls, path: str | Path, config: ClassifierConfig | None = None, best_iteration: int | None = None,
+    def from_bytes(cls, data: bytes, config: ClassifierConfig | None = None, best_iteration: int | None = None,
                    device: str = "cpu") -> BoostedTrees:
+        """A model written by `to_bytes`; ValueError when the bytes are not a 3-class XGBoost model."""
         import xgboost as xgb
 
+        if not data:  # XGBoost aborts the whole process on an empty buffer
+            raise ValueError("not an XGBoost model (empty)")
         model = cls(config, device=device)
         model.booster = xgb.Booster()
-        model.booster.load_model(str(path))
-        model.best_iteration = best_iteration if best_iteration is not None else model.booster.num_boosted_rounds() - 1
+        try:
+            model.booster.load_model(bytearray(data))
+            rounds = model.booster.num_boosted_rounds()
+            classes = int(json.loads(model.booster.save_config())["learner"]["learner_model_param"]["num_class"])
+        except (xgb.core.XGBoostError, KeyError, ValueError) as err:
+            raise ValueError(f"not an XGBoost model ({str(err).splitlines()[0][:120]})") from None
+        if classes != N_CLASSES:
+            raise ValueError(f"an XGBoost model of {classes} classes, not {N_CLASSES}")
+        if best_iteration is not None and not 0 <= best_iteration < rounds:
+            raise ValueError(f"best iteration {best_iteration} is outside the model's {rounds} rounds")
+        model.best_iteration = best_iteration if best_iteration is not None else rounds - 1
         return model
 
 
@@ -143,18 +155,29 @@ class LogisticModel:
         p = np.exp(z)
         return p / p.sum(axis=1, keepdims=True)
 
-    def save_model(self, path: str | Path) -> None:
+    def to_bytes(self) -> bytes:
         """Plain JSON arrays: readable anywhere, no pickle."""
         arrays = {"mean": self.mean, "scale": self.scale, "coef": self.coef,
                   "intercept": np.where(np.isfinite(self.intercept), self.intercept, -1e30)}
-        Path(path).write_text(json.dumps({"type": "logistic", **{k: np.asarray(v).tolist() for k, v in arrays.items()}}))
+        return json.dumps({"type": "logistic", **{k: np.asarray(v).tolist() for k, v in arrays.items()}}).encode()
 
     @classmethod
-    def load_model(cls, path: str | Path, config: ClassifierConfig | None = None) -> LogisticModel:
-        data = json.loads(Path(path).read_text())
-        model = cls(config)
-        model.mean, model.scale = np.array(data["mean"], np.float32), np.array(data["scale"], np.float32)
-        model.coef, model.intercept = np.array(data["coef"]), np.array(data["intercept"])
+    def from_bytes(cls, data: bytes, config: ClassifierConfig | None = None) -> LogisticModel:
+        """A model written by `to_bytes`; ValueError when the arrays are missing, mis-shaped or not finite."""
+        try:
+            found = json.loads(data)
+            model = cls(config)
+            model.mean, model.scale = np.array(found["mean"], np.float32), np.array(found["scale"], np.float32)
+            model.coef, model.intercept = np.array(found["coef"], np.float64), np.array(found["intercept"], np.float64)
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
+            raise ValueError(f"not a logistic model ({type(err).__name__}: {str(err)[:80]})") from None
+        d = model.mean.shape[0] if model.mean.ndim == 1 else -1
+        shapes_ok = (d > 0 and model.scale.shape == (d,) and model.coef.shape == (N_CLASSES, d)
+                     and model.intercept.shape == (N_CLASSES,))
+        if not shapes_ok or not all(np.isfinite(a).all() for a in (model.mean, model.scale, model.coef, model.intercept)):
+            raise ValueError("not a logistic model (arrays of the wrong shape or not finite)")
+        if (model.scale <= 0).any():
+            raise ValueError("not a logistic model (a feature scale is not positive)")
         return model
 
 
@@ -165,12 +188,12 @@ def make_classifier(config: ClassifierConfig, seed: int = 0, device: str = "cpu"
     return BoostedTrees(config, seed, device)
 
 
-def load_classifier(path: str | Path, config: ClassifierConfig, best_iteration: int | None = None,
+def load_classifier(data: bytes, config: ClassifierConfig, best_iteration: int | None = None,
                     device: str = "cpu") -> BoostedTrees | LogisticModel:
-    """A saved classifier of the configured kind."""
+    """A classifier of the configured kind from the bytes `to_bytes` wrote; ValueError when they are not one."""
     if config.kind == "logistic":
-        return LogisticModel.load_model(path, config)
-    return BoostedTrees.load_model(path, config, best_iteration, device)
+        return LogisticModel.from_bytes(data, config)
+    return BoostedTrees.from_bytes(data, config, best_iteration, device)
 
 
 # -- from augmentation probabilities to one decision per image ------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
+import shutil
 import sys
 import time
 import warnings
@@ -16,6 +18,7 @@ from PIL import Image
 from . import __version__
 from .config import PRESETS, Config, ConfigError, HistoboostError, build_config
 from .data import DataError, Problem, load_manifest, parse_label_map, read_image, write_text_atomic
+from .outputs import check_output, spreadsheet_safe, staged_folder
 from .stain import StainError, check_images, fit_reference
 
 # torch, timm and the feature code load only for the commands that need them, so that `--help`,
@@ -29,6 +32,8 @@ class UsageError(HistoboostError):
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # file names that are not UTF-8 are printed back as they are
+        sys.stdout.reconfigure(errors="surrogateescape")
     # Oversized images are reported per file by validation; Pillow's own warning would only repeat it.
     warnings.simplefilter("ignore", category=Image.DecompressionBombWarning)
     try:
@@ -37,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(args.threads)
         return args.run(args)
+    except OSError as err:  # disk full, read-only folder, a file gone: one line; --debug shows where
+        if args.debug:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"histoboost: error: {where}{err.strerror or err} (what was already computed is kept; fix it and "
+              "rerun to resume; --debug shows the traceback)", file=sys.stderr)
+        return 1
     except DataError as err:
         _print_problems(err.problems)
         print(f"histoboost: error: {err}", file=sys.stderr)
@@ -49,28 +61,72 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag answered in one line (exit status 2) instead of the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(lowest: int):
+    """argparse type: an integer of at least `lowest` (a bad value exits with status 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"{value} is below the smallest allowed, {lowest}")
+        return value
+    return parse
+
+
+def _number(check, wanted: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and check(value)):
+            raise argparse.ArgumentTypeError(f"{text} is not {wanted}")
+        return value
+    return parse
+
+
+_positive = _number(lambda v: v > 0, "a positive number")
+_non_negative = _number(lambda v: v >= 0, "zero or more")
+_share = _number(lambda v: 0 <= v <= 1, "a share between 0 and 1")
+
+
+def _sha256(text: str) -> str:
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text.lower()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a sha256 (64 hex digits, as histoboost train prints it)")
+    return text.lower()
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("global options")
-    group.add_argument("--seed", type=int, help="random seed for augmentations, crops, folds and models")
-    group.add_argument("--threads", type=int, help="CPU threads to use (default: all cores)")
+    group.add_argument("--seed", type=_count(0), help="random seed for augmentations, crops, folds and models")
+    group.add_argument("--threads", type=_count(1), help="CPU threads to use (default: all cores)")
     group.add_argument("--quiet", action="store_true", help="no progress bars, only results and problems")
+    group.add_argument("--debug", action="store_true", help="show the traceback of an unexpected system error")
 
     protocol = argparse.ArgumentParser(add_help=False)
     group = protocol.add_argument_group("protocol (precedence: --preset < --config file < these flags)")
     group.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="starting settings (default: paper)")
     group.add_argument("--config", type=Path, metavar="FILE", help="a saved config.json to rerun")
-    group.add_argument("--scale", type=float, help="working scale factor (paper: 0.5)")
-    group.add_argument("--mpp", type=float, help="target µm/px, used where the file states its resolution")
+    group.add_argument("--scale", type=_positive, help="working scale factor (paper: 0.5)")
+    group.add_argument("--mpp", type=_positive, help="target µm/px, used where the file states its resolution")
     group.add_argument("--stain", choices=["macenko", "reinhard", "none"], help="stain normalisation")
     group.add_argument("--stain-fallback", choices=["reinhard", "none", "keep"],
                        help="for an image whose normalisation fails the quality check: Reinhard, then none "
                        "(default); none; or keep the failed output")
     group.add_argument("--stain-reference", type=Path, metavar="IMAGE",
                        help="fit the stain reference to this image instead of the published default")
-    group.add_argument("--augmentations", "-A", type=int, help="colour augmentations per image")
-    group.add_argument("--crops", "-C", type=int, help="crops per augmentation")
-    group.add_argument("--crop-size", type=int, help="crop side in pixels at the working resolution")
+    group.add_argument("--augmentations", "-A", type=_count(1), help="colour augmentations per image")
+    group.add_argument("--crops", "-C", type=_count(1), help="crops per augmentation")
+    group.add_argument("--crop-size", type=_count(1), help="crop side in pixels at the working resolution")
     group.add_argument("--label-map", metavar="LABEL=G,...",
                        help="extra label-to-group mapping, e.g. 'Fibroadenoma=0,DCIS=1'")
 
@@ -81,15 +137,15 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--weights", action="append", metavar="[NAME=]PATH",
                        help="local weights file (safetensors or torch state dict) instead of downloading")
     group.add_argument("--mode", choices=["shared", "exact"], help="shared feature map (fast, default) or CNN per crop")
-    group.add_argument("--stages", type=int, help="feature maps used: 1 = final (default); k = also the k-1 stages "
+    group.add_argument("--stages", type=_count(1), help="feature maps used: 1 = final (default); k = also the k-1 stages "
                        "before the last")
     group.add_argument("--pooling", choices=["mean", "max", "gem"], help="how crop descriptors are pooled")
     group.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    group.add_argument("--batch-size", type=int,
+    group.add_argument("--batch-size", type=_count(1),
                        help="augmentations (or crops) per CNN batch (default: 8 on CPU, 48 on CUDA)")
     group.add_argument("--cache-dir", type=Path, help="feature store (default: $HISTOBOOST_CACHE or ~/.cache/histoboost)")
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="histoboost",
         description="Classify H&E breast histology images (normal/benign, in-situ, invasive) with frozen CNN "
         "features and XGBoost. Research use only; not for diagnosis.",
@@ -115,6 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("data", type=Path, help="data folder or CSV manifest")
     extract.add_argument("--out", type=Path, help="run folder for config.json, manifest.csv, extract.json "
                          "(default: runs/extract-DATE-TIME)")
+    extract.add_argument("--force", action="store_true", help="replace --out if it exists")
     extract.add_argument("--keep-crops", action="store_true", help="also store per-crop descriptors (float16)")
     extract.set_defaults(run=_extract)
 
@@ -122,35 +179,35 @@ def _parser() -> argparse.ArgumentParser:
     group = evaluation.add_argument_group("evaluation")
     group.add_argument("--split-by", metavar="UNIT",
                        help="image, patient (default when the data has patient ids) or a manifest column, e.g. id_block")
-    group.add_argument("--folds", type=int, help="cross-validation folds (paper: 6)")
+    group.add_argument("--folds", type=_count(2), help="cross-validation folds (paper: 6)")
     group.add_argument("--descriptor", choices=["crops", "whole", "crops+whole"], help="what the classifier sees")
-    group.add_argument("--rounds", type=int, help="XGBoost boosting rounds")
+    group.add_argument("--rounds", type=_count(1), help="XGBoost boosting rounds")
     group.add_argument("--class-weight", choices=["none", "balanced"], help="weigh classes equally in training")
-    group.add_argument("--early-stopping", type=int, metavar="ROUNDS",
+    group.add_argument("--early-stopping", type=_count(0), metavar="ROUNDS",
                        help="stop boosting after ROUNDS without improvement on a grouped inner split")
     group.add_argument("--classifier", choices=["xgboost", "logistic"],
                        help="XGBoost (the seed study's, default) or standardised logistic regression")
-    group.add_argument("--target-sensitivity", type=float, metavar="S",
+    group.add_argument("--target-sensitivity", type=_share, metavar="S",
                        help="call carcinoma above the mean p(carcinoma) threshold that reaches sensitivity S on "
                        "inner folds of the training data, e.g. 0.95 (default: majority vote)")
     group.add_argument("--calibrate", action="store_true", default=None,
                        help="temperature-scale the probabilities, fitted on inner folds of the training data")
-    group.add_argument("--inner-folds", type=int, help="inner folds for the threshold and calibration (default 4)")
-    group.add_argument("--refer-below", type=float, metavar="SHARE",
+    group.add_argument("--inner-folds", type=_count(2), help="inner folds for the threshold and calibration (default 4)")
+    group.add_argument("--refer-below", type=_share, metavar="SHARE",
                        help="refer an image to a pathologist when fewer than SHARE of its augmentations agree "
                        "with the decision, e.g. 0.8 (stain-QC failures are always referred)")
 
     tuning = argparse.ArgumentParser(add_help=False)
     group = tuning.add_argument_group("fine-tuning (see histoboost finetune --help)")
-    group.add_argument("--epochs", type=int, help="fine-tuning epochs at most (default 8; early stopping may end sooner)")
-    group.add_argument("--lr", type=float, help="backbone learning rate (default 3e-4; the new head: 10x)")
-    group.add_argument("--freeze-stages", type=int, metavar="K",
+    group.add_argument("--epochs", type=_count(1), help="fine-tuning epochs at most (default 8; early stopping may end sooner)")
+    group.add_argument("--lr", type=_positive, help="backbone learning rate (default 3e-4; the new head: 10x)")
+    group.add_argument("--freeze-stages", type=_count(0), metavar="K",
                        help="keep the stem and the first K feature levels at their ImageNet weights (default 0)")
-    group.add_argument("--crops-per-image", type=int, help="random training crops per image and epoch (default 8)")
-    group.add_argument("--finetune-crop-size", type=int, metavar="PX",
+    group.add_argument("--crops-per-image", type=_count(1), help="random training crops per image and epoch (default 8)")
+    group.add_argument("--finetune-crop-size", type=_count(1), metavar="PX",
                        help="training crop side at the working resolution (default: --crop-size)")
-    group.add_argument("--finetune-batch-size", type=int, metavar="N", help="crops per training step (default 16)")
-    group.add_argument("--patience", type=int, help="epochs without a better validation loss before stopping (default 3)")
+    group.add_argument("--finetune-batch-size", type=_count(2), metavar="N", help="crops per training step (default 16)")
+    group.add_argument("--patience", type=_count(1), help="epochs without a better validation loss before stopping (default 3)")
 
     finetune = commands.add_parser(
         "finetune", parents=[common, protocol, tuning], help="fine-tune a backbone on labelled H&E images",
@@ -177,6 +234,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     cv.add_argument("data", type=Path, help="data folder or CSV manifest")
     cv.add_argument("--out", type=Path, help="run folder (default: runs/cv-DATE-TIME)")
+    cv.add_argument("--force", action="store_true", help="replace --out if it exists (only once the run succeeds)")
     cv.add_argument("--finetune", action="store_true", default=None,
                     help="fine-tune each backbone inside every outer fold on that fold's training images only, "
                     "then extract features with it (no test image ever reaches fine-tuning)")
@@ -198,31 +256,43 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("data", type=Path, help="data folder or CSV manifest")
     train.add_argument("--out", type=Path, required=True, metavar="MODEL", help="bundle folder, or MODEL.zip")
+    train.add_argument("--sign", type=Path, metavar="KEY",
+                       help="sign the bundle with this Ed25519 private key (histoboost keygen): writes MODEL.sig")
     train.add_argument("--finetune", action="store_true", default=None,
                        help="fine-tune each backbone on the training images first; the bundle carries the weights")
     train.set_defaults(run=_train)
 
+
+    trust = argparse.ArgumentParser(add_help=False)
+    group = trust.add_argument_group("trusting a bundle (docs/security.md)")
+    group.add_argument("--expect-sha256", type=_sha256, metavar="HASH",
+                       help="refuse the bundle unless its sha256 (as train printed it) is HASH")
+    group.add_argument("--trusted-key", type=Path, metavar="PUB",
+                       help="refuse the bundle unless MODEL.sig is its valid signature by this Ed25519 public key")
+
     predict = commands.add_parser(
-        "predict", parents=[common], help="classify new images with a bundle",
+        "predict", parents=[common, trust], help="classify new images with a bundle",
         description="Apply the bundle's preprocessing and test-time augmentations to each image and vote. Images "
         "that cannot be read are reported one line each; the others are still predicted (exit status 1).",
     )
     predict.add_argument("model", type=Path, metavar="MODEL", help="bundle folder or .zip from histoboost train")
     predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
     predict.add_argument("--out", type=Path, help="predictions file, .csv or .json (default: print CSV)")
+    predict.add_argument("--force", action="store_true", help="replace --out if it exists")
     predict.add_argument("--overlay", type=Path, metavar="DIR", help="write a heat-map PNG per image here")
     predict.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    predict.add_argument("--batch-size", type=int, help="augmentations per CNN batch (default: 8 on CPU, 48 on CUDA)")
+    predict.add_argument("--batch-size", type=_count(1), help="augmentations per CNN batch (default: 8 on CPU, 48 on CUDA)")
     predict.set_defaults(run=_predict)
 
     evaluate = commands.add_parser(
-        "evaluate", parents=[common], help="check a bundle on a labelled set",
+        "evaluate", parents=[common, trust], help="check a bundle on a labelled set",
         description="Predict a labelled data set with a trained bundle and write the same metrics and report as cv: "
         "how to check a model on new patients.",
     )
     evaluate.add_argument("model", type=Path, metavar="MODEL")
     evaluate.add_argument("data", type=Path, help="labelled data folder or CSV manifest")
     evaluate.add_argument("--out", type=Path, help="run folder (default: runs/evaluate-DATE-TIME)")
+    evaluate.add_argument("--force", action="store_true", help="replace --out if it exists (only once the run succeeds)")
     evaluate.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     evaluate.add_argument("--label-map", metavar="LABEL=G,...", help="extra label-to-group mapping")
     evaluate.set_defaults(run=_evaluate)
@@ -236,11 +306,19 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", type=Path, help="feature store (default: $HISTOBOOST_CACHE or ~/.cache/histoboost)")
     demo.set_defaults(run=_demo)
 
+    keygen = commands.add_parser(
+        "keygen", parents=[common], help="make an Ed25519 key pair to sign bundles",
+        description="Write KEY (private, PKCS8 PEM, readable by you only) and KEY.pub.pem (give it to the people "
+        "who use your bundles: predict --trusted-key). The same files as openssl genpkey -algorithm ed25519.",
+    )
+    keygen.add_argument("key", type=Path, metavar="KEY", help="private key file to write, e.g. histoboost-key.pem")
+    keygen.set_defaults(run=_keygen)
+
     cache = commands.add_parser("cache", parents=[common], help="list or prune the feature store")
     cache.add_argument("action", choices=["list", "prune"])
     cache.add_argument("--cache-dir", type=Path, help="feature store (default: $HISTOBOOST_CACHE or ~/.cache/histoboost)")
     cache.add_argument("--key", action="append", default=[], help="prune: this store (repeatable)")
-    cache.add_argument("--older-than", type=float, metavar="DAYS", help="prune: stores unused for DAYS days")
+    cache.add_argument("--older-than", type=_non_negative, metavar="DAYS", help="prune: stores unused for DAYS days")
     cache.add_argument("--all", action="store_true", help="prune: every store")
     cache.set_defaults(run=_cache)
     return parser
@@ -323,9 +401,15 @@ def _with_stain_reference(config: Config, path: Path) -> Config:
 
 def _inspect(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    label_map = parse_label_map(args.label_map) if args.label_map else None
-    manifest, problems = load_manifest(args.data, config.preprocess, config.augment.crop_size, label_map,
-                                       threads=args.threads, progress=not args.quiet)
+    try:
+        manifest, problems = load_manifest(args.data, config.preprocess, config.augment.crop_size, _label_map(args),
+                                           threads=args.threads, progress=not args.quiet)
+    except DataError as err:
+        if not args.json:
+            raise
+        print(json.dumps({"root": str(args.data), "usable": False, "error": str(err),
+                          "problems": [str(p) for p in err.problems]}, indent=2))
+        return 1
     summary = manifest.summary()
     if not args.no_stain_check and config.preprocess.stain.method != "none":
         qcs, stain_problems = check_images(manifest.records, config.preprocess, args.threads, not args.quiet)
@@ -333,6 +417,7 @@ def _inspect(args: argparse.Namespace) -> int:
         summary["stain"] = {"method": config.preprocess.stain.method, "checked": len(manifest),
                             "flagged": sum(1 for qc in qcs.values() if not qc.ok),
                             "failed": sum(1 for p in stain_problems if p.severity == "error")}
+    summary["usable"] = True
     summary["problems"] = [str(p) for p in problems]
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -348,8 +433,8 @@ def _extract(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     device = _device(args.device)
+    run = check_output(args.out or Path("runs") / time.strftime("extract-%Y%m%d-%H%M%S"), args.force)
     manifest = _load_data(args, config)
-    run = args.out or Path("runs") / time.strftime("extract-%Y%m%d-%H%M%S")
     cache_dir = args.cache_dir or default_cache_dir()
     report: dict[str, Any] = {"data": str(args.data), "images": len(manifest), "cache_dir": str(cache_dir),
                               "backbones": {}}
@@ -367,12 +452,12 @@ def _extract(args: argparse.Namespace) -> int:
                                      "computed": result.computed, "reused": result.reused,
                                      "failed": [str(p) for p in result.problems], "seconds": round(result.seconds, 2),
                                      "stain_flagged": sum(1 for qc in result.stain_qc.values() if not qc.ok)}
-    run.mkdir(parents=True, exist_ok=True)
     provenance = {"backbones": {n: {k: b[k] for k in ("weights_sha256", "weights_source", "store")}
                                 for n, b in report["backbones"].items()}}
-    write_text_atomic(run / "config.json", config.to_json(provenance))
-    manifest.to_csv(run / "manifest.csv")
-    write_text_atomic(run / "extract.json", json.dumps(report, indent=2) + "\n")
+    with staged_folder(run, args.force) as staging:
+        write_text_atomic(staging / "config.json", config.to_json(provenance))
+        manifest.to_csv(staging / "manifest.csv")
+        write_text_atomic(staging / "extract.json", json.dumps(report, indent=2) + "\n")
     print(f"run folder: {run}")
     return 1 if failed else 0
 
@@ -407,8 +492,10 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _cv(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    out = check_output(args.out or Path("runs") / time.strftime("cv-%Y%m%d-%H%M%S"), args.force)
     manifest = _load_data(args, config)
-    return _run_cv(manifest, config, args.out or Path("runs") / time.strftime("cv-%Y%m%d-%H%M%S"), args)
+    _check_split(manifest, config)
+    return _run_cv(manifest, config, out, args)
 
 
 def _run_cv(manifest, config: Config, out: Path, args: argparse.Namespace) -> int:
@@ -421,8 +508,9 @@ def _run_cv(manifest, config: Config, out: Path, args: argparse.Namespace) -> in
     for note in run.plan.warnings:
         print(f"warning: {note}", file=sys.stderr)
     provenance = {"backbones": run.extraction, "data": str(manifest.root)}
-    manifest.to_csv(_mkdir(out) / "manifest.csv")
-    report = write_outputs(run, out, provenance)
+    with staged_folder(out, args.force) as staging:
+        manifest.to_csv(staging / "manifest.csv")
+        report = out / write_outputs(run, staging, provenance).relative_to(staging)
     print(f"{len(manifest)} images, {run.plan.n_folds}-fold cross-validation split by {run.plan.split_by}, "
           f"{config.augment.n_augment} augmentations per image"
           + (", backbones fine-tuned inside each fold on its training images only" if run.finetuned else ""))
@@ -438,10 +526,18 @@ def _report(args: argparse.Namespace) -> int:
     results, config_file = args.run_dir / "cv_results.npz", args.run_dir / "config.json"
     if not results.is_file() or not config_file.is_file():
         raise UsageError(f"{args.run_dir}: no cv_results.npz and config.json here; give a folder written by histoboost cv")
-    data = json.loads(config_file.read_text())
-    run = CVRun.load(results, Config.from_dict(data))
+    try:
+        data = json.loads(config_file.read_text())
+        config = Config.from_dict(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ConfigError) as err:
+        raise UsageError(f"{config_file}: damaged or not written by histoboost ({str(err)[:120]}); rerun "
+                         "histoboost cv") from None
+    run = CVRun.load(results, config)
     run.evaluate()
-    report = write_outputs(run, args.run_dir, data.get("provenance"))
+    # Rebuilt beside the run, then swapped in: an interrupted rebuild leaves the run as it was.
+    with staged_folder(args.run_dir, force=True) as staging:
+        shutil.copytree(args.run_dir, staging, dirs_exist_ok=True)
+        report = args.run_dir / write_outputs(run, staging, data.get("provenance")).relative_to(staging)
     print(accuracy_table(run))
     print(f"report: {report}")
     return 0
@@ -450,15 +546,24 @@ def _report(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .bundle import train_bundle
 
+    from .bundle import signature_path
+    from .signing import private_key, sign
+
     config = config_from_args(args)
+    check_output(args.out, folder=args.out.suffix != ".zip")
+    key = private_key(args.sign) if args.sign is not None else None  # a bad key is found now, not after training
     manifest = _load_data(args, config)
-    if args.out.exists():
-        raise UsageError(f"{args.out} exists: choose another --out or remove it")
+    _check_split(manifest, config)
     device = _device(args.device)
     bundle = train_bundle(manifest, config, args.cache_dir, device, _batch_size(args, device), progress=not args.quiet)
     path = bundle.save(args.out)
     counts = ", ".join(f"{k} {v}" for k, v in bundle.meta["training_data"]["per_group"].items())
     print(f"trained on {len(manifest)} images ({counts}) with {', '.join(config.features.backbones)}: {path}")
+    print(f"bundle sha256: {bundle.sha256}  (its identity: check it with predict --expect-sha256)")
+    if key is not None:
+        from .bundle import META_FILE, read_members
+
+        print(f"signature: {sign(read_members(path)[META_FILE], key, signature_path(path))}")
     return 0
 
 
@@ -466,17 +571,24 @@ def _predict(args: argparse.Namespace) -> int:
     from .bundle import Bundle
 
     device = _device(args.device)
-    bundle = Bundle.load(args.model, device)
+    if args.out is not None:  # checked before any work
+        check_output(args.out, args.force, folder=False)
+    if args.overlay is not None and args.overlay.exists() and not args.overlay.is_dir():
+        raise UsageError(f"--overlay {args.overlay} is a file: give a folder")
+    bundle = Bundle.load(args.model, device, args.expect_sha256, args.trusted_key)
     records, problems = bundle.predict(args.images, device, _batch_size(args, device), progress=not args.quiet,
                                        overlay_dir=args.overlay)
     _print_problems(problems)
+    if not records:
+        print("no image could be predicted; nothing written", file=sys.stderr)
+        return 1
     text = _records_text(records, args.out.suffix.lower() if args.out else ".csv")
     if args.out:
         write_text_atomic(args.out, text)
         print(f"{len(records)} image(s) predicted -> {args.out}" + (f"; overlays in {args.overlay}" if args.overlay else ""))
     else:
         print(text, end="")
-    return 1 if problems else 0
+    return 1 if any(p.severity == "error" for p in problems) else 0
 
 
 def _records_text(records: list[dict], suffix: str) -> str:
@@ -489,7 +601,7 @@ def _records_text(records: list[dict], suffix: str) -> str:
     if records:
         writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator="\n")
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows({k: spreadsheet_safe(v) for k, v in r.items()} for r in records)
     return buffer.getvalue()
 
 
@@ -498,14 +610,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .report import accuracy_table, write_outputs
 
     device = _device(args.device)
-    bundle = Bundle.load(args.model, device)
+    out = check_output(args.out or Path("runs") / time.strftime("evaluate-%Y%m%d-%H%M%S"), args.force)
+    bundle = Bundle.load(args.model, device, args.expect_sha256, args.trusted_key)
     config = bundle.config
     manifest = _load_data(args, config)
     run = evaluate_bundle(bundle, manifest, device, progress=not args.quiet)
-    out = args.out or Path("runs") / time.strftime("evaluate-%Y%m%d-%H%M%S")
-    manifest.to_csv(_mkdir(out) / "manifest.csv")
-    report = write_outputs(run, out, {"bundle": str(args.model), "bundle_sha256": bundle.sha256,
-                                      "data": str(manifest.root)})
+    with staged_folder(out, args.force) as staging:
+        manifest.to_csv(staging / "manifest.csv")
+        report = out / write_outputs(run, staging, {"bundle": str(args.model), "bundle_sha256": bundle.sha256,
+                                                    "data": str(manifest.root)}).relative_to(staging)
     print(f"{len(manifest)} images of a held-out set, predicted by {args.model}")
     print(accuracy_table(run))
     print(f"report: {report}")
@@ -515,29 +628,54 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DEMO_CONFIG, make_demo_data
 
-    data_dir = _mkdir(args.out) / "data"
+    data_dir = _mkdir(args.out) / "data"  # regenerated, byte for byte the same, on every run
     make_demo_data(data_dir)
     print(f"synthetic H&E-like demo data (not real tissue): {data_dir}")
     config = build_config("quick", DEMO_CONFIG, {"seed": args.seed})
     manifest, problems = load_manifest(data_dir, config.preprocess, config.augment.crop_size, threads=args.threads,
                                        progress=not args.quiet)
     _print_problems(problems)
-    args.device, args.batch_size = "cpu", None
-    return _run_cv(manifest, config, args.out, args)
+    args.device, args.batch_size, args.force = "cpu", None, True
+    return _run_cv(manifest, config, args.out / "cv", args)
 
 
 def _load_data(args: argparse.Namespace, config: Config):
     """The validated manifest of `args.data`; its warnings are printed, its errors raise DataError."""
-    label_map = parse_label_map(args.label_map) if args.label_map else None
-    manifest, problems = load_manifest(args.data, config.preprocess, config.augment.crop_size, label_map,
+    manifest, problems = load_manifest(args.data, config.preprocess, config.augment.crop_size, _label_map(args),
                                        threads=args.threads, progress=not args.quiet)
     _print_problems(problems)
     return manifest
 
 
+def _label_map(args: argparse.Namespace) -> dict[str, int] | None:
+    try:
+        return parse_label_map(args.label_map) if args.label_map else None
+    except DataError as err:
+        raise UsageError(str(err)) from None
+
+
+def _check_split(manifest, config: Config) -> None:
+    """--split-by names a unit the data has: checked before any extraction."""
+    from .evaluate import split_units
+
+    try:
+        split_units(manifest, config.evaluate.split_by)
+    except DataError as err:
+        raise UsageError(f"--split-by {config.evaluate.split_by}: {err}") from None
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from .signing import generate_key
+
+    private, public = generate_key(args.key)
+    print(f"private key: {private} (keep it secret; sign with train --sign {private})\n"
+          f"public key:  {public} (share it; users check with predict --trusted-key {public})")
+    return 0
 
 
 def _cache(args: argparse.Namespace) -> int:

@@ -409,6 +409,7 @@ def _validate(config: Config) -> None:
         (len(feat.backbones) >= 1, "features.backbones must name at least one backbone"),
         (feat.gem_p > 0, "features.gem_p must be positive"),
         (config.classifier.n_estimators >= 1, "classifier.n_estimators must be at least 1"),
+        (config.classifier.early_stopping_rounds >= 0, "classifier.early_stopping_rounds must be 0 (off) or more"),
         (config.classifier.C > 0, "classifier.C must be positive"),
         (1 <= config.features.stages <= 4, "features.stages must be 1 to 4"),
         (config.classifier.target_sensitivity is None or 0 < config.classifier.target_sensitivity <= 1,

@@ -1,18 +1,23 @@
 """Discovering, validating and loading labelled images: the manifest is the pipeline's input.
 
-An image's id is the sha256 of its file's bytes, so results survive renames and moves. Supported
-layouts: a folder with one sub-folder per class, a CSV manifest (`path,label[,group][,patient],...`),
-the BACH / ICIAR 2018 part A layout (with or without its `microscopy_ground_truth.csv`) and BreakHis.
-Validation decodes every image once, in parallel, keeps no pixels, and reports every problem at once.
+An image's id is a content key: the sha256 of its decoded RGB pixels (`content_key`), so results
+survive renames, moves and metadata edits (EXIF, comments), and pixel-identical files are duplicates.
+Supported layouts: a folder with one sub-folder per class, a CSV manifest
+(`path,label[,group][,patient],...`), the BACH / ICIAR 2018 part A layout (with or without its
+`microscopy_ground_truth.csv`) and BreakHis. Validation decodes every image once, in parallel, refuses
+images that show no tissue (blank, black, one colour, noise), keeps no pixels, and reports every
+problem at once.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import os
 import re
+import stat
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +29,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .config import HistoboostError, PreprocessConfig
+from .outputs import spreadsheet_safe
 
 GROUP_NAMES = ("normal_benign", "in_situ", "invasive")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".svs", ".bmp"})
 MANIFEST_NAME = "manifest.csv"
+MANIFEST_COLUMNS = ("path", "label", "group", "patient")  # a manifest's own columns; any other is kept as extra
 BACH_GROUND_TRUTH = "microscopy_ground_truth.csv"
 
 # Dataset labels -> diagnostic group, compared after `_label_key` (lower case, letters and digits).
@@ -51,8 +58,20 @@ BREAKHIS_NAME = re.compile(r"^SOB_(?P<cls>[BM])_(?P<type>[A-Z]+)-(?P<year>\d+)-(
 # Plausible microscopy resolutions; anything else (e.g. a default 72 dpi) is treated as unknown.
 _MPP_RANGE = (0.05, 20.0)
 _CONVERTED_MODES = {"L": "grayscale", "LA": "grayscale with alpha", "1": "black and white", "P": "palette",
-                    "RGBA": "RGBA", "CMYK": "CMYK", "I;16": "16-bit grayscale", "I": "32-bit grayscale",
+                    "RGBA": "RGBA", "CMYK": "CMYK", "I;16": "16-bit grayscale", "I;16B": "16-bit grayscale",
+                    "I;16L": "16-bit grayscale", "I": "32-bit grayscale (read as 16-bit)",
                     "F": "floating-point", "PA": "palette with alpha", "RGBX": "RGBX"}
+
+# The tissue check (`tissue_problem`). In brackets: the closest of the 268 BACH training images.
+_TISSUE_SAMPLE = 256  # the check reads a subsample of about this many pixels along the longer side
+_NEAR_BLACK = 40  # a pixel is near black when every channel is below this
+_MAX_DARK_FRACTION = 0.5  # [2.5% of pixels near black]
+_STAINED_MAX = 205  # a pixel is stained when a channel is at most this: optical density >= 0.15 (stain.OD_BETA)
+_MIN_STAINED_FRACTION = 0.01  # as stain.MIN_TISSUE_FRACTION [37%; with 85% of its area fat, 1.8%]
+_MIN_BRIGHTNESS_SPREAD = 2.0  # standard deviation of brightness, 0-255 [10.4]
+_MIN_NEIGHBOUR_CORRELATION = 0.15  # of horizontally adjacent pixels [0.84; random noise is about 0]
+_NO_TISSUE_FIX = "remove it: histoboost reads H&E images of tissue"
+_IS_FOLDER = "is a folder"  # what `_file_status` says of a folder
 
 Layout = Literal["csv", "bach", "breakhis", "class_folders"]
 
@@ -82,7 +101,7 @@ class Problem:
 class ImageRecord:
     """One labelled image. No pixels: those are read on demand with `read_image`."""
 
-    image_id: str  # sha256 of the file's bytes
+    image_id: str  # content key: sha256 of the decoded pixels (`content_key`)
     name: str  # readable name: path relative to the data root, without suffix
     path: Path
     label: str  # the data set's own label
@@ -150,14 +169,15 @@ class Manifest:
         }
 
     def to_csv(self, path: str | Path) -> None:
-        """Write the manifest as CSV (atomically), the extra columns included."""
+        """Write the manifest as CSV (atomically, UTF-8, formula-like cells quoted), the extra columns included."""
         extras = sorted({k for r in self.records for k in r.extra})
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["image_id", "name", "path", "label", "group", "patient", "width", "height", "mpp", *extras])
         for r in self.records:
-            writer.writerow([r.image_id, r.name, str(r.path), r.label, r.group, r.patient or "", r.width, r.height,
-                             "" if r.mpp is None else f"{r.mpp:.6g}", *(r.extra.get(k, "") for k in extras)])
+            writer.writerow(map(spreadsheet_safe, [
+                r.image_id, r.name, str(r.path), r.label, r.group, r.patient or "", r.width, r.height,
+                "" if r.mpp is None else f"{r.mpp:.6g}", *(r.extra.get(k, "") for k in extras)]))
         write_text_atomic(path, buffer.getvalue())
 
 
@@ -174,7 +194,7 @@ class _Entry:
 
 @dataclass(frozen=True)
 class _FileInfo:
-    sha256: str
+    image_id: str  # content key of the decoded pixels
     width: int
     height: int
     mode: str
@@ -219,7 +239,7 @@ def load_manifest(
                 continue
         group = entry.group if entry.group is not None else _group_of(entry.label, label_map)
         records.append(ImageRecord(
-            image_id=info.sha256, name=_display_name(entry.path, root), path=entry.path, label=entry.label,
+            image_id=info.image_id, name=_display_name(entry.path, root), path=entry.path, label=entry.label,
             group=group, patient=entry.patient, width=info.width, height=info.height, mode=info.mode,
             mpp=info.mpp, extra=dict(entry.extra),
         ))
@@ -250,12 +270,48 @@ def discover(source: str | Path, label_map: Mapping[str, int] | None = None
     ground_truth = next(iter(sorted(source.rglob(BACH_GROUND_TRUTH))), None)
     if ground_truth is not None:
         return source, "bach", *_from_bach_ground_truth(ground_truth, label_map)
-    images = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images, found_problems = find_images(source)
+    if not images:
+        raise DataError(f"{source}: no images found (expected .jpg, .png or .tif files in one sub-folder per class)",
+                        tuple(found_problems))
     if any(BREAKHIS_NAME.match(p.stem) for p in images):
-        return source, "breakhis", *_from_breakhis(images)
+        entries, problems = _from_breakhis(images)
+        return source, "breakhis", entries, found_problems + problems
     entries, problems = _from_class_folders(source, images, label_map)
     layout: Layout = "bach" if {e.label for e in entries} <= {"Normal", "Benign", "InSitu", "Invasive"} else "class_folders"
-    return source, layout, entries, problems
+    return source, layout, entries, found_problems + problems
+
+
+def find_images(folder: Path) -> tuple[list[Path], list[Problem]]:
+    """The image files under `folder` (linked folders followed once), and a warning for each name that
+    looks like an image but is not a readable file (a folder, a broken link, a link loop): none is
+    skipped silently."""
+    images, problems, searched, pending = [], [], set(), [folder]
+    while pending:
+        directory = pending.pop()
+        try:
+            info = directory.stat()
+            children = sorted(directory.iterdir())
+        except OSError as err:
+            problems.append(Problem(directory, f"folder cannot be read ({err.strerror or err}): left out",
+                                    "check its permissions", "warning"))
+            continue
+        if (info.st_dev, info.st_ino) in searched:
+            problems.append(Problem(directory, "links to a folder already searched: not followed",
+                                    "remove the link", "warning"))
+            continue
+        searched.add((info.st_dev, info.st_ino))
+        for child in children:
+            status = _file_status(child)
+            if status == _IS_FOLDER:
+                pending.append(child)
+            if child.suffix.lower() in IMAGE_SUFFIXES:
+                if status is None:
+                    images.append(child)
+                else:
+                    problems.append(Problem(child, f"named like an image but {status}: not read as an image",
+                                            "rename, fix or remove it", "warning"))
+    return sorted(images), problems
 
 
 def working_scale(mpp: float | None, preprocess: PreprocessConfig) -> float:
@@ -268,7 +324,7 @@ def working_scale(mpp: float | None, preprocess: PreprocessConfig) -> float:
 def read_image(path: str | Path, scale: float = 1.0) -> np.ndarray:
     """Decode an image to an RGB uint8 array (H, W, 3), resized by `scale` with Lanczos filtering."""
     with Image.open(path) as image:
-        image = image.convert("RGB")
+        image = _to_rgb(image)
         if scale != 1.0:
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
             image = image.resize(size, Image.Resampling.LANCZOS)
@@ -280,12 +336,54 @@ def read_record(record: ImageRecord, preprocess: PreprocessConfig) -> np.ndarray
     return read_image(record.path, working_scale(record.mpp, preprocess))
 
 
+def content_key(rgb: np.ndarray) -> str:
+    """An image's id: sha256 of its size and RGB uint8 pixels, so metadata edits (EXIF, comments, PNG
+    text) and renames keep it and any pixel change gives another."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"content_key needs an RGB uint8 array (H, W, 3), not {rgb.dtype} {rgb.shape}")
+    digest = hashlib.sha256(b"histoboost-rgb8:%d:%d\n" % (rgb.shape[1], rgb.shape[0]))
+    digest.update(np.ascontiguousarray(rgb))
+    return digest.hexdigest()
+
+
+def tissue_problem(rgb: np.ndarray) -> str | None:
+    """Why an RGB uint8 image (H, W, 3) shows no tissue (black, blank, one colour, noise), or None.
+
+    Independent of stain normalisation, and read on a subsample: a few milliseconds per image."""
+    if rgb.size == 0:
+        return "no pixels (a 0x0 image)"
+    rgb = rgb if rgb.shape[1] > 1 else rgb.transpose(1, 0, 2)  # neighbours along the longer side
+    step = max(1, -(-max(rgb.shape[:2]) // _TISSUE_SAMPLE))
+    sample = rgb[::step, ::step]
+    red, green, blue = sample[..., 0], sample[..., 1], sample[..., 2]
+    dark = float((np.maximum(np.maximum(red, green), blue) < _NEAR_BLACK).mean())
+    if dark > _MAX_DARK_FRACTION:
+        return f"too dark: {dark:.0%} of pixels near black (an all-black or unexposed image)"
+    stained = float((np.minimum(np.minimum(red, green), blue) <= _STAINED_MAX).mean())
+    if stained < _MIN_STAINED_FRACTION:
+        return f"no tissue: {stained:.1%} of pixels stained (an all-white or blank image)"
+    spread = float(_brightness(sample).std())
+    if spread < _MIN_BRIGHTNESS_SPREAD:
+        return f"no tissue: one flat colour (brightness spread {spread:.1f} of 255)"
+    r = _correlation(_brightness(rgb[::step, :-1:step]), _brightness(rgb[::step, 1::step]))
+    if r < _MIN_NEIGHBOUR_CORRELATION:
+        return f"looks like noise, not tissue: neighbouring pixels uncorrelated (r={r:.2f})"
+    return None
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a text file via a temporary file and a rename, so readers never see half a file."""
+    """Write a UTF-8 text file via a temporary file and a rename, so readers never see half a file.
+
+    File names that are not UTF-8 (surrogate escapes) are written as their original bytes; on any
+    failure (a full disk) the temporary file is removed and the error raised."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def parse_label_map(text: str) -> dict[str, int]:
@@ -304,57 +402,129 @@ def parse_label_map(text: str) -> dict[str, int]:
 
 def _from_csv(path: Path, label_map: Mapping[str, int] | None) -> tuple[list[_Entry], list[Problem]]:
     base = path.parent
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        missing = {"path", "label"} - set(columns)
-        if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))} "
-                            "(a manifest needs at least path,label)")
-        rows = list(reader)
+    rows = _read_csv(path)
+    if not rows:
+        raise DataError(f"{path}: empty file (a manifest needs the header path,label and one row per image)")
+    columns = _manifest_columns(path, rows[0][1])
+    if len(rows) == 1:
+        raise DataError(f"{path}: the CSV lists no images, only its header (add one row path,label per image)")
     entries, problems = [], []
-    extra_columns = [c for c in columns if c not in ("path", "label", "group", "patient")]
-    for line, row in enumerate(rows, start=2):
-        file = Path(row["path"] or "")
-        file = file if file.is_absolute() else base / file
-        label = (row["label"] or "").strip()
-        group_text = (row.get("group") or "").strip()
-        if not row["path"] or not file.is_file():
-            problems.append(Problem(file, f"listed on line {line} of {path.name} but not found",
-                                    "fix the path or remove the row"))
+    extra_columns = [c for c in columns if c and c not in MANIFEST_COLUMNS]
+    for line, cells in rows[1:]:
+        where = f"on line {line} of {path.name}"
+        if any(cell.strip() for cell in cells[len(columns):]):
+            problems.append(Problem(path, f"{len(cells)} fields {where}, but {len(columns)} columns in the header",
+                                    "quote fields that contain commas"))
+            continue
+        row = dict(zip(columns, cells))
+        name, label = row.get("path", "").strip(), row.get("label", "").strip()
+        group_text = row.get("group", "").strip()
+        if not name:
+            problems.append(Problem(path, f"empty path {where}", "fill in the image's path or remove the row"))
+            continue
+        file = Path(name) if Path(name).is_absolute() else base / name
+        status = _file_status(file)
+        if status is not None:
+            problems.append(Problem(file, f"listed {where} but {status}", "fix the path or remove the row"))
+            continue
+        if not label:
+            problems.append(_empty_label(file, where))
             continue
         if group_text and group_text not in ("0", "1", "2"):
-            problems.append(Problem(file, f"group {group_text!r} on line {line} of {path.name} is not 0, 1 or 2",
+            problems.append(Problem(file, f"group {group_text!r} {where} is not 0, 1 or 2",
                                     "use 0 normal/benign, 1 in-situ, 2 invasive"))
             continue
         group = int(group_text) if group_text else None
-        if group is None and _maybe_group(label, label_map) is None:
+        known = _maybe_group(label, label_map)
+        if group is None and known is None:
             problems.append(_unknown_label(file, label))
             continue
-        entries.append(_Entry(file, label, group, (row.get("patient") or "").strip() or None,
-                              {c: (row.get(c) or "") for c in extra_columns}))
+        if group is not None and known is not None and group != known:
+            problems.append(Problem(
+                file, f"label {label!r} means group {known} ({GROUP_NAMES[known]}) but the group column {where} "
+                f"says {group} ({GROUP_NAMES[group]})",
+                f"correct one of them, or pass --label-map '{label}={group}' if that label is group {group} here"))
+            continue
+        entries.append(_Entry(file, label, group, row.get("patient", "").strip() or None,
+                              {c: row.get(c, "") for c in extra_columns}))
     return entries, problems
 
 
+def _read_csv(path: Path) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of a UTF-8 CSV file with their line numbers; an unreadable file is one DataError."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or err}; check its permissions)") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}: not UTF-8 text, byte 0x{data[err.start]:02x} on line {line} "
+                        "(save it as UTF-8)") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        return [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except csv.Error as err:
+        raise DataError(f"{path}: not a readable CSV, line {reader.line_num}: {err} (save it as CSV)") from None
+
+
+def _manifest_columns(path: Path, header: list[str]) -> list[str]:
+    """A manifest header's column names, the manifest's own in lower case (`Path` is `path`); duplicated
+    or missing columns are one DataError, which names a `;` or tab separator when it sees one."""
+    columns = [c.strip().lower() if c.strip().lower() in MANIFEST_COLUMNS else c.strip() for c in header]
+    repeated = sorted({c for c in columns if c and columns.count(c) > 1})
+    if repeated:
+        raise DataError(f"{path}: column {repeated[0]!r} appears more than once in the header (keep one)")
+    missing = {"path", "label"} - set(columns)
+    if missing:
+        separator = next((s for s in ";\t|" if s in ",".join(header)), None)
+        fix = (f"separate the columns with commas, not {separator!r}" if separator else
+               "the first line must name the columns, at least path,label")
+        raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))} ({fix})")
+    return columns
+
+
 def _from_bach_ground_truth(path: Path, label_map: Mapping[str, int] | None) -> tuple[list[_Entry], list[Problem]]:
-    """BACH's `microscopy_ground_truth.csv`: rows `file,label` with no header, images beside it in
-    class sub-folders (`Benign/b001.tif`) or directly beside it."""
+    """BACH's `microscopy_ground_truth.csv`: rows `file,label` with no header. A file is its path relative
+    to the CSV's folder (`Benign/b001.tif`) or a name found once below it; images it omits are reported."""
     base = path.parent
-    by_name = {p.name: p for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
-    entries, problems = [], []
-    with path.open(newline="") as handle:
-        for line, row in enumerate(csv.reader(handle), start=1):
-            if len(row) < 2 or row[0].strip().lower() in ("", "path", "file", "filename"):
-                continue
-            name, label = row[0].strip(), row[1].strip()
-            file = by_name.get(Path(name).name)
-            if file is None:
-                problems.append(Problem(base / name, f"listed on line {line} of {path.name} but not found",
-                                        "restore the file or remove the row"))
-            elif _maybe_group(label, label_map) is None:
-                problems.append(_unknown_label(file, label))
-            else:
-                entries.append(_Entry(file, label, None, None, {}))
+    images, problems = find_images(base)
+    by_name: dict[str, list[Path]] = defaultdict(list)
+    for image in images:
+        by_name[image.name].append(image)
+    rows = _read_csv(path)
+    if rows and rows[0][1][0].strip().lower() in ("path", "file", "filename"):
+        rows = rows[1:]
+    entries, listed = [], set()
+    for line, cells in rows:
+        where = f"on line {line} of {path.name}"
+        name, label = cells[0].strip(), (cells[1].strip() if len(cells) > 1 else "")
+        if not name:
+            problems.append(Problem(path, f"empty file name {where}", "fill in the image's name or remove the row"))
+            continue
+        file, status = base / name, _file_status(base / name)
+        matches = by_name.get(name, []) if status is not None and Path(name).name == name else []
+        if len(matches) > 1:
+            found = ", ".join(m.relative_to(base).as_posix() for m in matches)
+            problems.append(Problem(file, f"listed {where} matches {len(matches)} files: {found}",
+                                    f"list its path relative to the CSV's folder, e.g. {found.split(', ')[0]}"))
+            listed.update(matches)
+            continue
+        if matches:
+            file, status = matches[0], None
+        if status is not None:
+            problems.append(Problem(file, f"listed {where} but {status}", "restore the file or remove the row"))
+            continue
+        listed.add(file)
+        if not label:
+            problems.append(_empty_label(file, where))
+        elif _maybe_group(label, label_map) is None:
+            problems.append(_unknown_label(file, label))
+        else:
+            entries.append(_Entry(file, label, None, None, {}))
+    problems += [Problem(image, f"not listed in {path.name}: left out", f"add it to {path.name} or move it away",
+                         "warning") for image in images if image not in listed]
     return entries, problems
 
 
@@ -387,8 +557,6 @@ def _from_class_folders(root: Path, images: list[Path], label_map: Mapping[str, 
             problems.append(_unknown_label(file, label))
             continue
         entries.append(_Entry(file, label, None, None, {}))
-    if not images:
-        raise DataError(f"{root}: no images found (expected .jpg, .png or .tif files in one sub-folder per class)")
     return entries, problems
 
 
@@ -407,7 +575,7 @@ def _scan_all(paths: list[Path], threads: int | None, progress: bool) -> dict[Pa
 
 
 def scan_file(path: Path) -> _FileInfo | Problem:
-    """Read and fully decode one file: its sha256, size, mode and µm/px, or the problem with it."""
+    """Read and fully decode one file: its content key, size, mode and µm/px, or the problem with it."""
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -423,34 +591,63 @@ def scan_file(path: Path) -> _FileInfo | Problem:
                                "tile or downscale it first")
             image.load()
             mode, mpp = image.mode, _read_mpp(image)
+            rgb = np.asarray(_to_rgb(image))
     except Image.DecompressionBombError:
         return Problem(path, "too large (over Pillow's decompression-bomb limit)", "tile or downscale it first")
     except UnidentifiedImageError:
         return Problem(path, "not an image Pillow can read", "convert it to PNG, JPEG or TIFF, or remove it")
-    except (OSError, SyntaxError, ValueError) as err:
+    except Exception as err:  # Pillow's decoders fail on damaged files with many types (struct.error, IndexError, ...)
         reason = str(err).split("\n")[0] or type(err).__name__
         return Problem(path, f"cannot be decoded ({reason})", "re-export the image, or remove it")
-    return _FileInfo(hashlib.sha256(data).hexdigest(), width, height, mode, mpp)
+    reason = tissue_problem(rgb)
+    if reason is not None:
+        return Problem(path, reason, _NO_TISSUE_FIX)
+    return _FileInfo(content_key(rgb), width, height, mode, mpp)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB, as every reader here decodes it: 16-bit grayscale (and `I`, read as 16-bit) is
+    scaled to 8 bits, where Pillow's convert would clip it to white."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.clip(np.asarray(image), 0, 65535).astype(np.uint16)
+        return Image.fromarray((values >> 8).astype(np.uint8)).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _brightness(rgb: np.ndarray) -> np.ndarray:
+    """Mean of the three channels, float32, flattened."""
+    return (rgb[..., 0].astype(np.float32) + rgb[..., 1] + rgb[..., 2]).ravel() / 3
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two equally long series; 1.0 where either does not vary."""
+    spread = float(a.std() * b.std())
+    if spread == 0:
+        return 1.0
+    return float(((a - a.mean()) * (b - b.mean())).mean() / spread)
 
 
 def _read_mpp(image: Image.Image) -> float | None:
     """µm per pixel from TIFF resolution tags, an Aperio description or the dpi, where plausible."""
     candidates: list[float] = []
-    tags = getattr(image, "tag_v2", None)
-    if tags is not None:
-        description = str(tags.get(270, ""))
-        match = re.search(r"MPP\s*=\s*([0-9.]+)", description)
-        if match:
-            candidates.append(float(match.group(1)))
-        x_res, unit = tags.get(282), tags.get(296, 2)
-        if x_res:
-            per_unit = float(x_res)
-            um_per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit))
-            if per_unit > 0 and um_per_unit:
-                candidates.append(um_per_unit / per_unit)
-    dpi = image.info.get("dpi")
-    if dpi and float(dpi[0]) > 0:
-        candidates.append(25400.0 / float(dpi[0]))
+    try:  # malformed resolution metadata means an unknown resolution, not an unreadable image
+        tags = getattr(image, "tag_v2", None)
+        if tags is not None:
+            description = str(tags.get(270, ""))
+            match = re.search(r"MPP\s*=\s*([0-9]*\.?[0-9]+)", description)
+            if match:
+                candidates.append(float(match.group(1)))
+            x_res, unit = tags.get(282), tags.get(296, 2)
+            if x_res:
+                per_unit = float(x_res)
+                um_per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit))
+                if per_unit > 0 and um_per_unit:
+                    candidates.append(um_per_unit / per_unit)
+        dpi = image.info.get("dpi")
+        if dpi and float(dpi[0]) > 0:
+            candidates.append(25400.0 / float(dpi[0]))
+    except (TypeError, ValueError, ZeroDivisionError, IndexError):
+        return None
     for mpp in candidates:
         if _MPP_RANGE[0] <= mpp <= _MPP_RANGE[1]:
             return mpp
@@ -478,14 +675,18 @@ def _group_of(label: str, label_map: Mapping[str, int] | None) -> int:
     return group
 
 
+def _empty_label(file: Path, where: str) -> Problem:
+    return Problem(file, f"empty label {where}", "fill in its class, e.g. Normal, Benign, InSitu or Invasive")
+
+
 def _unknown_label(file: Path, label: str) -> Problem:
     return Problem(file, f"label {label!r} has no diagnostic group",
                    f"pass --label-map '{label}=0' (0 normal/benign, 1 in-situ, 2 invasive) or add a group column")
 
 
 def _resolve_duplicates(records: list[ImageRecord]) -> tuple[list[ImageRecord], list[Problem]]:
-    """Identical files under different groups leak between training and test: an error. Identical
-    files with the same group are kept once, with a warning."""
+    """Pixel-identical images under different groups leak between training and test: an error. Identical
+    images with the same group are kept once, with a warning."""
     by_id: dict[str, list[ImageRecord]] = defaultdict(list)
     for record in sorted(records, key=lambda r: str(r.path)):
         by_id[record.image_id].append(record)
@@ -510,3 +711,22 @@ def _display_name(path: Path, root: Path) -> str:
         return path.relative_to(root).with_suffix("").as_posix()
     except ValueError:
         return path.stem
+
+
+def _file_status(path: Path) -> str | None:
+    """None for a regular file; else why not, e.g. `not found`, `is a folder`, `is a broken symbolic link`."""
+    try:
+        mode = path.stat().st_mode
+    except ValueError:  # a NUL byte in the name
+        return "not found"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        if err.errno == errno.ENOENT and path.is_symlink():
+            return f"is a broken symbolic link (to {os.readlink(path)})"
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "not found"
+        return f"cannot be opened ({err.strerror or err})"
+    if stat.S_ISDIR(mode):
+        return _IS_FOLDER
+    return None if stat.S_ISREG(mode) else "is not a regular file"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
@@ -253,8 +255,9 @@ class CVRun:
                 if "finetuned" in data:
                     run.finetuned = json.loads(str(data["finetuned"]))
                 return run
-        except (OSError, KeyError, ValueError, EOFError) as err:
-            raise EvaluationError(f"{path}: damaged or not written by histoboost cv ({err}); rerun histoboost cv") \
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+            raise EvaluationError(f"{path}: damaged or not written by histoboost cv ({reason}); rerun histoboost cv") \
                 from None
 
     def evaluate(self) -> None:

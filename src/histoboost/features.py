@@ -10,11 +10,14 @@ beside it. One image's augmentations are one batch unit, so results never depend
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
 import shutil
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -30,9 +33,9 @@ from .augment import AugmentPlan, augment_batch, plan_augmentations
 from .backbones import Backbone
 from .config import Config, HistoboostError
 from .data import ImageRecord, Manifest, Problem, read_image, working_scale, write_text_atomic
-from .stain import StainError, StainFit, StainQC, fit_macenko, normalize_safely
+from .stain import STAIN_FAILURE_FIX, StainError, StainFit, StainQC, fit_macenko, normalize_safely
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: images keyed by the content key of their decoded pixels, not their file bytes
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -170,7 +173,7 @@ def default_cache_dir() -> Path:
 
 
 class FeatureStore:
-    """One folder per (backbone, weights, feature settings), one `.npz` file per image sha256."""
+    """One folder per (backbone, weights, feature settings), one `.npz` file per image content key."""
 
     def __init__(self, root: Path, meta: dict):
         self.root = root
@@ -189,33 +192,43 @@ class FeatureStore:
         root = Path(cache_dir) / "features" / f"{backbone.name}-{key}"
         index = root / "index.json"
         if index.is_file():
-            try:
-                found = json.loads(index.read_text())
-            except json.JSONDecodeError:
-                raise FeatureStoreError(f"{index}: damaged index; delete the folder {root} to re-extract") from None
+            found = read_index(index)
             if {k: found.get(k) for k in settings} != settings:
                 raise FeatureStoreError(f"{root} holds features made with other settings than its name says: "
                                         f"delete it (histoboost cache prune --key {root.name}) to re-extract")
-            os.utime(index)  # "last used", for `cache list` and `cache prune --older-than`
+            try:
+                os.utime(index)  # "last used", for `cache list` and `cache prune --older-than`
+            except OSError:  # a read-only store (shared, mounted) is still good for reading
+                pass
             return cls(root, found)
-        root.mkdir(parents=True, exist_ok=True)
         meta = {**settings, "key": root.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "versions": library_versions()}
-        write_text_atomic(index, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(index, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        except OSError as err:
+            raise FeatureStoreError(f"{root}: cannot create the feature store ({err.strerror}): give a writable "
+                                    "--cache-dir") from None
         return cls(root, meta)
 
     def path(self, image_id: str) -> Path:
         return self.root / f"{image_id}.npz"
 
     def load(self, image_id: str) -> ImageFeatures | None:
-        """The stored features, or None when absent or unreadable (then they are recomputed)."""
+        """The stored features, or None when absent, truncated or with any bit flipped (then they are
+        recomputed): every member's CRC is checked, since np.load alone may stop short of it."""
         try:
-            with np.load(self.path(image_id)) as data:
+            raw = io.BytesIO(self.path(image_id).read_bytes())
+            with zipfile.ZipFile(raw) as archive:
+                if archive.testzip() is not None:
+                    return None
+            raw.seek(0)
+            with np.load(raw) as data:
                 crops = data["crops"] if "crops" in data else None
                 boxes = data["boxes"] if "boxes" in data else None
                 fallback = str(data["stain_fallback"]) if "stain_fallback" in data else ""
                 return ImageFeatures(data["pooled"], data["whole"], crops, boxes, fallback)
-        except (OSError, KeyError, ValueError, EOFError):
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):  # damaged: recompute
             return None
 
     def has(self, image_id: str, need_crops: bool = False) -> bool:
@@ -231,31 +244,66 @@ class FeatureStore:
                   "stain_fallback": np.array(features.stain_fallback)}
         if features.crops is not None:
             arrays.update(crops=features.crops, boxes=features.boxes)
-        tmp = self.root / f".{image_id}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self.path(image_id))
+        tmp = self.root / f".{image_id}.{os.getpid()}.{_host()}.tmp.npz"
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, self.path(image_id))
+        except OSError as err:  # disk full, read-only: what was stored before stays
+            tmp.unlink(missing_ok=True)
+            raise FeatureStoreError(f"{self.root}: cannot store features ({err.strerror}): free space or give a "
+                                    "writable --cache-dir; rerun to resume") from None
 
     def clear_stale_temporaries(self) -> None:
-        """Remove temporary files left by killed runs (their process is gone)."""
-        for tmp in self.root.glob(".*.tmp.npz"):
-            pid = tmp.name.split(".")[2]
-            if pid.isdigit() and not _process_alive(int(pid)):
+        """Remove temporary files left by killed runs on this machine (their process is gone)."""
+        clear_stale_temporaries(self.root)
+
+
+def read_index(index: Path) -> dict:
+    """A store's index.json; one clear line when it is damaged."""
+    try:
+        found = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        found = None
+    if not isinstance(found, dict):
+        raise FeatureStoreError(f"{index}: damaged index; delete the folder {index.parent} to re-extract")
+    return found
+
+
+def clear_stale_temporaries(root: Path) -> None:
+    """Temporary files `.ID.PID.HOST.tmp.npz` whose writer is gone. Those of live processes, and of
+    other machines sharing the folder (whose processes cannot be seen from here), are left alone."""
+    host = _host()
+    for tmp in root.glob(".*.tmp.npz"):
+        parts = tmp.name.split(".")
+        pid, writer_host = (parts[2], parts[3]) if len(parts) == 6 else ("", "")
+        if pid.isdigit() and writer_host == host and not _process_alive(int(pid)):
+            try:
                 tmp.unlink(missing_ok=True)
+            except OSError:  # a read-only store
+                pass
+
+
+def _stores(cache_dir: str | Path) -> list[Path]:
+    """The feature stores under a cache: folders under features/ that hold an index.json, nothing else."""
+    base = Path(cache_dir) / "features"
+    return sorted(p for p in base.iterdir() if p.is_dir() and (p / "index.json").is_file()) if base.is_dir() else []
 
 
 def list_stores(cache_dir: str | Path) -> list[dict]:
     """Every feature store under the cache: key, backbone, settings, images, bytes, last use."""
     stores = []
-    for root in sorted((Path(cache_dir) / "features").glob("*")):
+    for root in _stores(cache_dir):
         index = root / "index.json"
-        meta = json.loads(index.read_text()) if index.is_file() else {}
-        files = list(root.glob("*.npz"))
+        try:
+            meta = read_index(index)
+        except FeatureStoreError:
+            meta = {"damaged": True}
+        files = [f for f in root.glob("*.npz") if not f.name.startswith(".")]
         stores.append({
-            "key": root.name, "path": str(root), "backbone": meta.get("backbone", {}).get("name", "?"),
-            "images": sum(1 for f in files if not f.name.startswith(".")),
-            "bytes": sum(f.stat().st_size for f in files),
+            "key": root.name, "path": str(root), "backbone": meta.get("backbone", {}).get("name", "damaged index"),
+            "images": len(files), "bytes": sum(f.stat().st_size for f in files),
             "last_used": time.strftime("%Y-%m-%d %H:%M", time.localtime(max(
-                [f.stat().st_mtime for f in [*files, index] if f.exists()] or [root.stat().st_mtime]))),
+                [f.stat().st_mtime for f in [*files, index]] or [root.stat().st_mtime]))),
             "settings": meta.get("settings", {}),
         })
     return stores
@@ -263,15 +311,15 @@ def list_stores(cache_dir: str | Path) -> list[dict]:
 
 def prune_stores(cache_dir: str | Path, keys: Iterable[str] = (), older_than_days: float | None = None,
                  everything: bool = False) -> list[str]:
-    """Delete the named stores, those unused for `older_than_days`, or all; always clear leftover
-    temporary files of interrupted runs. Returns what was removed."""
+    """Delete the named stores, those unused for `older_than_days`, or all, and clear temporary files
+    of dead writers. Only folders with an index.json are stores: nothing else is ever touched.
+    Returns what was removed."""
     removed = []
     now = time.time()
     keys = set(keys)
-    for root in sorted((Path(cache_dir) / "features").glob("*")):
-        for tmp in root.glob(".*.tmp.npz"):
-            tmp.unlink(missing_ok=True)
-        last = max([f.stat().st_mtime for f in root.iterdir()] or [root.stat().st_mtime])
+    for root in _stores(cache_dir):
+        clear_stale_temporaries(root)
+        last = max(f.stat().st_mtime for f in [root / "index.json", *root.glob("*.npz")])
         stale = older_than_days is not None and now - last > older_than_days * 86400
         if everything or root.name in keys or stale:
             shutil.rmtree(root)
@@ -323,7 +371,7 @@ def extract_features(manifest: Manifest, config: Config, backbone: Backbone, cac
                dynamic_ncols=True)
     for record, prepared in _prefetch(prepare, todo):
         if isinstance(prepared, StainError):
-            result.problems.append(Problem(record.path, str(prepared), "remove the image, or use --stain none"))
+            result.problems.append(Problem(record.path, str(prepared), STAIN_FAILURE_FIX))
         else:
             if prepared.qc is not None:
                 result.stain_qc[record.image_id] = prepared.qc
@@ -414,6 +462,11 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _host() -> str:
+    """This machine's name as it can appear inside a file name (dots and separators dropped)."""
+    return "".join(c for c in platform.node() if c.isalnum() or c in "-_") or "localhost"
 
 
 def _hash(obj: dict) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 from . import __version__
 from .data import GROUP_NAMES, write_text_atomic
 from .evaluate import BINARY_TASKS, CVRun, carcinoma_roc
+from .outputs import spreadsheet_safe
 from .stain import FALLBACK_NOTES
 
 TASK_TITLES = {"carcinoma": "carcinoma (1+2) vs non-carcinoma (0)", "0v1": "normal/benign (0) vs in situ (1)",
@@ -24,7 +25,8 @@ DECISIONS = {"majority_vote": "majority vote", "mean_probability": "mean probabi
 
 
 def write_outputs(run: CVRun, out: str | Path, provenance: dict[str, Any] | None = None) -> Path:
-    """Write config.json, cv_results.npz, metrics.json, predictions.csv, figures/ and report.html."""
+    """Write config.json, cv_results.npz, metrics.json, predictions.csv, figures/ and report.html into
+    `out` (a staging folder: see `outputs.staged_folder`)."""
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", run.config.to_json(provenance))
@@ -50,13 +52,13 @@ def write_metrics(run: CVRun, out: Path) -> None:
         decision = result.decision if result.decision is not None else majority
         refer = _referred(run, result)
         for i in range(len(result.truth)):
-            writer.writerow([result.model, run.names[i], run.paths[i], run.image_ids[i], run.patients[i],
+            writer.writerow(map(spreadsheet_safe, [result.model, run.names[i], run.paths[i], run.image_ids[i], run.patients[i],
                              result.truth[i], GROUP_NAMES[result.truth[i]], run.plan.folds[i], majority[i],
                              mean_decision[i], "" if result.decision is None else decision[i],
                              GROUP_NAMES[decision[i]], decision[i],
                              *(f"{p:.6f}" for p in probs[i]), *votes[i],
                              "" if result.agreement is None else f"{result.agreement[i]:.3f}",
-                             refer[i], run.stain_fallbacks[i]])
+                             refer[i], run.stain_fallbacks[i]]))
     write_text_atomic(out / "predictions.csv", buffer.getvalue())
 
 
@@ -400,7 +402,7 @@ img.figure { max-width: 100%; } footer { margin-top: 3em; color: #888; font-size
 OVERLAY_LEGEND_HEIGHT = 64
 
 
-def write_overlay(image_path: str | Path, grid: np.ndarray, predicted: int, out_dir: Path, max_side: int = 1024) -> Path:
+def write_overlay(image_path: str | Path, grid: np.ndarray, predicted: int, out: Path, max_side: int = 1024) -> Path:
     """PNG of the image with the probability of the predicted class per feature-map cell laid over the
     tissue, and a legend that says the map is exploratory. Size: the image (longest side at most
     `max_side`) plus a legend strip of OVERLAY_LEGEND_HEIGHT pixels."""
@@ -429,9 +431,7 @@ def write_overlay(image_path: str | Path, grid: np.ndarray, predicted: int, out_
               "per feature-map cell over tissue", fill="black")
     draw.text((220, h + 24), "EXPLORATORY: the classifier was trained on vectors pooled over crops,", fill="black")
     draw.text((220, h + 40), "not on single cells. Research use only; not for diagnosis.", fill="black")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{Path(image_path).stem}.overlay.png"
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = out.with_name(f".{out.name}.tmp")
     canvas.save(tmp, "PNG")
-    tmp.replace(path)
-    return path
+    tmp.replace(out)
+    return out

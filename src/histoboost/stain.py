@@ -21,6 +21,9 @@ from torchstain.numpy.utils import lab2rgb, rgb2lab
 from .config import HistoboostError, PreprocessConfig, StainConfig
 from .data import ImageRecord, Problem, read_record
 
+# What to do about an image whose stains cannot be normalised (validation already refused blank ones).
+STAIN_FAILURE_FIX = "if it shows tissue, try --stain reinhard or none, or another --stain-reference; if not, remove it"
+
 # Macenko et al., ISBI 2009, reference values as published with the method (also torchstain's defaults).
 MACENKO_HE_REF = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])
 MACENKO_MAX_C_REF = np.array([1.9705, 1.0308])
@@ -277,7 +280,7 @@ def check_images(records: Sequence[ImageRecord], preprocess: PreprocessConfig, t
     problems: list[Problem] = []
     for record, result in zip(records, results):
         if isinstance(result, StainError):
-            problems.append(Problem(record.path, str(result), "remove the image, or use --stain none"))
+            problems.append(Problem(record.path, str(result), STAIN_FAILURE_FIX))
         elif result is not None:
             qcs[record.image_id] = result
             fallback = {"reinhard": "Reinhard's normalisation (or none, if that fails too)",

@@ -1,0 +1,74 @@
+"""Writing results so that they are whole or absent: checked before any work, staged, then renamed.
+
+A run folder is written into a hidden staging folder beside it and renamed into place at the end, so
+an interrupted run leaves nothing that looks complete and never mixes two runs. Nothing that exists
+is overwritten unless the user said `--force`. CSV cells that a spreadsheet would run as a formula
+are neutralised (OWASP's advice for CSV injection).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .config import HistoboostError
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+class OutputError(HistoboostError):
+    """An output place cannot be used; the message says what to do."""
+
+
+def check_output(path: Path, force: bool = False, folder: bool = True) -> Path:
+    """Refuse, before any work, an output that exists (unless `force`), is the wrong kind, or whose
+    parent folder cannot be written."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not force:
+            raise OutputError(f"{path} exists: choose another --out, or pass --force to replace it")
+        if folder != path.is_dir():
+            raise OutputError(f"{path} is {'a file' if path.is_file() else 'a folder'}: give "
+                              f"{'a folder' if folder else 'a file name'} for --out")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        if parent.exists() or not folder:
+            raise OutputError(f"{parent}: no such folder for --out {path}: create it first")
+        return path  # a run folder's missing parents are made when it is written
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{parent}: cannot write there (read-only or no permission): choose another --out")
+    return path
+
+
+@contextmanager
+def staged_folder(out: Path, force: bool = False) -> Iterator[Path]:
+    """A hidden folder beside `out` to write into; renamed to `out` when the block ends without error,
+    removed when it fails. With `force`, an existing `out` is replaced only then."""
+    out = check_output(out, force)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        if out.exists():
+            old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def spreadsheet_safe(value: object) -> object:
+    """A text cell that Excel, LibreOffice or Google Sheets would run as a formula, quoted with a
+    leading apostrophe; numbers and other text unchanged."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value

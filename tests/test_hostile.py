@@ -1,0 +1,466 @@
+"""Hostile and careless inputs (docs/security.md): forged bundles, zip bombs, outputs that must be whole or
+absent, damaged stores and run files, bad flags. Each test names the item of the hardening issue it covers;
+images and manifests are in test_hostile_data.py."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from histoboost.bundle import META_FILE, Bundle, BundleError, _meta_digest, read_members, train_bundle
+from histoboost.config import preset
+from histoboost.data import load_manifest
+
+SMALL = {"preprocess.scale": 0.25, "augment.n_augment": 2, "augment.n_crops": 2, "augment.crop_size": 192,
+         "classifier.n_estimators": 10}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, bach):
+    root = tmp_path_factory.mktemp("hostile")
+    data = root / "data"
+    for label, names in {"Normal": ["n001", "n003"], "Benign": ["b001", "b002"], "InSitu": ["is001", "is003"],
+                         "Invasive": ["iv001", "iv003"]}.items():
+        (data / label).mkdir(parents=True)
+        for name in names:
+            shutil.copy(bach / label / f"{name}.jpeg", data / label / f"{name}.jpeg")
+    manifest, _ = load_manifest(data)
+    bundle = train_bundle(manifest, preset("quick").merged(SMALL), root / "cache", progress=False)
+    return bundle, manifest, root
+
+
+def _forge(source: Path, out: Path, edit=None, members: dict | None = None, rehash: bool = True) -> Path:
+    """A copy of a folder bundle with bundle.json edited and its checksums recomputed, as an attacker would."""
+    shutil.copytree(source, out)
+    meta = json.loads((out / META_FILE).read_text())
+    for name, data in (members or {}).items():
+        (out / name).write_bytes(data)
+    if edit is not None:
+        edit(meta)
+    if rehash:
+        import hashlib
+
+        for name in list(meta.get("files", {})):
+            if (out / name).is_file():
+                meta["files"][name] = hashlib.sha256((out / name).read_bytes()).hexdigest()
+        meta["meta_sha256"] = _meta_digest(meta)
+    (out / META_FILE).write_text(json.dumps(meta))
+    return out
+
+
+@pytest.fixture(scope="module")
+def genuine(trained):
+    bundle, _, root = trained
+    return bundle.save(root / "genuine")
+
+
+# -- 1. no path from bundle.json is ever written or opened ------------------------------------------------
+
+def test_member_names_from_bundle_json_never_become_paths(genuine, tmp_path):
+    target = tmp_path / "pwned"
+    forged = [
+        lambda m: m["classifier"].update(file=f"../{target.name}/x.ubj"),
+        lambda m: m["classifier"].update(file=str(target / "abs.ubj")),
+        lambda m: m["backbones"][0].update(file=f"../../{target.name}/w.safetensors"),
+        lambda m: m["config"]["features"].update(weights=["efficientnet_lite0=/etc/passwd"]),
+    ]
+    for i, edit in enumerate(forged):
+        with pytest.raises(BundleError) as err:
+            Bundle.load(_forge(genuine, tmp_path / f"b{i}", edit))
+        assert "\n" not in str(err.value)
+    assert not target.exists() and not list(tmp_path.rglob("x.ubj")) and not list(tmp_path.rglob("abs.ubj"))
+
+
+def test_files_must_list_exactly_the_members_present(genuine, tmp_path):
+    extra = _forge(genuine, tmp_path / "extra", members={"weights-evil.safetensors": b"x"})
+    with pytest.raises(BundleError, match="weights-evil.safetensors not listed"):
+        Bundle.load(extra)
+    dropped = _forge(genuine, tmp_path / "dropped", lambda m: m.update(files={}))
+    with pytest.raises(BundleError, match="files"):  # the schema wants at least the classifier
+        Bundle.load(dropped)
+    unknown = shutil.copytree(genuine, tmp_path / "unknown")
+    (unknown / "README.txt").write_text("hello")
+    with pytest.raises(BundleError, match="README.txt.*never has"):
+        Bundle.load(unknown)
+    linked = shutil.copytree(genuine, tmp_path / "linked")
+    (linked / "model.ubj").unlink()
+    (linked / "model.ubj").symlink_to(genuine / "model.ubj")
+    with pytest.raises(BundleError, match="not a regular file"):
+        Bundle.load(linked)
+
+
+# -- 2. sizes are checked before anything is read -----------------------------------------------------------
+
+def test_zip_bomb_is_refused_in_one_line_at_small_memory(genuine, tmp_path):
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        for member in genuine.iterdir():
+            archive.write(member, member.name)
+        with archive.open("weights-efficientnet_lite0.safetensors", "w", force_zip64=True) as handle:
+            block = bytes(2**20)
+            for _ in range(512):  # 512 MiB of zeros in a ~0.5 MB zip
+                handle.write(block)
+    assert bomb.stat().st_size < 2 * 2**20
+    code = ("import resource, sys\nfrom histoboost.bundle import Bundle, BundleError\n"
+            "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024\nbefore = rss()\n"
+            "try:\n    Bundle.load(sys.argv[1])\nexcept BundleError as err:\n    print(err)\n"
+            "print(rss() - before)")
+    result = subprocess.run([sys.executable, "-c", code, bomb], capture_output=True, text=True, check=True)
+    message, grown_mib = result.stdout.strip().rsplit("\n", 1)
+    assert "zip bomb" in message and "\n" not in message
+    assert int(grown_mib) < 50  # refused before torch is even imported; the 512 MiB were never inflated
+
+
+def test_too_many_members_are_refused_before_reading(genuine, tmp_path):
+    many = tmp_path / "many.zip"
+    with zipfile.ZipFile(many, "w") as archive:
+        for i in range(20):
+            archive.writestr(f"weights-x{i}.safetensors", b"")
+    with pytest.raises(BundleError, match="20 members"):
+        read_members(many)
+
+
+# -- 3. integrity is not authenticity: identity and signatures ---------------------------------------------
+
+def test_a_forged_threshold_is_caught_by_the_schema_or_by_the_expected_identity(trained, genuine, tmp_path):
+    from histoboost.bundle import identity
+
+    negative = _forge(genuine, tmp_path / "negative", lambda m: m["decision_rule"].update(threshold=-1))
+    with pytest.raises(BundleError, match="decision_rule/threshold"):
+        Bundle.load(negative)
+    # A threshold of 0 is a valid value: the bundle's own checksums cannot tell it from a real one...
+    zero = _forge(genuine, tmp_path / "zero", lambda m: m["decision_rule"].update(threshold=0.0))
+    assert Bundle.load(zero).rule.threshold == 0.0
+    # ...but the identity the author published can.
+    published = identity((genuine / META_FILE).read_bytes())
+    assert Bundle.load(genuine, expect_sha256=published).sha256 == published
+    with pytest.raises(BundleError, match="not the expected"):
+        Bundle.load(zero, expect_sha256=published)
+
+
+def test_signatures_detect_deliberate_edits(trained, genuine, tmp_path):
+    from histoboost.bundle import signature_path
+    from histoboost.signing import generate_key, private_key, sign
+
+    key, public = generate_key(tmp_path / "key.pem")
+    assert (key.stat().st_mode & 0o777) == 0o600 and public.name == "key.pub.pem"
+    signed = shutil.copytree(genuine, tmp_path / "signed")
+    sign((signed / META_FILE).read_bytes(), private_key(key), signature_path(signed))
+    assert Bundle.load(signed, trusted_key=public).sha256
+    swapped = _forge(signed, tmp_path / "swapped", lambda m: m["decision_rule"].update(threshold=0.0))
+    shutil.copy(signature_path(signed), signature_path(swapped))
+    with pytest.raises(BundleError, match="does not verify"):
+        Bundle.load(swapped, trusted_key=public)
+    with pytest.raises(BundleError, match="no signature"):
+        Bundle.load(genuine, trusted_key=public)
+    _, stranger = generate_key(tmp_path / "stranger.pem")
+    with pytest.raises(BundleError, match="does not verify"):
+        Bundle.load(signed, trusted_key=stranger)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_signature_verifies_with_openssl_as_documented(genuine, tmp_path):
+    from histoboost.bundle import signature_path
+    from histoboost.signing import generate_key, private_key, sign
+
+    key, public = generate_key(tmp_path / "key.pem")
+    sign((genuine / META_FILE).read_bytes(), private_key(key), signature_path(tmp_path / "model"))
+    result = subprocess.run(["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", public, "-rawin", "-in",
+                             genuine / META_FILE, "-sigfile", signature_path(tmp_path / "model")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "Verified Successfully" in result.stdout
+
+
+def test_torch_floor_excludes_the_weights_only_bypass():
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"torch>=2.6"' in pyproject  # CVE-2025-32434
+
+
+# -- 4. every field validated before use; 14. older formats refused in one line -----------------------------
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda m: m.pop("config"), "'config' is a required property"),
+    (lambda m: m.update(backbones="x"), "backbones"),
+    (lambda m: m["decision_rule"].update(extra=1), "decision_rule"),
+    (lambda m: m["classifier"].update(best_iteration=-1), "classifier"),
+    (lambda m: m["config"].update(seed="x"), "unusable config"),
+    (lambda m: m.update(format_version="4"), "no integer format_version"),
+    (lambda m: m.update(format_version=4.0), "no integer format_version"),
+    (lambda m: m.update(format_version=True), "no integer format_version"),
+    (lambda m: m.update(format_version=-7), "no histoboost wrote it"),
+    (lambda m: m.update(format_version=3), "older than the 4 this histoboost reads .histoboost 0.1.0 reads it"),
+    (lambda m: m.update(format_version=99), "newer than"),
+    (lambda m: m["versions"].update(deep={"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}}), "nested deeper"),
+])
+def test_malformed_bundle_json_is_one_line(genuine, tmp_path, edit, expected):
+    forged = _forge(genuine, tmp_path / "forged", edit)
+    with pytest.raises(BundleError, match=expected) as err:
+        Bundle.load(forged)
+    assert "\n" not in str(err.value)
+
+
+def test_deep_or_junk_json_and_junk_model_are_one_line(genuine, tmp_path):
+    deep = shutil.copytree(genuine, tmp_path / "deep")
+    (deep / META_FILE).write_text("[" * 200_000)
+    with pytest.raises(BundleError, match="nested too deeply|not JSON"):
+        Bundle.load(deep)
+    junk = _forge(genuine, tmp_path / "junk", members={"model.ubj": b"junk"})
+    with pytest.raises(BundleError, match="model.ubj is not an XGBoost model"):
+        Bundle.load(junk)
+    empty = _forge(genuine, tmp_path / "empty", members={"model.ubj": b""})  # XGBoost would abort the process
+    with pytest.raises(BundleError, match="model.ubj is not an XGBoost model"):
+        Bundle.load(empty)
+
+
+def test_bundle_json_follows_the_published_schema_and_names_no_local_path(genuine):
+    import jsonschema
+
+    from histoboost.bundle import _schema_validator
+
+    meta = json.loads((genuine / META_FILE).read_text())
+    jsonschema.validate(meta, _schema_validator().schema)
+    assert meta["config"]["features"]["weights"] == [] and "created" not in meta
+    assert len(meta["training_data"]["image_ids"]) == meta["training_data"]["images"] == 8
+
+
+def test_same_training_gives_the_same_identity(trained, tmp_path):
+    bundle, _, _ = trained
+    a, b = bundle.save(tmp_path / "a.zip"), bundle.save(tmp_path / "b.zip")
+    assert a.read_bytes() == b.read_bytes()
+
+
+# -- 5. CSV outputs are safe in a spreadsheet; 7. per-image outputs named uniquely ---------------------------
+
+def test_formula_names_are_neutralised_and_overlays_never_collide(trained, tmp_path, bach):
+    from test_cli import run_cli
+
+    bundle, _, root = trained
+    model = bundle.save(tmp_path / "model")
+    images = tmp_path / "images"
+    (images / "a").mkdir(parents=True)
+    (images / "b").mkdir()
+    shutil.copy(bach / "Normal" / "n010.jpeg", images / "a" / "x.jpeg")
+    shutil.copy(bach / "Invasive" / "iv011.jpeg", images / "b" / "x.jpeg")
+    shutil.copy(bach / "Benign" / "b010.jpeg", images / '=HYPERLINK("http:evil.example";"open").jpeg')
+    result = run_cli("predict", model, images, "--out", tmp_path / "p.csv", "--overlay", tmp_path / "ov", "--quiet")
+    assert result.returncode == 0, result.stderr
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert len(rows) == 3 and len(list((tmp_path / "ov").glob("*.overlay.png"))) == 3
+    assert {r["overlay"].removeprefix("'") for r in rows} == {p.name for p in (tmp_path / "ov").iterdir()}
+    assert not any(v.startswith(("=", "+", "-", "@")) for r in rows for v in r.values())
+    assert any(r["name"].startswith("'=HYPERLINK") for r in rows)
+
+
+# -- 6. outputs whole or absent, nothing overwritten ---------------------------------------------------------
+
+def test_staged_folder_leaves_nothing_that_looks_complete(tmp_path):
+    from histoboost.outputs import OutputError, check_output, staged_folder
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        with staged_folder(out) as staging:
+            (staging / "metrics.json").write_text("{}")
+            raise KeyboardInterrupt
+    assert not out.exists() and not list(tmp_path.iterdir())
+    with staged_folder(out) as staging:
+        (staging / "metrics.json").write_text("old")
+    with pytest.raises(OutputError, match="exists.*--force"):
+        check_output(out)
+    with pytest.raises(KeyboardInterrupt):  # forced, but interrupted: the old run stays whole
+        with staged_folder(out, force=True) as staging:
+            (staging / "metrics.json").write_text("new")
+            raise KeyboardInterrupt
+    assert (out / "metrics.json").read_text() == "old"
+    with staged_folder(out, force=True) as staging:
+        (staging / "metrics.json").write_text("new")
+    assert (out / "metrics.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    with pytest.raises(OutputError, match="no such folder"):
+        check_output(tmp_path / "no" / "such" / "preds.csv", folder=False)
+    with pytest.raises(OutputError, match="is a folder"):
+        check_output(out, force=True, folder=False)
+
+
+def test_cli_refuses_existing_outputs_before_any_work(trained, small_folder, tmp_path):
+    from test_cli import run_cli
+
+    bundle, _, _ = trained
+    model = bundle.save(tmp_path / "model")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "important.csv").write_text("IMPORTANT")
+    for args in (("cv", small_folder, "--out", tmp_path / "run"), ("evaluate", model, small_folder, "--out",
+                 tmp_path / "run"), ("predict", model, small_folder, "--out", tmp_path / "important.csv"),
+                 ("predict", model, small_folder, "--out", tmp_path / "missing" / "p.csv")):
+        result = run_cli(*args, "--quiet")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert (tmp_path / "important.csv").read_text() == "IMPORTANT" and not list((tmp_path / "run").iterdir())
+
+
+# -- 8. cache prune touches only stores, never a live writer's file; a read-only store reads -----------------
+
+def test_prune_touches_only_stores_and_dead_temporaries(tmp_path, monkeypatch):
+    from histoboost import features
+    from histoboost.features import prune_stores
+
+    base = tmp_path / "features"
+    precious = base / "my_precious_features"
+    precious.mkdir(parents=True)
+    (precious / "data.npz").write_bytes(b"mine")
+    (base / "README.txt").write_text("notes")
+    store = base / "lite0-abc"
+    store.mkdir()
+    (store / "index.json").write_text("{}")
+    host = features._host()
+    live = store / f".img.{os.getpid()}.{host}.tmp.npz"
+    other_machine = store / ".img.1.another-host.tmp.npz"
+    dead = store / f".img.999999999.{host}.tmp.npz"
+    for tmp in (live, other_machine, dead):
+        tmp.write_bytes(b"")
+    assert prune_stores(tmp_path, keys=["none"]) == []
+    assert live.exists() and other_machine.exists() and not dead.exists()
+    assert prune_stores(tmp_path, everything=True) == ["lite0-abc"]
+    assert (precious / "data.npz").read_bytes() == b"mine" and (base / "README.txt").exists()
+
+
+def test_read_only_store_is_usable_and_unwritable_cache_is_one_line(tmp_path, monkeypatch):
+    from histoboost.backbones import create_backbone
+    from histoboost.features import FeatureStore, FeatureStoreError
+
+    config = preset("quick").merged(SMALL)
+    backbone = create_backbone("efficientnet_lite0")
+    store = FeatureStore.open(tmp_path, config, backbone)
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "utime", read_only)
+    assert FeatureStore.open(tmp_path, config, backbone).root == store.root
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FeatureStoreError, match="cannot create the feature store"):
+        FeatureStore.open(tmp_path / "file", config, backbone)
+
+
+# -- 11. evaluate refuses the bundle's own training images ---------------------------------------------------
+
+def test_evaluate_refuses_training_images(trained):
+    from histoboost.bundle import evaluate_bundle
+
+    bundle, manifest, _ = trained
+    with pytest.raises(BundleError, match="8 of the 8 images were in the bundle's training set"):
+        evaluate_bundle(bundle, manifest, progress=False)
+
+
+# -- 12. numeric flags at the boundary, exit status 2, late checks moved early --------------------------------
+
+@pytest.mark.parametrize("flags", [["--threads", "-1"], ["--batch-size", "0"], ["--early-stopping", "-5"],
+                                   ["--folds", "1"], ["--scale", "nan"], ["--refer-below", "1.5"],
+                                   ["--label-map", "Normal=5"], ["--seed", "x"]])
+def test_bad_flags_exit_2_in_one_line(flags, small_folder, tmp_path):
+    from test_cli import run_cli
+
+    result = run_cli("cv", small_folder, "--out", tmp_path / "run", "--quiet", *flags)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_train_checks_split_by_before_extracting(small_folder, tmp_path):
+    from test_cli import run_cli
+
+    result = run_cli("train", small_folder, "--preset", "quick", "--split-by", "nosuchcolumn", "--out",
+                     tmp_path / "m.zip", "--cache-dir", tmp_path / "cache", "--quiet")
+    assert result.returncode == 2 and "--split-by nosuchcolumn" in result.stderr
+    assert not (tmp_path / "cache").exists()  # nothing was extracted
+
+
+# -- 13. content key: a metadata-only change does not change the answer -------------------------------------
+
+def test_metadata_only_change_gives_the_same_prediction(trained, tmp_path, bach):
+    bundle, _, _ = trained
+    original = tmp_path / "n010.jpeg"
+    shutil.copy(bach / "Normal" / "n010.jpeg", original)
+    data = original.read_bytes()
+    tagged = tmp_path / "tagged.jpeg"
+    tagged.write_bytes(data[:2] + b"\xff\xfe\x00\x0ehello world!" + data[2:])  # a JPEG COM segment
+    assert np.array_equal(np.asarray(Image.open(original)), np.asarray(Image.open(tagged)))
+    (a, b), problems = bundle.predict([original, tagged])
+    assert problems == []
+    assert {k: v for k, v in a.items() if k not in ("path", "name")} == \
+           {k: v for k, v in b.items() if k not in ("path", "name")}
+
+
+# -- 15. damaged store and run files; 16. no traceback anywhere ----------------------------------------------
+
+def test_damaged_store_files_count_as_missing(tmp_path):
+    from histoboost.features import FeatureStore, ImageFeatures
+
+    store = FeatureStore(tmp_path, {})
+    features = ImageFeatures(np.ones((2, 4), np.float32), np.zeros((2, 4), np.float32))
+    for i, damage in enumerate(("truncate", "flip")):
+        store.save(f"id{i}", features)
+        path = store.path(f"id{i}")
+        raw = bytearray(path.read_bytes())
+        if damage == "truncate":
+            raw = raw[: len(raw) // 2]
+        else:
+            raw[raw.find(features.pooled.tobytes()) + 5] ^= 0x01  # one bit of one stored number
+        path.write_bytes(bytes(raw))
+        assert store.load(f"id{i}") is None and not store.has(f"id{i}")
+
+
+def test_full_disk_keeps_what_was_stored_and_leaves_no_temporary(tmp_path, monkeypatch):
+    from histoboost.features import FeatureStore, FeatureStoreError, ImageFeatures
+
+    store = FeatureStore(tmp_path, {})
+    features = ImageFeatures(np.ones((2, 4), np.float32), np.zeros((2, 4), np.float32))
+    store.save("kept", features)
+
+    def full(file, **arrays):
+        Path(file).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full)
+    with pytest.raises(FeatureStoreError, match="No space left on device.*rerun to resume"):
+        store.save("new", features)
+    assert store.has("kept") and sorted(p.name for p in tmp_path.iterdir()) == ["kept.npz"]
+
+
+def test_damaged_run_files_and_index_are_one_line(tmp_path, small_folder):
+    from test_cli import run_cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{not json")
+    np.savez(run / "cv_results.npz", a=np.zeros(3))
+    result = run_cli("report", run)
+    assert result.returncode == 2 and "config.json: damaged" in result.stderr and "Traceback" not in result.stderr
+    (run / "config.json").write_text(preset("quick").to_json())
+    (run / "cv_results.npz").write_bytes((run / "cv_results.npz").read_bytes()[:100])
+    result = run_cli("report", run)
+    assert result.returncode == 2 and "cv_results.npz: damaged" in result.stderr and "Traceback" not in result.stderr
+    store = tmp_path / "cache" / "features" / "lite0-x"
+    store.mkdir(parents=True)
+    (store / "index.json").write_text("{broken")
+    (tmp_path / "cache" / "features" / "README.txt").write_text("notes")
+    listing = run_cli("cache", "list", "--cache-dir", tmp_path / "cache")
+    assert listing.returncode == 0 and "damaged index" in listing.stdout and "README" not in listing.stdout
+
+
+def test_system_errors_are_one_line_unless_debug(monkeypatch, capsys, tmp_path):
+    from histoboost import cli
+
+    def broken(args):
+        raise OSError(28, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(cli, "_cache", broken)
+    assert cli.main(["cache", "list"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and str(tmp_path / "x") in err
+    with pytest.raises(OSError):
+        cli.main(["cache", "list", "--debug"])
