@@ -30,16 +30,22 @@ def bach_image(bach: Path):
     return load
 
 
-@pytest.fixture
-def small_folder(tmp_path: Path, bach: Path) -> Path:
-    """A class-folder data set of 2 real images per class (copied into a temporary folder)."""
-    root = tmp_path / "data"
-    for label, names in {"Normal": ["n001", "n003"], "Benign": ["b001", "b002"],
-                         "InSitu": ["is001", "is003"], "Invasive": ["iv001", "iv003"]}.items():
+EIGHT = {"Normal": ["n001", "n003"], "Benign": ["b001", "b002"], "InSitu": ["is001", "is003"], "Invasive": ["iv001", "iv003"]}
+
+
+def copy_eight(bach: Path, root: Path) -> Path:
+    """A class-folder data set of 2 real BACH images per class, copied into `root`."""
+    for label, names in EIGHT.items():
         (root / label).mkdir(parents=True)
         for name in names:
             shutil.copy(bach / label / f"{name}.jpeg", root / label / f"{name}.jpeg")
     return root
+
+
+@pytest.fixture
+def small_folder(tmp_path: Path, bach: Path) -> Path:
+    """A class-folder data set of 2 real images per class (copied into a temporary folder)."""
+    return copy_eight(bach, tmp_path / "data")
 
 
 def tissue_like(size: tuple[int, int] = (400, 300), seed: int = 0) -> Image.Image:

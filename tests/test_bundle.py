@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_png
+from conftest import copy_eight, write_png
 from histoboost.bundle import FORMAT_VERSION, Bundle, BundleError, train_bundle
 from histoboost.config import preset
 from histoboost.data import load_manifest
@@ -17,15 +17,8 @@ SMALL = {"preprocess.scale": 0.25, "augment.n_augment": 3, "augment.n_crops": 3,
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, bach):
-    import shutil
-
     root = tmp_path_factory.mktemp("bundle")
-    data = root / "data"
-    for label, names in {"Normal": ["n001", "n003"], "Benign": ["b001", "b002"], "InSitu": ["is001", "is003"],
-                         "Invasive": ["iv001", "iv003"]}.items():
-        (data / label).mkdir(parents=True)
-        for name in names:
-            shutil.copy(bach / label / f"{name}.jpeg", data / label / f"{name}.jpeg")
+    data = copy_eight(bach, root / "data")
     manifest, _ = load_manifest(data)
     bundle = train_bundle(manifest, preset("quick").merged(SMALL), root / "cache", progress=False)
     return bundle, manifest, root

@@ -1,7 +1,6 @@
 import csv
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

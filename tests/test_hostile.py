@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import copy_eight
 from histoboost.bundle import META_FILE, Bundle, BundleError, _meta_digest, read_members, train_bundle
 from histoboost.config import preset
 from histoboost.data import load_manifest
@@ -24,13 +25,8 @@ SMALL = {"preprocess.scale": 0.25, "augment.n_augment": 2, "augment.n_crops": 2,
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, bach):
-    root = tmp_path_factory.mktemp("hostile")
-    data = root / "data"
-    for label, names in {"Normal": ["n001", "n003"], "Benign": ["b001", "b002"], "InSitu": ["is001", "is003"],
-                         "Invasive": ["iv001", "iv003"]}.items():
-        (data / label).mkdir(parents=True)
-        for name in names:
-            shutil.copy(bach / label / f"{name}.jpeg", data / label / f"{name}.jpeg")
+    root = tmp_path_factory.mktemp("bundle")
+    data = copy_eight(bach, root / "data")
     manifest, _ = load_manifest(data)
     bundle = train_bundle(manifest, preset("quick").merged(SMALL), root / "cache", progress=False)
     return bundle, manifest, root
@@ -454,11 +450,12 @@ def test_damaged_run_files_and_index_are_one_line(tmp_path, small_folder):
 
 def test_system_errors_are_one_line_unless_debug(monkeypatch, capsys, tmp_path):
     from histoboost import cli
+    from histoboost.cli import dataset
 
     def broken(args):
         raise OSError(28, "No space left on device", str(tmp_path / "x"))
 
-    monkeypatch.setattr(cli, "_cache", broken)
+    monkeypatch.setattr(dataset, "_cache", broken)
     assert cli.main(["cache", "list"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and str(tmp_path / "x") in err

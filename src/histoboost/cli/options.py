@@ -1,0 +1,279 @@
+"""What every command shares: flag types checked at the boundary, the flag groups, the config built from
+flags (preset < config file < flags) and the data set loaded and validated before any work."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import PRESETS, Config, ConfigError, HistoboostError, build_config
+from ..data import DataError, Problem, load_manifest, parse_label_map, read_image
+from ..stain import StainError, fit_reference
+
+
+class UsageError(HistoboostError):
+    """A flag or file given on the command line cannot be used."""
+
+
+def count(lowest: int):
+    """argparse type: an integer of at least `lowest` (a bad value exits with status 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"{value} is below the smallest allowed, {lowest}")
+        return value
+    return parse
+
+
+def _number(check, wanted: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and check(value)):
+            raise argparse.ArgumentTypeError(f"{text} is not {wanted}")
+        return value
+    return parse
+
+
+positive = _number(lambda v: v > 0, "a positive number")
+non_negative = _number(lambda v: v >= 0, "zero or more")
+share = _number(lambda v: 0 <= v <= 1, "a share between 0 and 1")
+
+
+def sha256(text: str) -> str:
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text.lower()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a sha256 (64 hex digits, as histoboost train prints it)")
+    return text.lower()
+
+
+@dataclass(frozen=True)
+class Parents:
+    """The flag groups commands share (argparse parents)."""
+
+    common: argparse.ArgumentParser
+    protocol: argparse.ArgumentParser
+    features: argparse.ArgumentParser
+    evaluation: argparse.ArgumentParser
+    tuning: argparse.ArgumentParser
+    trust: argparse.ArgumentParser
+
+
+def parents() -> Parents:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("global options")
+    group.add_argument("--seed", type=count(0), help="random seed for augmentations, crops, folds and models")
+    group.add_argument("--threads", type=count(1), help="CPU threads to use (default: all cores)")
+    group.add_argument("--quiet", action="store_true", help="no progress bars, only results and problems")
+    group.add_argument("--debug", action="store_true", help="show the traceback of an unexpected system error")
+
+    protocol = argparse.ArgumentParser(add_help=False)
+    group = protocol.add_argument_group("protocol (precedence: --preset < --config file < these flags)")
+    group.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="starting settings (default: paper)")
+    group.add_argument("--config", type=Path, metavar="FILE", help="a saved config.json to rerun")
+    group.add_argument("--scale", type=positive, help="working scale factor (paper: 0.5)")
+    group.add_argument("--mpp", type=positive, help="target µm/px, used where the file states its resolution")
+    group.add_argument("--stain", choices=["macenko", "reinhard", "none"], help="stain normalisation")
+    group.add_argument("--stain-fallback", choices=["reinhard", "none", "keep"],
+                       help="for an image whose normalisation fails the quality check: Reinhard, then none "
+                       "(default); none; or keep the failed output")
+    group.add_argument("--stain-reference", type=Path, metavar="IMAGE",
+                       help="fit the stain reference to this image instead of the published default")
+    group.add_argument("--augmentations", "-A", type=count(1), help="colour augmentations per image")
+    group.add_argument("--crops", "-C", type=count(1), help="crops per augmentation")
+    group.add_argument("--crop-size", type=count(1), help="crop side in pixels at the working resolution")
+    group.add_argument("--label-map", metavar="LABEL=G,...",
+                       help="extra label-to-group mapping, e.g. 'Fibroadenoma=0,DCIS=1'")
+
+    features = argparse.ArgumentParser(add_help=False)
+    group = features.add_argument_group("features")
+    group.add_argument("--backbone", action="append", metavar="NAME",
+                       help="CNN (repeatable): resnet50, xception, efficientnet_lite0/1/2 (offline) or a timm name")
+    group.add_argument("--weights", action="append", metavar="[NAME=]PATH",
+                       help="local weights file (safetensors or torch state dict) instead of downloading")
+    group.add_argument("--mode", choices=["shared", "exact"], help="shared feature map (fast, default) or CNN per crop")
+    group.add_argument("--stages", type=count(1), help="feature maps used: 1 = final (default); k = also the k-1 stages "
+                       "before the last")
+    group.add_argument("--pooling", choices=["mean", "max", "gem"], help="how crop descriptors are pooled")
+    group.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    group.add_argument("--batch-size", type=count(1),
+                       help="augmentations (or crops) per CNN batch (default: 8 on CPU, 48 on CUDA)")
+    group.add_argument("--cache-dir", type=Path, help="feature store (default: $HISTOBOOST_CACHE or ~/.cache/histoboost)")
+
+    evaluation = argparse.ArgumentParser(add_help=False)
+    group = evaluation.add_argument_group("evaluation")
+    group.add_argument("--split-by", metavar="UNIT",
+                       help="image, patient (default when the data has patient ids) or a manifest column, e.g. id_block")
+    group.add_argument("--folds", type=count(2), help="cross-validation folds (paper: 6)")
+    group.add_argument("--descriptor", choices=["crops", "whole", "crops+whole"], help="what the classifier sees")
+    group.add_argument("--rounds", type=count(1), help="XGBoost boosting rounds")
+    group.add_argument("--class-weight", choices=["none", "balanced"], help="weigh classes equally in training")
+    group.add_argument("--early-stopping", type=count(0), metavar="ROUNDS",
+                       help="stop boosting after ROUNDS without improvement on a grouped inner split")
+    group.add_argument("--classifier", choices=["xgboost", "logistic"],
+                       help="XGBoost (the seed study's, default) or standardised logistic regression")
+    group.add_argument("--target-sensitivity", type=share, metavar="S",
+                       help="call carcinoma above the mean p(carcinoma) threshold that reaches sensitivity S on "
+                       "inner folds of the training data, e.g. 0.95 (default: majority vote)")
+    group.add_argument("--calibrate", action="store_true", default=None,
+                       help="temperature-scale the probabilities, fitted on inner folds of the training data")
+    group.add_argument("--inner-folds", type=count(2), help="inner folds for the threshold and calibration (default 4)")
+    group.add_argument("--refer-below", type=share, metavar="SHARE",
+                       help="refer an image to a pathologist when fewer than SHARE of its augmentations agree "
+                       "with the decision, e.g. 0.8 (stain-QC failures are always referred)")
+
+    tuning = argparse.ArgumentParser(add_help=False)
+    group = tuning.add_argument_group("fine-tuning (see histoboost finetune --help)")
+    group.add_argument("--epochs", type=count(1), help="fine-tuning epochs at most (default 8; early stopping may end sooner)")
+    group.add_argument("--lr", type=positive, help="backbone learning rate (default 3e-4; the new head: 10x)")
+    group.add_argument("--freeze-stages", type=count(0), metavar="K",
+                       help="keep the stem and the first K feature levels at their ImageNet weights (default 0)")
+    group.add_argument("--crops-per-image", type=count(1), help="random training crops per image and epoch (default 8)")
+    group.add_argument("--finetune-crop-size", type=count(1), metavar="PX",
+                       help="training crop side at the working resolution (default: --crop-size)")
+    group.add_argument("--finetune-batch-size", type=count(2), metavar="N", help="crops per training step (default 16)")
+    group.add_argument("--patience", type=count(1), help="epochs without a better validation loss before stopping (default 3)")
+
+    trust = argparse.ArgumentParser(add_help=False)
+    group = trust.add_argument_group("trusting a bundle (docs/security.md)")
+    group.add_argument("--expect-sha256", type=sha256, metavar="HASH",
+                       help="refuse the bundle unless its sha256 (as train printed it) is HASH")
+    group.add_argument("--trusted-key", type=Path, metavar="PUB",
+                       help="refuse the bundle unless MODEL.sig is its valid signature by this Ed25519 public key")
+    return Parents(common, protocol, features, evaluation, tuning, trust)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Preset < config file < flags; a stain reference image is fitted here and stored as numbers."""
+    file_data = None
+    if args.config is not None:
+        try:
+            file_data = json.loads(args.config.read_text())
+        except OSError as err:
+            raise UsageError(f"{args.config}: cannot read the config file ({err.strerror})") from None
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{args.config}: not valid JSON ({err.msg}, line {err.lineno}); "
+                             "give a config.json written by histoboost") from None
+    overrides: dict[str, Any] = {
+        "seed": args.seed,
+        "preprocess.scale": args.scale,
+        "preprocess.target_mpp": args.mpp,
+        "preprocess.stain.method": args.stain,
+        "preprocess.stain.on_failure": args.stain_fallback,
+        "augment.n_augment": args.augmentations,
+        "augment.n_crops": args.crops,
+        "augment.crop_size": args.crop_size,
+        "features.backbones": getattr(args, "backbone", None),
+        "features.weights": getattr(args, "weights", None),
+        "features.mode": getattr(args, "mode", None),
+        "features.stages": getattr(args, "stages", None),
+        "features.crop_pooling": getattr(args, "pooling", None),
+        "features.descriptor": getattr(args, "descriptor", None),
+        "evaluate.split_by": getattr(args, "split_by", None),
+        "evaluate.folds": getattr(args, "folds", None),
+        "classifier.n_estimators": getattr(args, "rounds", None),
+        "classifier.class_weight": getattr(args, "class_weight", None),
+        "classifier.early_stopping_rounds": getattr(args, "early_stopping", None),
+        "classifier.kind": getattr(args, "classifier", None),
+        "classifier.target_sensitivity": getattr(args, "target_sensitivity", None),
+        "classifier.calibrate": getattr(args, "calibrate", None),
+        "classifier.inner_folds": getattr(args, "inner_folds", None),
+        "classifier.refer_below_agreement": getattr(args, "refer_below", None),
+        "finetune.enabled": getattr(args, "finetune", None),
+        "finetune.epochs": getattr(args, "epochs", None),
+        "finetune.learning_rate": getattr(args, "lr", None),
+        "finetune.freeze_stages": getattr(args, "freeze_stages", None),
+        "finetune.crops_per_image": getattr(args, "crops_per_image", None),
+        "finetune.crop_size": getattr(args, "finetune_crop_size", None),
+        "finetune.batch_size": getattr(args, "finetune_batch_size", None),
+        "finetune.patience": getattr(args, "patience", None),
+    }
+    if args.stain is not None and args.stain_reference is None:
+        overrides["preprocess.stain.target"] = None
+        overrides["preprocess.stain.reference_image_sha256"] = None
+    try:
+        config = build_config(args.preset, file_data, overrides)
+    except ConfigError as err:
+        source = f"{args.config}: " if args.config else ""
+        raise ConfigError(f"{source}{err}") from None
+    if args.stain_reference is not None:
+        config = _with_stain_reference(config, args.stain_reference)
+    return config
+
+
+def _with_stain_reference(config: Config, path: Path) -> Config:
+    method = config.preprocess.stain.method
+    if method == "none":
+        raise UsageError("--stain-reference needs --stain macenko or reinhard")
+    try:
+        data = path.read_bytes()
+        rgb = read_image(path, config.preprocess.scale)
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read the stain reference image ({err}); give an RGB H&E image") from None
+    try:
+        target = fit_reference(method, rgb)
+    except StainError as err:
+        raise UsageError(f"{path}: {err}; choose a reference image with more stained tissue") from None
+    return config.merged({"preprocess.stain.target": list(target),
+                          "preprocess.stain.reference_image_sha256": hashlib.sha256(data).hexdigest()})
+
+
+def load_data(args: argparse.Namespace, config: Config):
+    """The validated manifest of `args.data`; its warnings are printed, its errors raise DataError."""
+    manifest, problems = load_manifest(args.data, config.preprocess, config.augment.crop_size, label_map(args),
+                                       threads=args.threads, progress=not args.quiet)
+    print_problems(problems)
+    return manifest
+
+
+def label_map(args: argparse.Namespace) -> dict[str, int] | None:
+    try:
+        return parse_label_map(args.label_map) if args.label_map else None
+    except DataError as err:
+        raise UsageError(str(err)) from None
+
+
+def check_split(manifest, config: Config) -> None:
+    """--split-by names a unit the data has: checked before any extraction."""
+    from ..evaluate import split_units
+
+    try:
+        split_units(manifest, config.evaluate.split_by)
+    except DataError as err:
+        raise UsageError(f"--split-by {config.evaluate.split_by}: {err}") from None
+
+
+def mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def device_of(name: str) -> str:
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise UsageError(f"--device {name}: use cpu or cuda")
+    return name
+
+
+def batch_size(args: argparse.Namespace, device: str) -> int:
+    """Augmentations per CNN batch: the flag, else what fills the device without waste (8 keeps two CPU
+    cores busy, 48 an H100; one image's augmentations are one batch unit, so A caps it)."""
+    return getattr(args, "batch_size", None) or (8 if device == "cpu" else 48)
+
+
+def print_problems(problems: tuple[Problem, ...] | list[Problem]) -> None:
+    for problem in sorted(problems, key=lambda p: (p.severity != "error", str(p.path))):
+        print(problem, file=sys.stderr)
