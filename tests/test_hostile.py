@@ -114,6 +114,17 @@ def test_zip_bomb_is_refused_in_one_line_at_small_memory(genuine, tmp_path):
     assert int(grown_mib) < 50  # refused before torch is even imported; the 512 MiB were never inflated
 
 
+def test_a_bundle_naming_a_huge_network_is_refused_before_building_it(genuine, tmp_path, monkeypatch):
+    from histoboost import backbones, bundle
+
+    monkeypatch.setattr(bundle, "MAX_WEIGHTS_BYTES", 2**20)  # Lite0 (~19 MB) stands in for a ViT-giant here
+    built = []
+    monkeypatch.setattr(backbones, "create_backbone", lambda *a, **k: built.append(a))
+    with pytest.raises(BundleError, match="larger than the 0 GiB"):
+        Bundle.load(genuine)
+    assert built == [] and backbones.parameter_bytes("vit_giant_patch14_dinov2") > 4 * 2**30
+
+
 def test_too_many_members_are_refused_before_reading(genuine, tmp_path):
     many = tmp_path / "many.zip"
     with zipfile.ZipFile(many, "w") as archive:
@@ -311,9 +322,13 @@ def test_prune_touches_only_stores_and_dead_temporaries(tmp_path, monkeypatch):
     precious.mkdir(parents=True)
     (precious / "data.npz").write_bytes(b"mine")
     (base / "README.txt").write_text("notes")
-    store = base / "lite0-abc"
+    web = base / "web_project"  # a folder of someone else's that happens to hold an index.json
+    web.mkdir()
+    (web / "index.json").write_text('{"name": "mine"}')
+    key = "lite0-0123456789abcdef"
+    store = base / key
     store.mkdir()
-    (store / "index.json").write_text("{}")
+    (store / "index.json").write_text(json.dumps({"key": key}))
     host = features._host()
     live = store / f".img.{os.getpid()}.{host}.tmp.npz"
     other_machine = store / ".img.1.another-host.tmp.npz"
@@ -322,8 +337,9 @@ def test_prune_touches_only_stores_and_dead_temporaries(tmp_path, monkeypatch):
         tmp.write_bytes(b"")
     assert prune_stores(tmp_path, keys=["none"]) == []
     assert live.exists() and other_machine.exists() and not dead.exists()
-    assert prune_stores(tmp_path, everything=True) == ["lite0-abc"]
+    assert prune_stores(tmp_path, everything=True) == [key]
     assert (precious / "data.npz").read_bytes() == b"mine" and (base / "README.txt").exists()
+    assert (web / "index.json").exists()
 
 
 def test_read_only_store_is_usable_and_unwritable_cache_is_one_line(tmp_path, monkeypatch):
@@ -440,12 +456,34 @@ def test_damaged_run_files_and_index_are_one_line(tmp_path, small_folder):
     (run / "cv_results.npz").write_bytes((run / "cv_results.npz").read_bytes()[:100])
     result = run_cli("report", run)
     assert result.returncode == 2 and "cv_results.npz: damaged" in result.stderr and "Traceback" not in result.stderr
-    store = tmp_path / "cache" / "features" / "lite0-x"
+    store = tmp_path / "cache" / "features" / "lite0-0123456789abcdef"
     store.mkdir(parents=True)
     (store / "index.json").write_text("{broken")
     (tmp_path / "cache" / "features" / "README.txt").write_text("notes")
     listing = run_cli("cache", "list", "--cache-dir", tmp_path / "cache")
     assert listing.returncode == 0 and "damaged index" in listing.stdout and "README" not in listing.stdout
+
+
+def test_a_full_disk_names_the_file_the_user_asked_for(tmp_path, monkeypatch):
+    from histoboost.data import write_text_atomic
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError) as err:
+        write_text_atomic(tmp_path / "preds.csv", "x")
+    assert err.value.filename == str(tmp_path / "preds.csv") and not list(tmp_path.iterdir())
+
+
+def test_grayscale_images_are_predicted_but_referred(trained, tmp_path, bach):
+    _, manifest, root = trained  # without stain normalisation, which would refuse a grayscale image itself
+    bundle = train_bundle(manifest, preset("quick").merged({**SMALL, "preprocess.stain.method": "none"}),
+                          root / "cache", progress=False)
+    gray = tmp_path / "gray.png"
+    Image.open(bach / "Invasive" / "iv011.jpeg").convert("L").save(gray)
+    (record,), problems = bundle.predict([gray])
+    assert problems == [] and "grayscale, no H&E colour" in record["refer"]
 
 
 def test_system_errors_are_one_line_unless_debug(monkeypatch, capsys, tmp_path):

@@ -152,6 +152,20 @@ def weights_from_safetensors(data: bytes, sha256: str, source: str) -> Weights:
     return Weights(state, sha256, source)
 
 
+def parameter_bytes(name: str) -> int:
+    """Bytes of a backbone's float32 state, counted on PyTorch's meta device (nothing allocated): lets a
+    bundle that names a huge architecture be refused before the model is built."""
+    import timm
+
+    spec = REGISTRY.get(name)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(spec.architecture if spec else name, pretrained=False)
+    except RuntimeError as err:  # timm's "Unknown model"
+        raise BackboneError(f"unknown backbone {name!r} ({err})") from None
+    return sum(t.numel() * 4 for t in model.state_dict().values())
+
+
 def create_backbone(name: str, weights: str | Path | Weights | None = None,
                     device: str | torch.device = "cpu") -> Backbone:
     """Build a frozen backbone in eval mode with real weights.

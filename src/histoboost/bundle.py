@@ -52,6 +52,8 @@ MAX_WEIGHTS_BYTES = 8 * 2**30  # a ViT-g in float32 is about 4.5 GB
 MAX_TOTAL_BYTES = 24 * 2**30
 MAX_RATIO = 50  # uncompressed / compressed, for members over 1 MiB: weights compress ~1.1x, zeros ~1000x
 MAX_JSON_DEPTH = 8
+# Pillow modes without colour: such an image is predicted but referred (the classifier learnt H&E colour).
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
 class BundleError(HistoboostError):
@@ -182,12 +184,15 @@ class Bundle:
         if config.classifier.kind != meta["classifier"]["type"]:
             raise BundleError(f"{path}: {META_FILE} names classifier {meta['classifier']['type']} but its config "
                               f"{config.classifier.kind}: use the original bundle")
-        from .backbones import BackboneError, create_backbone, weights_from_safetensors  # torch: after the checks
-        from .classifier import load_classifier
+        from .backbones import BackboneError, create_backbone, parameter_bytes, weights_from_safetensors
+        from .classifier import load_classifier  # torch and xgboost: only after the checks above
 
         backbones = []
         for spec in meta["backbones"]:
             try:
+                if parameter_bytes(spec["name"]) > MAX_WEIGHTS_BYTES:  # before building it
+                    raise BackboneError(f"{spec['name']} is larger than the {MAX_WEIGHTS_BYTES / 2**30:.0f} GiB a "
+                                        "bundle may need")
                 if "file" in spec:  # carried: built from the member in memory, its sha256 checked above
                     weights = weights_from_safetensors(members[spec["file"]], spec["weights_sha256"],
                                                        f"bundle:{spec['file']}")
@@ -200,9 +205,10 @@ class Bundle:
             if backbone.weights_sha256 != spec["weights_sha256"] or backbone.architecture != spec["architecture"]:
                 versions = meta["versions"]
                 raise BundleError(f"{path}: backbone {spec['name']} here is {backbone.architecture} with weights sha256 "
-                                  f"{backbone.weights_sha256[:12]}…, the bundle was trained with {spec['architecture']} "
-                                  f"and {spec['weights_sha256'][:12]}…: use the histoboost and timm it names "
-                                  f"(histoboost {versions.get('histoboost', '?')}, timm {versions.get('timm', '?')})")
+                                  f"{backbone.weights_sha256[:12]}… from {backbone.weights_source}; the bundle was "
+                                  f"trained with {spec['architecture']} and {spec['weights_sha256'][:12]}… from "
+                                  f"{spec['weights_source']} (timm {versions.get('timm', '?')}): install those weights, "
+                                  "or retrain")
             backbones.append(backbone)
         model_file = meta["classifier"]["file"]
         try:
@@ -248,11 +254,11 @@ class Bundle:
         info = scan_file(Path(path))
         if isinstance(info, Problem):
             raise BundleError(info.message)
-        return self.predict_known(path, info.image_id, info.mpp, device, batch_size, want_grid)
+        return self.predict_known(path, info.image_id, info.mpp, device, batch_size, want_grid, info.mode)
 
     def predict_known(self, path: str | Path, image_id: str, mpp: float | None, device: str = "cpu",
-                      batch_size: int = 8, want_grid: bool = False):
-        """An image whose id (sha256) and resolution are known, e.g. from a validated manifest."""
+                      batch_size: int = 8, want_grid: bool = False, mode: str = "RGB"):
+        """An image whose content key, resolution and Pillow mode are known, e.g. from a validated manifest."""
         from .features import describe_image, prepare_image
         from .stain import FALLBACK_NOTES
 
@@ -263,7 +269,9 @@ class Bundle:
         raw = self.classifier.predict_proba(rows)
         grid = self._probability_grid(prepared.rgb, device) if want_grid else None
         decision, agreement = self.rule.decide(raw[None])
-        refer = "votes split" if self.rule.refer(agreement)[0] else ""
+        reasons = ["votes split" if self.rule.refer(agreement)[0] else "",
+                   "grayscale, no H&E colour" if mode in GRAYSCALE_MODES else ""]
+        refer = "; ".join(filter(None, reasons))
         qc = ""
         if prepared.qc is not None and not prepared.qc.ok:
             qc = f"{'; '.join(prepared.qc.flags)} ({FALLBACK_NOTES[prepared.stain_fallback]})"
@@ -323,14 +331,14 @@ def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | Non
         "format_version": FORMAT_VERSION,
         "histoboost": __version__,
         "config": config.to_dict(),
-        "backbones": [b.identity for b in backbones],
+        "backbones": [{**b.identity, "weights_source": _without_folders(b.weights_source)} for b in backbones],
         "classes": list(GROUP_NAMES),
         "classifier": {"type": config.classifier.kind, "file": MODEL_FILES[config.classifier.kind],
                        "best_iteration": classifier.best_iteration},
         "decision_rule": rule.to_dict(),
         "training_data": {"images": len(manifest), "per_group": {GROUP_NAMES[g]: int((groups == g).sum())
                                                                   for g in range(3)},
-                          "image_ids": sorted(r.image_id for r in manifest), "source": str(manifest.root)},
+                          "image_ids": sorted(r.image_id for r in manifest), "source": manifest.root.name},
         "versions": library_versions(),
     }
     return Bundle(config, classifier, backbones, meta)
@@ -368,7 +376,7 @@ def evaluate_bundle(bundle: Bundle, manifest: Manifest, device: str = "cpu", pro
         raise BundleError(f"{len(seen)} of the {len(manifest)} images were in the bundle's training set (e.g. "
                           f"{seen[0].path}): evaluating on them overstates accuracy; remove them and evaluate on "
                           "images the model never saw")
-    predictions = [bundle.predict_known(r.path, r.image_id, r.mpp, device)[0]
+    predictions = [bundle.predict_known(r.path, r.image_id, r.mpp, device, mode=r.mode)[0]
                    for r in tqdm(manifest.records, desc="predicting", unit="img", disable=not progress)]
     n = len(manifest)
     plan = FoldPlan(np.zeros(n, dtype=np.int64), np.array([r.patient or r.image_id for r in manifest], dtype=object),
@@ -383,6 +391,12 @@ def evaluate_bundle(bundle: Bundle, manifest: Manifest, device: str = "cpu", pro
                 np.array([r.patient or "" for r in manifest]))
     run.evaluate()
     return run
+
+
+def _without_folders(source: str) -> str:
+    """A weights source as a bundle records it: `file:NAME` without the folders of the training machine."""
+    kind, sep, where = source.partition(":")
+    return f"{kind}:{Path(where).name}" if kind in ("file", "bundle") and sep else source
 
 
 def identity(meta_bytes: bytes) -> str:
@@ -403,7 +417,7 @@ def read_members(path: Path) -> dict[str, bytes]:
         entries = list(os.scandir(path))
         for entry in entries:
             if not entry.is_file(follow_symlinks=False):
-                raise BundleError(f"{path}: {entry.name} is not a regular file (a link or folder): a bundle holds "
+                raise BundleError(f"{path}: {entry.name} is not a regular file (a link, folder or device): a bundle holds "
                                   "plain files only; use the original bundle")
         sizes = {e.name: (e.stat(follow_symlinks=False).st_size, None) for e in entries}
         _check_sizes(sizes, path)

@@ -381,6 +381,9 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     try:
         tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
         os.replace(tmp, path)
+    except OSError as err:  # named after the file the user asked for, not the temporary one
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import time
 import zipfile
@@ -35,6 +36,7 @@ from .config import Config, HistoboostError
 from .data import ImageRecord, Manifest, Problem, read_image, working_scale, write_text_atomic
 from .stain import STAIN_FAILURE_FIX, StainError, StainFit, StainQC, fit_macenko, normalize_safely
 
+_STORE_NAME = re.compile(r"^[A-Za-z0-9_.-]+-[0-9a-f]{16}$")
 STORE_FORMAT = 2  # 2: images keyed by the content key of their decoded pixels, not their file bytes
 T = TypeVar("T")
 R = TypeVar("R")
@@ -284,9 +286,20 @@ def clear_stale_temporaries(root: Path) -> None:
 
 
 def _stores(cache_dir: str | Path) -> list[Path]:
-    """The feature stores under a cache: folders under features/ that hold an index.json, nothing else."""
+    """The feature stores under a cache: folders under features/ named `<backbone>-<16 hex digits>` that
+    hold an index.json; nothing else there is ever listed or touched."""
     base = Path(cache_dir) / "features"
-    return sorted(p for p in base.iterdir() if p.is_dir() and (p / "index.json").is_file()) if base.is_dir() else []
+    if not base.is_dir():
+        return []
+    return sorted(p for p in base.iterdir() if _STORE_NAME.match(p.name) and p.is_dir() and (p / "index.json").is_file())
+
+
+def _is_ours(root: Path) -> bool:
+    """Whether a store's index is histoboost's own for this folder (its key is the folder's name)."""
+    try:
+        return read_index(root / "index.json").get("key") == root.name
+    except FeatureStoreError:
+        return False
 
 
 def list_stores(cache_dir: str | Path) -> list[dict]:
@@ -313,11 +326,12 @@ def prune_stores(cache_dir: str | Path, keys: Iterable[str] = (), older_than_day
                  everything: bool = False) -> list[str]:
     """Delete the named stores, those unused for `older_than_days`, or all, and clear temporary files
     of dead writers. Only folders with an index.json are stores: nothing else is ever touched.
-    Returns what was removed."""
+    A store whose index is damaged or not histoboost's is left for the user to delete. Returns what was
+    removed."""
     removed = []
     now = time.time()
     keys = set(keys)
-    for root in _stores(cache_dir):
+    for root in filter(_is_ours, _stores(cache_dir)):
         clear_stale_temporaries(root)
         last = max(f.stat().st_mtime for f in [root / "index.json", *root.glob("*.npz")])
         stale = older_than_days is not None and now - last > older_than_days * 86400

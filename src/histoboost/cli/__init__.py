@@ -28,8 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):  # file names that are not UTF-8 are printed back as they are
         sys.stdout.reconfigure(errors="surrogateescape")
-    # Oversized images are reported per file by validation; Pillow's own warning would only repeat it.
+    # Oversized images are reported per file by validation; Pillow's own warning would only repeat it. Its
+    # warnings about damaged metadata (EXIF, TIFF tags) name no file and change no pixel: images that do not
+    # decode are reported per file anyway.
     warnings.simplefilter("ignore", category=Image.DecompressionBombWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
     try:
         if args.threads:
             import torch
@@ -40,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         where = f"{err.filename}: " if err.filename else ""
-        print(f"histoboost: error: {where}{err.strerror or err} (what was already computed is kept; fix it and "
-              "rerun to resume; --debug shows the traceback)", file=sys.stderr)
+        print(f"histoboost: error: {where}{err.strerror or err} (fix it and rerun: features already stored are "
+              "reused; --debug shows the traceback)", file=sys.stderr)
         return 1
     except DataError as err:
         print_problems(err.problems)
