@@ -35,6 +35,7 @@ def count(lowest: int):
 
 
 def _number(check, wanted: str):
+    """argparse type: a finite number for which `check` holds."""
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -52,6 +53,7 @@ share = _number(lambda v: 0 <= v <= 1, "a share between 0 and 1")
 
 
 def sha256(text: str) -> str:
+    """argparse type: a bundle identity, 64 hex digits."""
     if len(text) != 64 or any(c not in "0123456789abcdef" for c in text.lower()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a sha256 (64 hex digits, as histoboost train prints it)")
     return text.lower()
