@@ -296,6 +296,23 @@ def test_staged_folder_leaves_nothing_that_looks_complete(tmp_path):
         check_output(out, force=True, folder=False)
 
 
+@pytest.mark.parametrize("atomic", [True, False])
+def test_forced_replacement_swaps_folders(tmp_path, monkeypatch, atomic):
+    import ctypes
+
+    from histoboost.outputs import _exchange
+
+    if not atomic:  # no renameat2 (another OS or C library): two renames
+        monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: (_ for _ in ()).throw(OSError("no libc")))
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "x").write_text("new")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "y").write_text("old")
+    _exchange(tmp_path / "new", tmp_path / "run")
+    assert (tmp_path / "run" / "x").read_text() == "new" and (tmp_path / "new" / "y").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "run"]
+
+
 def test_cli_refuses_existing_outputs_before_any_work(trained, small_folder, tmp_path):
     from test_cli import run_cli
 

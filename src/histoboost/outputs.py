@@ -55,15 +55,34 @@ def staged_folder(out: Path, force: bool = False) -> Iterator[Path]:
     try:
         yield staging
         if out.exists():
-            old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
+            _exchange(staging, out)  # the new run in place, the old one in the staging name
+            shutil.rmtree(staging, ignore_errors=True)
         else:
             os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two folders in one step, so no moment exists without `b`: Linux's renameat2(RENAME_EXCHANGE),
+    which Python's os module does not offer; elsewhere (or on file systems without it) two renames."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_fdcwd, rename_exchange = -100, 2
+        if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+            return
+    aside = b.with_name(f".{b.name}.replaced-{os.getpid()}")
+    os.replace(b, aside)
+    os.replace(a, b)
+    os.replace(aside, a)
 
 
 def spreadsheet_safe(value: object) -> object:
