@@ -426,6 +426,20 @@ def test_metadata_only_change_gives_the_same_prediction(trained, tmp_path, bach)
 
 # -- 15. damaged store and run files; 16. no traceback anywhere ----------------------------------------------
 
+def test_same_pixels_at_another_stated_resolution_are_stored_apart(trained, tmp_path):
+    import dataclasses
+
+    from histoboost.config import PreprocessConfig
+    from histoboost.features import FeatureStore
+
+    record = trained[1].records[0]
+    fine, coarse = dataclasses.replace(record, mpp=0.25), dataclasses.replace(record, mpp=0.5)
+    by_scale = FeatureStore(tmp_path, {}, PreprocessConfig())
+    assert by_scale.entry(fine) == by_scale.entry(coarse) == record.image_id  # the scale factor applies to both
+    by_mpp = FeatureStore(tmp_path, {}, PreprocessConfig(target_mpp=0.5))
+    assert by_mpp.entry(fine) == f"{record.image_id}-at-0.5" and by_mpp.entry(coarse) == f"{record.image_id}-at-1"
+
+
 def test_damaged_store_files_count_as_missing(tmp_path):
     from histoboost.features import FeatureStore, ImageFeatures
 

@@ -32,7 +32,7 @@ from torchvision.ops import roi_align
 from . import __version__
 from .augment import AugmentPlan, augment_batch, plan_augmentations
 from .backbones import Backbone
-from .config import Config, HistoboostError
+from .config import Config, HistoboostError, PreprocessConfig
 from .data import ImageRecord, Manifest, Problem, read_image, working_scale, write_text_atomic
 from .stain import STAIN_FAILURE_FIX, StainError, StainFit, StainQC, fit_macenko, normalize_safely
 
@@ -177,9 +177,17 @@ def default_cache_dir() -> Path:
 class FeatureStore:
     """One folder per (backbone, weights, feature settings), one `.npz` file per image content key."""
 
-    def __init__(self, root: Path, meta: dict):
+    def __init__(self, root: Path, meta: dict, preprocess: PreprocessConfig | None = None):
         self.root = root
         self.meta = meta
+        self.preprocess = preprocess
+
+    def entry(self, record: ImageRecord) -> str:
+        """The name an image's features are stored under: its content key, plus its working scale where
+        the file's own resolution sets it (the same pixels stated at another µm/px give other features)."""
+        if self.preprocess is None or self.preprocess.target_mpp is None or record.mpp is None:
+            return record.image_id
+        return f"{record.image_id}-at-{working_scale(record.mpp, self.preprocess):.6g}"
 
     @property
     def key(self) -> str:
@@ -202,7 +210,7 @@ class FeatureStore:
                 os.utime(index)  # "last used", for `cache list` and `cache prune --older-than`
             except OSError:  # a read-only store (shared, mounted) is still good for reading
                 pass
-            return cls(root, found)
+            return cls(root, found, config.preprocess)
         meta = {**settings, "key": root.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "versions": library_versions()}
         try:
@@ -211,7 +219,7 @@ class FeatureStore:
         except OSError as err:
             raise FeatureStoreError(f"{root}: cannot create the feature store ({err.strerror}): give a writable "
                                     "--cache-dir") from None
-        return cls(root, meta)
+        return cls(root, meta, config.preprocess)
 
     def path(self, image_id: str) -> Path:
         return self.root / f"{image_id}.npz"
@@ -370,7 +378,7 @@ def extract_features(manifest: Manifest, config: Config, backbone: Backbone, cac
     store = FeatureStore.open(cache_dir, config, backbone)
     store.clear_stale_temporaries()
     result = ExtractResult(store)
-    todo = [r for r in manifest if not store.has(r.image_id, keep_crops)]
+    todo = [r for r in manifest if not store.has(store.entry(r), keep_crops)]
     result.reused = len(manifest) - len(todo)
 
     def prepare(record: ImageRecord) -> tuple[ImageRecord, PreparedImage | StainError]:
@@ -391,7 +399,7 @@ def extract_features(manifest: Manifest, config: Config, backbone: Backbone, cac
                 result.stain_qc[record.image_id] = prepared.qc
             features = describe_image(prepared.rgb, prepared.plans, backbone, config, device, batch_size,
                                       prepared.stain_fit, keep_crops)
-            store.save(record.image_id, replace(features, stain_fallback=prepared.stain_fallback))
+            store.save(store.entry(record), replace(features, stain_fallback=prepared.stain_fallback))
             result.computed += 1
         bar.update(1)
     bar.close()
@@ -447,7 +455,7 @@ def _load_rows(manifest: Manifest, store: FeatureStore, descriptor: str) -> tupl
     """`load_matrix`'s rows and owners, with each image's stain fallback, from one read of each file."""
     rows, owners, fallbacks = [], [], []
     for i, record in enumerate(manifest):
-        features = store.load(record.image_id)
+        features = store.load(store.entry(record))
         if features is None:
             raise FeatureStoreError(f"{record.path}: no features in {store.root}; run histoboost extract first")
         block = features.descriptor(descriptor)
