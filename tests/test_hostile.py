@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import copy_eight
-from histoboost.bundle import META_FILE, Bundle, BundleError, _meta_digest, read_members, train_bundle
+from histoboost.bundle import META_FILE, Bundle, BundleError, _meta_digest, inventory, train_bundle
 from histoboost.config import preset
 from histoboost.data import load_manifest
 
@@ -131,7 +131,7 @@ def test_too_many_members_are_refused_before_reading(genuine, tmp_path):
         for i in range(20):
             archive.writestr(f"weights-x{i}.safetensors", b"")
     with pytest.raises(BundleError, match="20 members"):
-        read_members(many)
+        inventory(many)
 
 
 # -- 3. integrity is not authenticity: identity and signatures ---------------------------------------------
@@ -530,3 +530,99 @@ def test_system_errors_are_one_line_unless_debug(monkeypatch, capsys, tmp_path):
     assert err.count("\n") == 1 and "No space left on device" in err and str(tmp_path / "x") in err
     with pytest.raises(OSError):
         cli.main(["cache", "list", "--debug"])
+
+
+# -- found by a review after the first version of this file ---------------------------------------------------
+
+def test_encrypted_or_bzip2_members_and_strict_json(genuine, tmp_path):
+    for method, name in ((zipfile.ZIP_DEFLATED, "encrypted"), (zipfile.ZIP_BZIP2, "bzip2")):
+        odd = tmp_path / f"{name}.zip"
+        with zipfile.ZipFile(odd, "w") as archive:
+            for member in sorted(genuine.iterdir()):
+                archive.writestr(member.name, member.read_bytes(), compress_type=method)
+        if name == "encrypted":  # set the "encrypted" bit in every central directory entry
+            raw = bytearray(odd.read_bytes())
+            at = raw.find(b"PK\x01\x02")
+            while at != -1:
+                raw[at + 8] |= 0x1
+                at = raw.find(b"PK\x01\x02", at + 4)
+            odd.write_bytes(bytes(raw))
+        with pytest.raises(BundleError, match="encrypted or compressed other than by deflate"):
+            Bundle.load(odd)
+    nan = _forge(genuine, tmp_path / "nan", lambda m: m["decision_rule"].update(temperature=float("nan")))
+    with pytest.raises(BundleError, match="not strict JSON"):
+        Bundle.load(nan)
+    digits = shutil.copytree(genuine, tmp_path / "digits")
+    (digits / META_FILE).write_text('{"format_version": ' + "1" * 5000 + "}")
+    with pytest.raises(BundleError, match="not strict JSON"):
+        Bundle.load(digits)
+
+
+def test_classifier_must_fit_its_backbones_and_backbones_must_be_known(genuine, tmp_path):
+    from histoboost.classifier import BoostedTrees
+    from histoboost.config import ClassifierConfig
+
+    rng = np.random.default_rng(0)
+    narrow = BoostedTrees(ClassifierConfig(n_estimators=3)).fit(rng.random((30, 10)), np.arange(30) % 3).to_bytes()
+    swapped = _forge(genuine, tmp_path / "swapped", lambda m: m["classifier"].update(best_iteration=0),
+                     members={"model.ubj": narrow})
+    with pytest.raises(BundleError, match="takes 10 features but its backbones give 1280"):
+        Bundle.load(swapped)
+    foreign = _forge(genuine, tmp_path / "foreign", lambda m: m["backbones"][0].update(name="convnext_tiny"))
+    with pytest.raises(BundleError, match="neither carried in the bundle nor a registered backbone"):
+        Bundle.load(foreign)
+
+
+def test_a_signature_that_is_not_a_file_is_one_line(genuine, tmp_path):
+    from histoboost.bundle import signature_path
+    from histoboost.signing import generate_key
+
+    _, public = generate_key(tmp_path / "key.pem")
+    bundle = shutil.copytree(genuine, tmp_path / "b")
+    os.mkfifo(signature_path(bundle))  # would block a plain read forever
+    with pytest.raises(BundleError, match="not a 64-byte Ed25519 signature file"):
+        Bundle.load(bundle, trusted_key=public)
+
+
+def test_weights_cannot_ask_for_a_huge_head(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from histoboost.backbones import BackboneError, create_backbone, read_weights
+
+    state = {k: v.contiguous() for k, v in create_backbone("efficientnet_lite0").model.state_dict().items()}
+    state["classifier.weight"] = torch.zeros(10**8, 0)  # 0 bytes on disk, 10**8 classes
+    save_file(state, tmp_path / "w.safetensors")
+    with pytest.raises(BackboneError, match="fits no head"):
+        create_backbone("efficientnet_lite0", read_weights(tmp_path / "w.safetensors"))
+
+
+def test_force_replaces_only_run_folders_and_finished_work_is_never_deleted(tmp_path, monkeypatch):
+    from histoboost.outputs import OutputError, check_output, staged_folder
+
+    documents = tmp_path / "Documents"
+    documents.mkdir()
+    (documents / "thesis.txt").write_text("years of work")
+    with pytest.raises(OutputError, match="no histoboost run folder"):
+        check_output(documents, force=True)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    assert check_output(Path("."), force=True) == tmp_path / "empty"  # '.' as --out works, no traceback
+    out = tmp_path / "run"
+    with pytest.raises(OutputError, match="the finished results are in"):
+        with staged_folder(out) as staging:
+            (staging / "metrics.json").write_text("finished")
+            out.mkdir()  # another run took the name meanwhile
+            (out / "other.txt").write_text("theirs")
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".run.staging-")]
+    assert len(kept) == 1 and (kept[0] / "metrics.json").read_text() == "finished"
+    assert (out / "other.txt").read_text() == "theirs"
+
+
+def test_temporaries_of_entries_with_dots_are_cleared(tmp_path):
+    from histoboost import features
+
+    dead = tmp_path / f".abc-at-0.5.999999999.{features._host()}.tmp.npz"
+    dead.write_bytes(b"")
+    features.clear_stale_temporaries(tmp_path)
+    assert not dead.exists()

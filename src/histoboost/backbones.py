@@ -161,8 +161,8 @@ def parameter_bytes(name: str) -> int:
     try:
         with torch.device("meta"):
             model = timm.create_model(spec.architecture if spec else name, pretrained=False)
-    except RuntimeError as err:  # timm's "Unknown model"
-        raise BackboneError(f"unknown backbone {name!r} ({err})") from None
+    except Exception as err:  # noqa: BLE001 - timm's "Unknown model", or a name it cannot build
+        raise BackboneError(f"unknown backbone {name!r} ({str(err)[:120]})") from None
     return sum(t.numel() * 4 for t in model.state_dict().values())
 
 
@@ -180,7 +180,7 @@ def create_backbone(name: str, weights: str | Path | Weights | None = None,
     architecture = spec.architecture if spec else name
     try:
         model = timm.create_model(architecture, pretrained=False)
-    except RuntimeError as err:  # timm's "Unknown model"
+    except Exception as err:  # noqa: BLE001 - timm's "Unknown model", or a name it cannot build
         known = ", ".join(sorted(REGISTRY))
         raise BackboneError(f"unknown backbone {name!r} ({err}); use one of {known} or any timm model name") from None
     if isinstance(weights, Weights):
@@ -255,8 +255,12 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], origin: str) 
     those of timm's `tf_efficientnet_lite*` in the same order with the same shapes.
     """
     head = f"{model.pretrained_cfg.get('classifier', '')}.weight"
-    if head in state and state[head].ndim == 2 and state[head].shape[0] != model.num_classes:
-        model.reset_classifier(state[head].shape[0])  # fine-tuned weights: histoboost's 3-class head
+    classes = state[head].shape[0] if head in state and state[head].ndim == 2 else model.num_classes
+    if classes != model.num_classes:  # fine-tuned weights: histoboost's 3-class head
+        if not (0 < classes <= 1000 and state[head].shape[1] == model.num_features):
+            raise BackboneError(f"{origin}: its {head} of shape {tuple(state[head].shape)} fits no head of "
+                                f"{type(model).__name__}")
+        model.reset_classifier(classes)
     expected = model.state_dict()
     if set(state) != set(expected):
         mismatch = len(state) != len(expected) or any(

@@ -7,10 +7,10 @@ model's arrays as `model.json`) and, for weights that cannot be downloaded (loca
 `weights-<backbone>.safetensors`. No pickle anywhere.
 
 A bundle is a file people download and share, so loading treats it as hostile (docs/security.md):
-sizes and member names are checked before anything is read; members are read into memory, never
-written out and never looked up by a name taken from bundle.json; bundle.json is checked against a
-published JSON Schema (schemas/bundle-4.schema.json) before any field is used; the files it lists
-must be exactly the members present. The bundle's identity is the sha256 of its bundle.json, which
+sizes, compression and member names are checked before anything is read; bundle.json is read first
+and checked (identity, signature, the published JSON Schema schemas/bundle-4.schema.json) before any
+field is used or any other member read; the files it lists must be exactly the members present;
+members are read into memory, never written out and never looked up by a name taken from bundle.json. The bundle's identity is the sha256 of its bundle.json, which
 holds the sha256 of every other member: checksums detect damage, while `expect_sha256` and Ed25519
 signatures (`signing`) detect deliberate edits.
 """
@@ -26,7 +26,7 @@ import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -47,10 +47,11 @@ _MEMBER_NAME = re.compile(r"^(bundle\.json|model\.ubj|model\.json|weights-[A-Za-
 # Refused before anything is read (a zip's sizes come from its directory; reading never goes past them).
 MAX_MEMBERS = 10  # bundle.json, the classifier and at most 8 weights files
 MAX_META_BYTES = 16 * 2**20
-MAX_MEMBER_BYTES = {"bundle.json": MAX_META_BYTES, "model.ubj": 2**30, "model.json": 2**30}
+MAX_MEMBER_BYTES = {"bundle.json": MAX_META_BYTES, "model.ubj": 2**30, "model.json": 64 * 2**20}
 MAX_WEIGHTS_BYTES = 8 * 2**30  # a ViT-g in float32 is about 4.5 GB
 MAX_TOTAL_BYTES = 24 * 2**30
-MAX_RATIO = 50  # uncompressed / compressed, for members over 1 MiB: weights compress ~1.1x, zeros ~1000x
+MAX_RATIO = 50  # uncompressed / compressed, for members over 1 MiB: models compress ~10x, zeros ~1000x
+MAX_WEIGHTS_RATIO = 4  # float weights compress about 1.1-fold
 MAX_JSON_DEPTH = 8
 # Pillow modes without colour: such an image is predicted but referred (the classifier learnt H&E colour).
 GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
@@ -101,7 +102,7 @@ class Bundle:
         self.sha256 = sha256  # the identity: sha256 of bundle.json as saved (see `identity`)
         self.rule = DecisionRule(**meta["decision_rule"])
 
-    @property
+    @cached_property
     def training_image_ids(self) -> frozenset[str]:
         """Content keys of the images the classifier was trained on (to keep them out of evaluations)."""
         return frozenset(self.meta["training_data"]["image_ids"])
@@ -137,8 +138,9 @@ class Bundle:
             if out.suffix == ".zip":
                 with zipfile.ZipFile(staging / out.name, "w", zipfile.ZIP_DEFLATED) as archive:
                     for name in (META_FILE, *sorted(set(members) - {META_FILE})):
-                        archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), members[name],
-                                         compress_type=zipfile.ZIP_DEFLATED)
+                        info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+                        info.external_attr = 0o644 << 16  # readable when unzipped by other tools
+                        archive.writestr(info, members[name], compress_type=zipfile.ZIP_DEFLATED)
                 os.replace(staging / out.name, out)
             else:
                 for name, data in members.items():
@@ -158,10 +160,11 @@ class Bundle:
         `expect_sha256` (the identity `train` printed) or `trusted_key` (an Ed25519 public key whose
         signature `<bundle>.sig` must verify) make a deliberately edited bundle fail to load."""
         path = Path(path)
-        members = read_members(path)
-        if META_FILE not in members:
+        present = inventory(path)
+        if META_FILE not in present:
             raise BundleError(f"{path}: not a histoboost bundle (no {META_FILE})")
-        sha256 = identity(members[META_FILE])
+        meta_bytes = read_members(path, [META_FILE])[META_FILE]
+        sha256 = identity(meta_bytes)
         if expect_sha256 is not None and sha256 != expect_sha256.strip().lower():
             raise BundleError(f"{path}: bundle sha256 is {sha256}, not the expected {expect_sha256}: it is another "
                               "or an altered bundle; do not use it")
@@ -169,11 +172,12 @@ class Bundle:
             from .signing import SigningError, verify
 
             try:
-                verify(members[META_FILE], signature_path(path), trusted_key)
+                verify(meta_bytes, signature_path(path), trusted_key)
             except SigningError as err:
                 raise BundleError(f"{path}: {err}") from None
-        meta = parse_meta(members[META_FILE], path)
-        _check_members(meta, members, path)
+        meta = parse_meta(meta_bytes, path)
+        _check_members(meta, set(present), path)
+        members = _checked(read_members(path, sorted(meta["files"])), meta, path)
         try:
             config = Config.from_dict(meta["config"])
         except ConfigError as err:
@@ -184,7 +188,7 @@ class Bundle:
         if config.classifier.kind != meta["classifier"]["type"]:
             raise BundleError(f"{path}: {META_FILE} names classifier {meta['classifier']['type']} but its config "
                               f"{config.classifier.kind}: use the original bundle")
-        from .backbones import BackboneError, create_backbone, parameter_bytes, weights_from_safetensors
+        from .backbones import REGISTRY, BackboneError, create_backbone, parameter_bytes, weights_from_safetensors
         from .classifier import load_classifier  # torch and xgboost: only after the checks above
 
         backbones = []
@@ -193,6 +197,8 @@ class Bundle:
                 if parameter_bytes(spec["name"]) > MAX_WEIGHTS_BYTES:  # before building it
                     raise BackboneError(f"{spec['name']} is larger than the {MAX_WEIGHTS_BYTES / 2**30:.0f} GiB a "
                                         "bundle may need")
+                if "file" not in spec and spec["name"] not in REGISTRY:  # never an arbitrary download
+                    raise BackboneError(f"{spec['name']} is neither carried in the bundle nor a registered backbone")
                 if "file" in spec:  # carried: built from the member in memory, its sha256 checked above
                     weights = weights_from_safetensors(members[spec["file"]], spec["weights_sha256"],
                                                        f"bundle:{spec['file']}")
@@ -216,6 +222,10 @@ class Bundle:
                                          device)
         except ValueError as err:
             raise BundleError(f"{path}: {model_file} is {err}: use the original bundle") from None
+        width = descriptor_width(backbones, config, device)
+        if classifier.n_features != width:
+            raise BundleError(f"{path}: {model_file} takes {classifier.n_features} features but its backbones give "
+                              f"{width}: the bundle was altered; use the original bundle")
         return cls(config, classifier, backbones, meta, path, sha256)
 
     # -- predicting ------------------------------------------------------------------------------
@@ -393,6 +403,16 @@ def evaluate_bundle(bundle: Bundle, manifest: Manifest, device: str = "cpu", pro
     return run
 
 
+def descriptor_width(backbones: list, config: Config, device: str = "cpu") -> int:
+    """How many features per row the backbones give under the config (one small forward pass each)."""
+    import torch
+
+    per_view = 2 if config.features.descriptor == "crops+whole" else 1
+    with torch.inference_mode():
+        probe = torch.zeros(1, 3, 64, 64, device=device)
+        return per_view * sum(m.shape[1] for b in backbones for m, _ in b.feature_maps(probe, config.features.stages))
+
+
 def _without_folders(source: str) -> str:
     """A weights source as a bundle records it: `file:NAME` without the folders of the training machine."""
     kind, sep, where = source.partition(":")
@@ -411,47 +431,82 @@ def signature_path(bundle: str | Path) -> Path:
     return bundle.with_name(bundle.name + ".sig")
 
 
-def read_members(path: Path) -> dict[str, bytes]:
-    """The members of a bundle folder or zip, into memory, after checking names, count and sizes."""
+def inventory(path: Path) -> dict[str, int]:
+    """The members of a bundle folder or zip and their sizes, checked (names, count, sizes, compression,
+    no encryption, plain files only) before a byte of any member is read."""
     if path.is_dir():
         entries = list(os.scandir(path))
         for entry in entries:
             if not entry.is_file(follow_symlinks=False):
-                raise BundleError(f"{path}: {entry.name} is not a regular file (a link, folder or device): a bundle holds "
-                                  "plain files only; use the original bundle")
+                raise BundleError(f"{path}: {entry.name} is not a regular file (a link, folder or device): a bundle "
+                                  "holds plain files only; use the original bundle")
         sizes = {e.name: (e.stat(follow_symlinks=False).st_size, None) for e in entries}
-        _check_sizes(sizes, path)
-        return {name: (path / name).read_bytes() for name in sizes}
-    if path.is_file() and zipfile.is_zipfile(path):
+    elif path.is_file() and zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
                 infos = archive.infolist()
-                names = [i.filename for i in infos]
-                if len(set(names)) != len(names):
-                    raise BundleError(f"{path}: the zip lists a member twice: use the original bundle")
-                _check_sizes({i.filename: (i.file_size, i.compress_size) for i in infos}, path)
-                return {i.filename: archive.read(i) for i in infos}
-        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError) as err:
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as err:
             raise BundleError(f"{path}: the zip is damaged ({str(err)[:120]}): use the original bundle") from None
-    raise BundleError(f"{path}: no bundle here (give the folder or .zip written by histoboost train)")
+        if len({i.filename for i in infos}) != len(infos):
+            raise BundleError(f"{path}: the zip lists a member twice: use the original bundle")
+        for info in infos:
+            if info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise BundleError(f"{path}: {info.filename[:80]!r} is encrypted or compressed other than by deflate: "
+                                  "not a histoboost bundle")
+        sizes = {i.filename: (i.file_size, i.compress_size) for i in infos}
+    else:
+        raise BundleError(f"{path}: no bundle here (give the folder or .zip written by histoboost train)")
+    _check_sizes(sizes, path)
+    return {name: size for name, (size, _) in sizes.items()}
+
+
+def read_members(path: Path, names: list[str]) -> dict[str, bytes]:
+    """The named members of a bundle (see `inventory`) into memory; never more bytes than each declares."""
+    sizes = inventory(path)
+    out = {}
+    try:
+        if path.is_dir():
+            for name in names:
+                with open(path / name, "rb", opener=_no_follow) as handle:
+                    out[name] = handle.read(sizes[name] + 1)
+        else:
+            with zipfile.ZipFile(path) as archive:
+                for name in names:
+                    with archive.open(name) as handle:  # deflate output bounded per read, CRC checked at the end
+                        out[name] = b"".join(iter(lambda: handle.read(1 << 16), b""))
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, RuntimeError) as err:
+        raise BundleError(f"{path}: the bundle is damaged or unreadable ({str(err)[:120]}): use the original bundle") from None
+    for name, data in out.items():
+        if len(data) != sizes[name]:
+            raise BundleError(f"{path}: {name} changed while it was read: use the original bundle")
+    return out
+
+
+def _no_follow(file: str, flags: int) -> int:
+    return os.open(file, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
 
 
 def _check_sizes(sizes: dict[str, tuple[int, int | None]], path: Path) -> None:
-    """Member names, count, sizes and compression ratios within the limits, before anything is read."""
+    """Member names, count, sizes and compression ratios within the limits."""
     if len(sizes) > MAX_MEMBERS:
         raise BundleError(f"{path}: {len(sizes)} members, more than a bundle ever has ({MAX_MEMBERS}): not a "
                           "histoboost bundle")
     for name, (size, packed) in sizes.items():
-        if not _MEMBER_NAME.match(name):
+        if not _MEMBER_NAME.fullmatch(name):
             raise BundleError(f"{path}: holds {name[:80]!r}, which a bundle never has (only {META_FILE}, model.ubj or "
                               "model.json and weights-<backbone>.safetensors): use the original bundle")
         limit = MAX_MEMBER_BYTES.get(name, MAX_WEIGHTS_BYTES)
         if size > limit:
             raise BundleError(f"{path}: {name} is {size / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB limit: "
                               "not a histoboost bundle")
-        if packed is not None and size > 2**20 and size > MAX_RATIO * max(packed, 1):
-            raise BundleError(f"{path}: {name} expands {size / max(packed, 1):.0f}-fold, over the {MAX_RATIO}-fold "
+        if packed is None:
+            continue
+        ratio = MAX_WEIGHTS_RATIO if name.endswith(".safetensors") else MAX_RATIO
+        if size > 2**20 and size > ratio * max(packed, 1):
+            raise BundleError(f"{path}: {name} expands {size / max(packed, 1):.0f}-fold, over the {ratio}-fold "
                               "limit (a zip bomb?): not a histoboost bundle")
+        if packed > size + size // 100 + 1024:
+            raise BundleError(f"{path}: {name} is stored larger than it unpacks: not a histoboost bundle")
     total = sum(size for size, _ in sizes.values())
     if total > MAX_TOTAL_BYTES:
         raise BundleError(f"{path}: {total / 2**30:.1f} GiB in all, over the {MAX_TOTAL_BYTES / 2**30:.0f} GiB limit")
@@ -468,9 +523,9 @@ def _schema_validator():
 def parse_meta(data: bytes, path: Path) -> dict[str, Any]:
     """bundle.json parsed and checked against the schema (depth, types, ranges, known keys, version)."""
     try:
-        meta = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BundleError(f"{path}: {META_FILE} is damaged (not JSON): use the original bundle") from None
+        meta = json.loads(data, parse_constant=_no_constant)
+    except ValueError:  # not JSON, not UTF-8, NaN/Infinity, or a number of thousands of digits
+        raise BundleError(f"{path}: {META_FILE} is damaged (not strict JSON): use the original bundle") from None
     except RecursionError:
         raise BundleError(f"{path}: {META_FILE} is nested too deeply: not a histoboost bundle") from None
     if _depth(meta) > MAX_JSON_DEPTH:
@@ -485,20 +540,23 @@ def parse_meta(data: bytes, path: Path) -> dict[str, Any]:
         hint = "histoboost 0.1.0 reads it" if version >= 1 else "no histoboost wrote it"
         raise BundleError(f"{path}: bundle format {version} is older than the {OLDEST_FORMAT} this histoboost reads "
                           f"({hint}): retrain it with this version")
-    error = next(iter(sorted(_schema_validator().iter_errors(meta), key=lambda e: list(e.absolute_path))), None)
+    error = next(iter(_schema_validator().iter_errors(meta)), None)  # the first, without collecting them all
     if error is not None:
         where = "/".join(map(str, error.absolute_path)) or "the top level"
         raise BundleError(f"{path}: {META_FILE} fails the format-{FORMAT_VERSION} schema at {where} "
                           f"({error.message[:160]}): use the original bundle")
+    ids = meta["training_data"]["image_ids"]
+    if len(set(ids)) != len(ids):
+        raise BundleError(f"{path}: {META_FILE} lists a training image twice: use the original bundle")
     if meta["meta_sha256"] != _meta_digest(meta):
         raise BundleError(f"{path}: {META_FILE} does not match its checksum: the bundle was damaged; use the "
                           "original bundle")
     return meta
 
 
-def _check_members(meta: dict[str, Any], members: dict[str, bytes], path: Path) -> None:
-    """`files` lists exactly the members present, each with its sha256; names are the fixed ones."""
-    listed, present = set(meta["files"]), set(members) - {META_FILE}
+def _check_members(meta: dict[str, Any], present: set[str], path: Path) -> None:
+    """`files` lists exactly the members present, under the fixed names its classifier and backbones need."""
+    listed, present = set(meta["files"]), present - {META_FILE}
     if listed != present:
         extra, missing = sorted(present - listed), sorted(listed - present)
         raise BundleError(f"{path}: members {', '.join(extra) or '(none)'} not listed and {', '.join(missing) or '(none)'} "
@@ -508,10 +566,19 @@ def _check_members(meta: dict[str, Any], members: dict[str, bytes], path: Path) 
     if named != expected or listed != expected:
         raise BundleError(f"{path}: members {', '.join(sorted(listed))} are not the fixed names its classifier and "
                           "backbones need: use the original bundle")
-    for name in sorted(listed):
+
+
+def _checked(members: dict[str, bytes], meta: dict[str, Any], path: Path) -> dict[str, bytes]:
+    """The members, each matching the sha256 bundle.json lists for it."""
+    for name in sorted(members):
         if hashlib.sha256(members[name]).hexdigest() != meta["files"][name]:
             raise BundleError(f"{path}: {name} does not match its checksum: the bundle was altered or damaged; "
                               "use the original bundle")
+    return members
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def _depth(value: Any) -> int:

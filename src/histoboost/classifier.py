@@ -87,6 +87,10 @@ class BoostedTrees:
         out = self.booster.predict(xgb.DMatrix(X), iteration_range=(0, (self.best_iteration or 0) + 1))
         return np.asarray(out, dtype=np.float64).reshape(len(X), N_CLASSES)
 
+    @property
+    def n_features(self) -> int:
+        return self.booster.num_features()
+
     def to_bytes(self) -> bytes:
         """XGBoost's native UBJ format: portable, no pickle."""
         return bytes(self.booster.save_raw(raw_format="ubj"))
@@ -154,6 +158,10 @@ class LogisticModel:
         p = np.exp(z)
         return p / p.sum(axis=1, keepdims=True)
 
+    @property
+    def n_features(self) -> int:
+        return self.coef.shape[1]
+
     def to_bytes(self) -> bytes:
         """Plain JSON arrays: readable anywhere, no pickle."""
         arrays = {"mean": self.mean, "scale": self.scale, "coef": self.coef,
@@ -168,7 +176,7 @@ class LogisticModel:
             model = cls(config)
             model.mean, model.scale = np.array(found["mean"], np.float32), np.array(found["scale"], np.float32)
             model.coef, model.intercept = np.array(found["coef"], np.float64), np.array(found["intercept"], np.float64)
-        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError, RecursionError) as err:
             raise ValueError(f"not a logistic model ({type(err).__name__}: {str(err)[:80]})") from None
         d = model.mean.shape[0] if model.mean.ndim == 1 else -1
         shapes_ok = (d > 0 and model.scale.shape == (d,) and model.coef.shape == (N_CLASSES, d)

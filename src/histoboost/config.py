@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -432,6 +433,25 @@ def _validate(config: Config) -> None:
          and 0 <= config.finetune.rgb_scale < 1 and 0 <= config.finetune.rgb_shift < 1,
          "finetune colour strengths must be in [0, 1)"),
         (config.seed >= 0, "seed must be a non-negative integer"),
+    ]
+    # Upper bounds and finiteness: a config can come from a shared bundle, and an absurd value must be one
+    # line, not hours of work or an exhausted memory.
+    clf, ft = config.classifier, config.finetune
+    numbers = [pre.scale, pre.target_mpp or 1.0, aug.rgb_scale, aug.rgb_shift, aug.he_scale, aug.he_shift, feat.gem_p,
+               clf.C, clf.learning_rate, clf.subsample, clf.colsample_bytree, ft.learning_rate, ft.weight_decay,
+               ft.warmup_epochs, *(pre.stain.target or ())]
+    checks += [
+        (all(math.isfinite(v) for v in numbers), "every number in the config must be finite"),
+        (pre.target_mpp is None or 0.05 <= pre.target_mpp <= 20, "preprocess.target_mpp must be 0.05 to 20 µm/px"),
+        (aug.n_augment <= 1000 and aug.n_crops <= 1000, "augment.n_augment and n_crops must be at most 1000"),
+        (aug.crop_size <= 8192, "augment.crop_size must be at most 8192 pixels"),
+        (feat.gem_p <= 100, "features.gem_p must be at most 100"),
+        (clf.n_estimators <= 100_000 and clf.max_depth <= 64 and clf.max_bin <= 65536,
+         "classifier.n_estimators, max_depth or max_bin too large"),
+        (config.evaluate.folds <= 100 and clf.inner_folds <= 100, "folds must be at most 100"),
+        (ft.epochs <= 10_000 and ft.crops_per_image <= 10_000 and ft.batch_size <= 65536,
+         "finetune epochs, crops_per_image or batch_size too large"),
+        (config.seed < 2**32, "seed must be below 2**32"),
     ]
     stain = pre.stain
     if stain.target is not None:

@@ -272,7 +272,7 @@ def read_index(index: Path) -> dict:
     """A store's index.json; one clear line when it is damaged."""
     try:
         found = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, OSError):  # not JSON, not UTF-8, unreadable
         found = None
     if not isinstance(found, dict):
         raise FeatureStoreError(f"{index}: damaged index; delete the folder {index.parent} to re-extract")
@@ -284,8 +284,8 @@ def clear_stale_temporaries(root: Path) -> None:
     other machines sharing the folder (whose processes cannot be seen from here), are left alone."""
     host = _host()
     for tmp in root.glob(".*.tmp.npz"):
-        parts = tmp.name.split(".")
-        pid, writer_host = (parts[2], parts[3]) if len(parts) == 6 else ("", "")
+        parts = tmp.name[1:].rsplit(".", 4)  # ENTRY.PID.HOST.tmp.npz (an entry may hold dots)
+        pid, writer_host = (parts[1], parts[2]) if len(parts) == 5 else ("", "")
         if pid.isdigit() and writer_host == host and not _process_alive(int(pid)):
             try:
                 tmp.unlink(missing_ok=True)
@@ -319,12 +319,11 @@ def list_stores(cache_dir: str | Path) -> list[dict]:
             meta = read_index(index)
         except FeatureStoreError:
             meta = {"damaged": True}
-        files = [f for f in root.glob("*.npz") if not f.name.startswith(".")]
+        stats = [f.stat() for f in [index, *root.glob("*.npz")] if not f.name.startswith(".") and f.exists()]
         stores.append({
             "key": root.name, "path": str(root), "backbone": meta.get("backbone", {}).get("name", "damaged index"),
-            "images": len(files), "bytes": sum(f.stat().st_size for f in files),
-            "last_used": time.strftime("%Y-%m-%d %H:%M", time.localtime(max(
-                [f.stat().st_mtime for f in [*files, index]] or [root.stat().st_mtime]))),
+            "images": len(stats) - 1, "bytes": sum(st.st_size for st in stats[1:]),
+            "last_used": time.strftime("%Y-%m-%d %H:%M", time.localtime(max(st.st_mtime for st in stats))),
             "settings": meta.get("settings", {}),
         })
     return stores

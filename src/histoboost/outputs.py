@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from .config import HistoboostError
 
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+RUN_MARKER = "config.json"  # every run folder histoboost writes has one
 
 
 class OutputError(HistoboostError):
@@ -24,16 +26,19 @@ class OutputError(HistoboostError):
 
 
 def check_output(path: Path, force: bool = False, folder: bool = True) -> Path:
-    """Refuse, before any work, an output that exists (unless `force`), is the wrong kind, or whose
-    parent folder cannot be written."""
-    path = Path(path)
+    """Refuse, before any work, an output that exists (unless `force`, and then only a file, an empty
+    folder or a histoboost run folder), is the wrong kind, or whose parent folder cannot be written."""
+    path = Path(path).absolute()
     if path.exists() or path.is_symlink():
         if not force:
             raise OutputError(f"{path} exists: choose another --out, or pass --force to replace it")
         if folder != path.is_dir():
             raise OutputError(f"{path} is {'a file' if path.is_file() else 'a folder'}: give "
                               f"{'a folder' if folder else 'a file name'} for --out")
-    parent = path.absolute().parent
+        if folder and any(path.iterdir()) and not (path / RUN_MARKER).is_file():
+            raise OutputError(f"{path} holds files but is no histoboost run folder (no {RUN_MARKER}): --force "
+                              "replaces only run folders; choose another --out")
+    parent = path.parent
     if not parent.is_dir():
         if parent.exists() or not folder:
             raise OutputError(f"{parent}: no such folder for --out {path}: create it first")
@@ -45,23 +50,27 @@ def check_output(path: Path, force: bool = False, folder: bool = True) -> Path:
 
 @contextmanager
 def staged_folder(out: Path, force: bool = False) -> Iterator[Path]:
-    """A hidden folder beside `out` to write into; renamed to `out` when the block ends without error,
-    removed when it fails. With `force`, an existing `out` is replaced only then."""
-    out = check_output(out, force)
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    """A new hidden folder beside `out` to write into, renamed to `out` when the block ends without error
+    and removed when the block fails. `out` is checked by the caller before the work (`check_output`);
+    should it have appeared since, or the rename fail, the finished results stay in the staging folder
+    and the error says where."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
         yield staging
-        if out.exists():
-            _exchange(staging, out)  # the new run in place, the old one in the staging name
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    try:
+        if out.exists() and force:
+            _exchange(staging, out)  # the new run in place, the old one in the staging name
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            os.rename(staging, out)  # fails, rather than replaces, if `out` appeared meanwhile
+    except OSError as err:
+        raise OutputError(f"{out}: could not be put in place ({err.strerror}); the finished results are in "
+                          f"{staging}") from None
 
 
 def _exchange(a: Path, b: Path) -> None:

@@ -8,6 +8,7 @@ import csv
 import html
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -431,7 +432,7 @@ def write_overlay(image_path: str | Path, grid: np.ndarray, predicted: int, out:
               "per feature-map cell over tissue", fill="black")
     draw.text((220, h + 24), "EXPLORATORY: the classifier was trained on vectors pooled over crops,", fill="black")
     draw.text((220, h + 40), "not on single cells. Research use only; not for diagnosis.", fill="black")
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     canvas.save(tmp, "PNG")
     tmp.replace(out)
     return out

@@ -11,9 +11,13 @@ The `cryptography` package does the cryptography.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from .config import HistoboostError
+
+
+SIGNATURE_BYTES = 64  # an Ed25519 signature
 
 
 class SigningError(HistoboostError):
@@ -82,10 +86,16 @@ def verify(message: bytes, signature: str | Path, public_key: str | Path) -> Non
     if not isinstance(key, Ed25519PublicKey):
         raise SigningError(f"{public_key}: not an Ed25519 public key")
     try:
-        data = Path(signature).read_bytes()
+        fd = os.open(signature, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         raise SigningError(f"no signature {signature} beside the bundle, and a trusted key was required: get the "
                            ".sig from the bundle's author, or do not use it") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size != SIGNATURE_BYTES:
+            raise SigningError(f"{signature} is not a {SIGNATURE_BYTES}-byte Ed25519 signature file: get the .sig "
+                               "from the bundle's author, or do not use it")
+        data = handle.read(SIGNATURE_BYTES)
     try:
         key.verify(data, message)
     except InvalidSignature:

@@ -152,6 +152,7 @@ def _report(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from ..demo import DEMO_CONFIG, make_demo_data
 
+    check_output(args.out / "cv", force=True)  # a previous demo's run is replaced, nothing else
     data_dir = mkdir(args.out) / "data"  # regenerated, byte for byte the same, on every run
     make_demo_data(data_dir)
     print(f"synthetic H&E-like demo data (not real tissue): {data_dir}")

@@ -83,7 +83,7 @@ def _train(args: argparse.Namespace) -> int:
     if key is not None:
         from ..bundle import META_FILE, read_members
 
-        print(f"signature: {sign(read_members(path)[META_FILE], key, signature_path(path))}")
+        print(f"signature: {sign(read_members(path, [META_FILE])[META_FILE], key, signature_path(path))}")
     return 0
 
 
@@ -93,8 +93,12 @@ def _predict(args: argparse.Namespace) -> int:
     device = device_of(args.device)
     if args.out is not None:  # checked before any work
         check_output(args.out, args.force, folder=False)
-    if args.overlay is not None and args.overlay.exists() and not args.overlay.is_dir():
-        raise UsageError(f"--overlay {args.overlay} is a file: give a folder")
+    if args.overlay is not None and args.overlay.exists():
+        if not args.overlay.is_dir():
+            raise UsageError(f"--overlay {args.overlay} is a file: give a folder")
+        if any(args.overlay.iterdir()) and not args.force:
+            raise UsageError(f"--overlay {args.overlay} holds files: choose an empty folder, or pass --force to "
+                             "write over overlays of the same names")
     bundle = Bundle.load(args.model, device, args.expect_sha256, args.trusted_key)
     records, problems = bundle.predict(args.images, device, batch_size(args, device), progress=not args.quiet,
                                        overlay_dir=args.overlay)

@@ -21,8 +21,8 @@ class UsageError(HistoboostError):
     """A flag or file given on the command line cannot be used."""
 
 
-def count(lowest: int):
-    """argparse type: an integer of at least `lowest` (a bad value exits with status 2)."""
+def count(lowest: int, highest: int = 1_000_000):
+    """argparse type: an integer from `lowest` to `highest` (a bad value exits with status 2)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -30,6 +30,8 @@ def count(lowest: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < lowest:
             raise argparse.ArgumentTypeError(f"{value} is below the smallest allowed, {lowest}")
+        if value > highest:
+            raise argparse.ArgumentTypeError(f"{value} is above the largest allowed, {highest}")
         return value
     return parse
 
@@ -74,8 +76,8 @@ class Parents:
 def parents() -> Parents:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("global options")
-    group.add_argument("--seed", type=count(0), help="random seed for augmentations, crops, folds and models")
-    group.add_argument("--threads", type=count(1), help="CPU threads to use (default: all cores)")
+    group.add_argument("--seed", type=count(0, 2**32 - 1), help="random seed for augmentations, crops, folds and models")
+    group.add_argument("--threads", type=count(1, 1024), help="CPU threads to use (default: all cores)")
     group.add_argument("--quiet", action="store_true", help="no progress bars, only results and problems")
     group.add_argument("--debug", action="store_true", help="show the traceback of an unexpected system error")
 
@@ -163,8 +165,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
             file_data = json.loads(args.config.read_text())
         except OSError as err:
             raise UsageError(f"{args.config}: cannot read the config file ({err.strerror})") from None
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{args.config}: not valid JSON ({err.msg}, line {err.lineno}); "
+        except ValueError as err:  # not JSON, or not UTF-8
+            raise UsageError(f"{args.config}: not a valid JSON text ({str(err).splitlines()[0][:80]}); "
                              "give a config.json written by histoboost") from None
     overrides: dict[str, Any] = {
         "seed": args.seed,
@@ -261,12 +263,17 @@ def mkdir(path: Path) -> Path:
 
 
 def device_of(name: str) -> str:
+    """`cpu`, `cuda` or `cuda:N` that exists on this machine."""
+    import re
+
     import torch
 
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UsageError(f"--device {name}: use cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise UsageError(f"--device {name}: use cpu or cuda")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return name
 
 
