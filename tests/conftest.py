@@ -42,6 +42,24 @@ def copy_eight(bach: Path, root: Path) -> Path:
     return root
 
 
+# A small, fast protocol for tests that train a bundle.
+SMALL = {"preprocess.scale": 0.25, "augment.n_augment": 3, "augment.n_crops": 3, "augment.crop_size": 192,
+         "classifier.n_estimators": 20}
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, bach):
+    """A bundle trained once per test session on eight real BACH images: (bundle, manifest, folder)."""
+    from histoboost.bundle import train_bundle
+    from histoboost.config import preset
+    from histoboost.data import load_manifest
+
+    root = tmp_path_factory.mktemp("bundle")
+    manifest, _ = load_manifest(copy_eight(bach, root / "data"))
+    bundle = train_bundle(manifest, preset("quick").merged(SMALL), root / "cache", progress=False)
+    return bundle, manifest, root
+
+
 @pytest.fixture
 def small_folder(tmp_path: Path, bach: Path) -> Path:
     """A class-folder data set of 2 real images per class (copied into a temporary folder)."""

@@ -5,23 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import copy_eight, write_png
+from conftest import SMALL, write_png
 from histoboost.bundle import FORMAT_VERSION, Bundle, BundleError, train_bundle
 from histoboost.config import preset
-from histoboost.data import load_manifest
 from histoboost.report import OVERLAY_LEGEND_HEIGHT
-
-SMALL = {"preprocess.scale": 0.25, "augment.n_augment": 3, "augment.n_crops": 3, "augment.crop_size": 192,
-         "classifier.n_estimators": 20}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, bach):
-    root = tmp_path_factory.mktemp("bundle")
-    data = copy_eight(bach, root / "data")
-    manifest, _ = load_manifest(data)
-    bundle = train_bundle(manifest, preset("quick").merged(SMALL), root / "cache", progress=False)
-    return bundle, manifest, root
 
 
 def test_save_load_predict_equals_in_memory(trained):

@@ -14,22 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import copy_eight
+from conftest import SMALL
 from histoboost.bundle import META_FILE, Bundle, BundleError, _meta_digest, inventory, train_bundle
 from histoboost.config import preset
-from histoboost.data import load_manifest
-
-SMALL = {"preprocess.scale": 0.25, "augment.n_augment": 2, "augment.n_crops": 2, "augment.crop_size": 192,
-         "classifier.n_estimators": 10}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, bach):
-    root = tmp_path_factory.mktemp("bundle")
-    data = copy_eight(bach, root / "data")
-    manifest, _ = load_manifest(data)
-    bundle = train_bundle(manifest, preset("quick").merged(SMALL), root / "cache", progress=False)
-    return bundle, manifest, root
 
 
 def _forge(source: Path, out: Path, edit=None, members: dict | None = None, rehash: bool = True) -> Path:

@@ -10,9 +10,9 @@ A bundle is a file people download and share, so loading treats it as hostile (d
 sizes, compression and member names are checked before anything is read; bundle.json is read first
 and checked (identity, signature, the published JSON Schema schemas/bundle-4.schema.json) before any
 field is used or any other member read; the files it lists must be exactly the members present;
-members are read into memory, never written out and never looked up by a name taken from bundle.json. The bundle's identity is the sha256 of its bundle.json, which
-holds the sha256 of every other member: checksums detect damage, while `expect_sha256` and Ed25519
-signatures (`signing`) detect deliberate edits.
+members are read into memory, never written out and never looked up by a name taken from bundle.json.
+The bundle's identity is the sha256 of its bundle.json, which holds the sha256 of every other member:
+checksums detect damage, while `expect_sha256` and Ed25519 signatures (`signing`) detect deliberate edits.
 """
 
 from __future__ import annotations
@@ -475,7 +475,8 @@ def read_members(path: Path, names: list[str]) -> dict[str, bytes]:
                     with archive.open(name) as handle:  # deflate output bounded per read, CRC checked at the end
                         out[name] = b"".join(iter(lambda: handle.read(1 << 16), b""))
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, RuntimeError) as err:
-        raise BundleError(f"{path}: the bundle is damaged or unreadable ({str(err)[:120]}): use the original bundle") from None
+        raise BundleError(f"{path}: the bundle is damaged or unreadable ({str(err)[:120]}): use the original "
+                          "bundle") from None
     for name, data in out.items():
         if len(data) != sizes[name]:
             raise BundleError(f"{path}: {name} changed while it was read: use the original bundle")
