@@ -163,7 +163,7 @@ class Bundle:
         present = inventory(path)
         if META_FILE not in present:
             raise BundleError(f"{path}: not a histoboost bundle (no {META_FILE})")
-        meta_bytes = read_members(path, [META_FILE])[META_FILE]
+        meta_bytes = read_members(path, [META_FILE], present)[META_FILE]
         sha256 = identity(meta_bytes)
         if expect_sha256 is not None and sha256 != expect_sha256.strip().lower():
             raise BundleError(f"{path}: bundle sha256 is {sha256}, not the expected {expect_sha256}: it is another "
@@ -177,7 +177,7 @@ class Bundle:
                 raise BundleError(f"{path}: {err}") from None
         meta = parse_meta(meta_bytes, path)
         _check_members(meta, set(present), path)
-        members = _checked(read_members(path, sorted(meta["files"])), meta, path)
+        members = _checked(read_members(path, sorted(meta["files"]), present), meta, path)
         try:
             config = Config.from_dict(meta["config"])
         except ConfigError as err:
@@ -460,9 +460,10 @@ def inventory(path: Path) -> dict[str, int]:
     return {name: size for name, (size, _) in sizes.items()}
 
 
-def read_members(path: Path, names: list[str]) -> dict[str, bytes]:
-    """The named members of a bundle (see `inventory`) into memory; never more bytes than each declares."""
-    sizes = inventory(path)
+def read_members(path: Path, names: list[str], sizes: dict[str, int] | None = None) -> dict[str, bytes]:
+    """The named members of a bundle into memory, never more bytes than each declares; `sizes` is the
+    bundle's `inventory`, taken here when the caller has none."""
+    sizes = sizes if sizes is not None else inventory(path)
     out = {}
     try:
         if path.is_dir():

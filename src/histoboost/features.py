@@ -263,10 +263,6 @@ class FeatureStore:
             raise FeatureStoreError(f"{self.root}: cannot store features ({err.strerror}): free space or give a "
                                     "writable --cache-dir; rerun to resume") from None
 
-    def clear_stale_temporaries(self) -> None:
-        """Remove temporary files left by killed runs on this machine (their process is gone)."""
-        clear_stale_temporaries(self.root)
-
 
 def read_index(index: Path) -> dict:
     """A store's index.json; one clear line when it is damaged."""
@@ -332,9 +328,8 @@ def list_stores(cache_dir: str | Path) -> list[dict]:
 def prune_stores(cache_dir: str | Path, keys: Iterable[str] = (), older_than_days: float | None = None,
                  everything: bool = False) -> list[str]:
     """Delete the named stores, those unused for `older_than_days`, or all, and clear temporary files
-    of dead writers. Only folders with an index.json are stores: nothing else is ever touched.
-    A store whose index is damaged or not histoboost's is left for the user to delete. Returns what was
-    removed."""
+    of dead writers. Only histoboost's stores (see `_stores` and `_is_ours`) are ever touched: a store
+    whose index is damaged or not histoboost's is left for the user to delete. Returns what was removed."""
     removed = []
     now = time.time()
     keys = set(keys)
@@ -375,7 +370,7 @@ def extract_features(manifest: Manifest, config: Config, backbone: Backbone, cac
     from tqdm.auto import tqdm
 
     store = FeatureStore.open(cache_dir, config, backbone)
-    store.clear_stale_temporaries()
+    clear_stale_temporaries(store.root)
     result = ExtractResult(store)
     todo = [r for r in manifest if not store.has(store.entry(r), keep_crops)]
     result.reused = len(manifest) - len(todo)
