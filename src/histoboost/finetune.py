@@ -67,6 +67,15 @@ class FinetuneResult:
         return card_path(self.weights)
 
 
+def refuse_foundation(name: str) -> None:
+    """Fine-tuning adapts CNNs (batch-norm stages, a new head); foundation models are used frozen."""
+    from .foundation import FOUNDATION
+
+    if name in FOUNDATION:
+        raise FinetuneError(f"{name} is a foundation model: histoboost uses it frozen (its features are already "
+                            "histology's); drop --finetune")
+
+
 def card_path(weights: Path) -> Path:
     return weights.with_suffix(".json")
 
@@ -200,6 +209,7 @@ def finetune(images: list[TrainingImage], config: Config, backbone_name: str, ou
     """
     from tqdm.auto import tqdm
 
+    refuse_foundation(backbone_name)
     out = Path(out)
     ft, seed = config.finetune, config.seed
     base = create_backbone(backbone_name, base_weights, "cpu").identity

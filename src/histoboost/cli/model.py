@@ -11,8 +11,8 @@ from pathlib import Path
 
 from ..data import write_text_atomic
 from ..outputs import check_output, spreadsheet_safe, staged_folder
-from .options import (Parents, UsageError, batch_size, check_split, config_from_args, count, device_of, load_data,
-                      print_problems)
+from .options import (Parents, UsageError, batch_size, bundle_weights, check_split, config_from_args, count,
+                      device_of, load_data, print_problems)
 
 
 def add_commands(commands, p: Parents) -> None:
@@ -99,7 +99,7 @@ def _predict(args: argparse.Namespace) -> int:
         if any(args.overlay.iterdir()) and not args.force:
             raise UsageError(f"--overlay {args.overlay} holds files: choose an empty folder, or pass --force to "
                              "write over overlays of the same names")
-    bundle = Bundle.load(args.model, device, args.expect_sha256, args.trusted_key)
+    bundle = Bundle.load(args.model, device, args.expect_sha256, args.trusted_key, bundle_weights(args))
     records, problems = bundle.predict(args.images, device, batch_size(args, device), progress=not args.quiet,
                                        overlay_dir=args.overlay)
     print_problems(problems)
@@ -135,7 +135,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     device = device_of(args.device)
     out = check_output(args.out or Path("runs") / time.strftime("evaluate-%Y%m%d-%H%M%S"), args.force)
-    bundle = Bundle.load(args.model, device, args.expect_sha256, args.trusted_key)
+    bundle = Bundle.load(args.model, device, args.expect_sha256, args.trusted_key, bundle_weights(args))
     config = bundle.config
     manifest = load_data(args, config)
     run = evaluate_bundle(bundle, manifest, device, progress=not args.quiet)

@@ -83,7 +83,9 @@ def parents() -> Parents:
 
     protocol = argparse.ArgumentParser(add_help=False)
     group = protocol.add_argument_group("protocol (precedence: --preset < --config file < these flags)")
-    group.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="starting settings (default: paper)")
+    group.add_argument("--preset", choices=sorted(PRESETS),
+                       help="starting settings (default: foundation when every backbone is a foundation model, "
+                       "else paper)")
     group.add_argument("--config", type=Path, metavar="FILE", help="a saved config.json to rerun")
     group.add_argument("--scale", type=positive, help="working scale factor (paper: 0.5)")
     group.add_argument("--mpp", type=positive, help="target µm/px, used where the file states its resolution")
@@ -102,9 +104,10 @@ def parents() -> Parents:
     features = argparse.ArgumentParser(add_help=False)
     group = features.add_argument_group("features")
     group.add_argument("--backbone", action="append", metavar="NAME",
-                       help="CNN (repeatable): resnet50, xception, efficientnet_lite0/1/2 (offline) or a timm name")
+                       help="network (repeatable): resnet50, xception, efficientnet_lite0/1/2 (offline), a foundation "
+                       "model (histoboost backbones) or a timm name; default: those --weights names, else the preset's")
     group.add_argument("--weights", action="append", metavar="[NAME=]PATH",
-                       help="local weights file (safetensors or torch state dict) instead of downloading")
+                       help="local weights file (safetensors or torch state dict), e.g. uni=/path/pytorch_model.bin")
     group.add_argument("--mode", choices=["shared", "exact"], help="shared feature map (fast, default) or CNN per crop")
     group.add_argument("--stages", type=count(1), help="feature maps used: 1 = final (default); k = also the k-1 stages "
                        "before the last")
@@ -154,7 +157,21 @@ def parents() -> Parents:
                        help="refuse the bundle unless its sha256 (as train printed it) is HASH")
     group.add_argument("--trusted-key", type=Path, metavar="PUB",
                        help="refuse the bundle unless MODEL.sig is its valid signature by this Ed25519 public key")
+    group.add_argument("--weights", action="append", metavar="NAME=PATH", dest="bundle_weights",
+                       help="your own file of a foundation model the bundle names but may not carry (gated or "
+                       "non-commercial weights); its sha256 must be the one the bundle was trained with")
     return Parents(common, protocol, features, evaluation, tuning, trust)
+
+
+def bundle_weights(args: argparse.Namespace) -> dict[str, str]:
+    """`--weights NAME=PATH` of predict and evaluate, as {name: path}."""
+    out = {}
+    for item in args.bundle_weights or ():
+        name, sep, path = item.partition("=")
+        if not (sep and name and path):
+            raise UsageError(f"--weights {item}: give NAME=PATH, e.g. uni=/path/pytorch_model.bin")
+        out[name] = path
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -202,17 +219,38 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "finetune.batch_size": getattr(args, "finetune_batch_size", None),
         "finetune.patience": getattr(args, "patience", None),
     }
+    backbones = getattr(args, "backbone", None) or _named_in(getattr(args, "weights", None))
+    overrides["features.backbones"] = backbones
     if args.stain is not None and args.stain_reference is None:
         overrides["preprocess.stain.target"] = None
         overrides["preprocess.stain.reference_image_sha256"] = None
     try:
-        config = build_config(args.preset, file_data, overrides)
+        config = build_config(args.preset or default_preset(backbones), file_data, overrides)
     except ConfigError as err:
         source = f"{args.config}: " if args.config else ""
         raise ConfigError(f"{source}{err}") from None
     if args.stain_reference is not None:
         config = _with_stain_reference(config, args.stain_reference)
+    if config.finetune.enabled:  # before any work
+        from ..finetune import refuse_foundation
+
+        for name in config.features.backbones:
+            refuse_foundation(name)
     return config
+
+
+def _named_in(weights: list[str] | None) -> list[str] | None:
+    """The backbones `--weights NAME=PATH` names, when every item names one: `--weights uni=PATH` alone
+    is enough to use UNI."""
+    names = [item.partition("=")[0] for item in weights or () if "=" in item]
+    return names if names and len(names) == len(weights) else None
+
+
+def default_preset(backbones: list[str] | None) -> str:
+    """`foundation` when every chosen backbone is a foundation model, else the seed study's `paper`."""
+    from ..foundation import FOUNDATION
+
+    return "foundation" if backbones and all(b in FOUNDATION for b in backbones) else "paper"
 
 
 def _with_stain_reference(config: Config, path: Path) -> Config:
