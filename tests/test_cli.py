@@ -317,6 +317,7 @@ def test_foundation_model_from_local_weights_end_to_end(small_folder, tmp_path, 
     assert config["features"]["mode"] == "exact" and config["preprocess"]["target_mpp"] == 0.5  # its preset
     shared = run_cli("extract", small_folder, *weights, *flags, "--mode", "shared", "--out", tmp_path / "run2")
     assert shared.returncode == 2 and "is a ViT" in shared.stderr and len(shared.stderr.splitlines()) == 1
+    assert not (tmp_path / "run2").exists()  # refused before any work
     cv = run_cli("cv", small_folder, *weights, *flags, "--folds", "2", "--rounds", "10", "--out", tmp_path / "cv")
     assert cv.returncode == 0, cv.stderr
     model = tmp_path / "model.zip"
@@ -332,3 +333,20 @@ def test_foundation_model_from_local_weights_end_to_end(small_folder, tmp_path, 
     assert predicted.stdout.count("\n") == 2
     checked = run_cli("backbones", "--check", kaiko_random)
     assert "fits: kaiko-vits16 or lunit-vits16" in checked.stdout and "no publisher states a checksum" in checked.stdout
+
+
+def test_weights_flag_alone_picks_foundation_models_and_their_preset_only():
+    from histoboost.cli import build_parser
+    from histoboost.cli.options import UsageError, config_from_args
+
+    def parse(*flags):
+        return config_from_args(build_parser().parse_args(["extract", "DATA", *flags]))
+
+    config = parse("--weights", "uni=/weights/pytorch_model.bin")
+    assert config.features.backbones == ("uni",) and config.features.mode == "exact"
+    assert config.augment.crop_size == 224 and config.preprocess.target_mpp == 0.5
+    assert parse("--weights", "resnet50=/w.pth").features.backbones == ("resnet50", "xception")  # as before
+    with pytest.raises(UsageError, match="is a ViT: crops cannot share"):
+        parse("--weights", "uni=/w.bin", "--preset", "quick")  # quick shares one feature map
+    with pytest.raises(UsageError, match="GeM"):
+        parse("--weights", "uni=/w.bin", "--pooling", "gem")

@@ -303,8 +303,10 @@ def test_tiny_vit_trains_and_predicts_and_gated_weights_never_travel(tmp_path, b
         Bundle.load(saved)
     other = tmp_path / "other.bin"
     torch.save(random_model(gated, seed=1).state_dict(), other)
-    with pytest.raises(BundleError, match="install those weights"):
+    with pytest.raises(BundleError, match=f"is not the {gated} file the bundle was trained with"):
         Bundle.load(saved, weights={gated: other})
+    with pytest.raises(BundleError, match="the bundle needs no file for resnet50"):
+        Bundle.load(saved, weights={"resnet50": gated_file})
     loaded = Bundle.load(saved, weights={gated: gated_file})
     image = manifest.records[0]
     first, _ = bundle.predict_known(image.path, image.image_id, image.mpp)
@@ -331,3 +333,25 @@ def test_docs_list_every_spec_with_where_to_get_it():
     text = (Path(__file__).parents[1] / "docs" / "backbones.md").read_text()
     for name, spec in FOUNDATION.items():
         assert f"`{name}`" in text and spec.get in text and spec.licence in text
+
+
+def test_a_file_the_adapter_cannot_read_is_one_line(tmp_path, twins):
+    twin = twin_of("kaiko-vitl14", kwargs={"img_size": 56}, input_size=56)
+    state = dict(random_model(twin).state_dict())
+    state["register_tokens"] = state.pop("reg_token")
+    del state["cls_token"]  # DINOv2's registers without the class token its conversion folds them into
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(BackboneError, match=r"not kaiko-vitl14-twin weights: \d+ tensors that its 'dinov2' layout"):
+        create_backbone(twin, tmp_path / "broken.pth")
+
+
+def test_check_file_names_the_models_a_file_fits_and_a_published_checksum(tmp_path, twins):
+    from histoboost.backbones import check_file
+
+    twin = twin_of("lunit-vits16")
+    path = tmp_path / "dino_vit_small_patch16_ep200.torch"
+    torch.save(random_model(twin).state_dict(), path)
+    found = check_file(path)
+    assert "lunit-vits16-twin" in found["fits"] and found["published_checksum_of"] == []
+    register(dataclasses.replace(FOUNDATION[twin], sha256=found["sha256"]))  # as if the publisher stated it
+    assert check_file(path)["published_checksum_of"] == [twin]

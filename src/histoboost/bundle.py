@@ -193,15 +193,23 @@ class Bundle:
         if config.classifier.kind != meta["classifier"]["type"]:
             raise BundleError(f"{path}: {META_FILE} names classifier {meta['classifier']['type']} but its config "
                               f"{config.classifier.kind}: use the original bundle")
-        from .backbones import REGISTRY, BackboneError, create_backbone, parameter_bytes, weights_from_safetensors
+        from .backbones import (REGISTRY, BackboneError, create_backbone, file_sha256, parameter_bytes,
+                                weights_from_safetensors)
         from .classifier import load_classifier  # torch and xgboost: only after the checks above
         from .foundation import FOUNDATION
 
         backbones, weights = [], dict(weights or {})
-        unused = sorted(set(weights) - {spec["name"] for spec in meta["backbones"]})
-        if unused:
-            raise BundleError(f"{path}: --weights {unused[0]}=…: the bundle has no backbone {unused[0]} (it has "
-                              f"{', '.join(spec['name'] for spec in meta['backbones'])})")
+        wanted = {spec["name"]: spec for spec in meta["backbones"] if "file" not in spec and spec["name"] in FOUNDATION}
+        for name, own in weights.items():
+            if name not in wanted:
+                raise BundleError(f"{path}: --weights {name}=…: the bundle needs no file for {name} (it takes the "
+                                  f"user's own file only for foundation models it does not carry: "
+                                  f"{', '.join(wanted) or 'none'})")
+            if not Path(own).is_file():
+                raise BundleError(f"{own}: weights file not found (--weights {name}=PATH)")
+            if file_sha256(Path(own)) != wanted[name]["weights_sha256"]:  # before a 4 GB network is built
+                raise BundleError(f"{path}: {own} is not the {name} file the bundle was trained with (sha256 "
+                                  f"{wanted[name]['weights_sha256'][:12]}…): give that file")
         for spec in meta["backbones"]:
             try:
                 if parameter_bytes(spec["name"]) > MAX_WEIGHTS_BYTES:  # before building it
@@ -333,13 +341,15 @@ class Bundle:
 
 
     def _tile_maps(self, x, batch_size: int = 8) -> list[np.ndarray]:
-        """Each backbone's embedding of every whole crop-sized tile of the image (3, H, W): (D, rows, cols) each."""
+        """Each backbone's embedding of crop-sized tiles covering the image (3, H, W): (D, rows, cols) each."""
         import torch
 
         size = self.config.augment.crop_size
-        rows, cols = max(1, x.shape[1] // size), max(1, x.shape[2] // size)
-        tiles = torch.stack([x[:, i * size:(i + 1) * size, j * size:(j + 1) * size]
-                             for i in range(rows) for j in range(cols)])
+        height, width = x.shape[1:]
+        rows, cols = -(-height // size), -(-width // size)  # enough tiles to cover the image; the last ones
+        ys = np.linspace(0, height - size, rows).round().astype(int)  # flush with the edge, overlapping a little
+        xs = np.linspace(0, width - size, cols).round().astype(int)
+        tiles = torch.stack([x[:, y:y + size, x0:x0 + size] for y in ys for x0 in xs])
         return [torch.cat([b.embed(chunk, self.config.features.stages) for chunk in tiles.split(batch_size)])
                 .T.reshape(-1, rows, cols).cpu().numpy() for b in self.backbones]
 
@@ -442,7 +452,8 @@ def descriptor_width(backbones: list, config: Config, device: str = "cpu") -> in
     per_view = 2 if config.features.descriptor == "crops+whole" else 1
     with torch.inference_mode():
         probe = torch.zeros(1, 3, 64, 64, device=device)
-        return per_view * sum(b.embed(probe, config.features.stages).shape[1] for b in backbones)
+        return per_view * sum(b.embed(probe, config.features.stages).shape[1] if b.has_maps else b.feature_dim
+                              for b in backbones)
 
 
 def _without_folders(source: str) -> str:

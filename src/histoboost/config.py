@@ -298,8 +298,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Pathology foundation models (ViTs, docs/backbones.md): each crop is one 224 px tile at 0.5 µm/px, the
     # scale they were trained at (files that state no µm/px are read at --scale, default native), embedded on
-    # its own (`exact`: a ViT has no feature map to share); few augmentations, since a ViT-L is about 20x a
-    # ResNet50 per tile on a CPU (docs/performance.md).
+    # its own (`exact`: a ViT has no feature map to share); few augmentations, since a ViT-L is 12x and a ViT-g
+    # 55x a ResNet50 per tile on a CPU (docs/performance.md): 35 s and 161 s per image on 2 cores.
     "foundation": {
         "preprocess": {"target_mpp": 0.5, "scale": 1.0},
         "augment": {"n_augment": 4, "n_crops": 16, "crop_size": 224},

@@ -35,6 +35,7 @@ from .augment import AugmentPlan, augment_batch, plan_augmentations
 from .backbones import Backbone
 from .config import Config, HistoboostError, PreprocessConfig
 from .data import ImageRecord, Manifest, Problem, read_image, working_scale, write_text_atomic
+from .foundation import settings_problem
 from .stain import STAIN_FAILURE_FIX, StainError, StainFit, StainQC, fit_macenko, normalize_safely
 
 _STORE_NAME = re.compile(r"^[A-Za-z0-9_.-]+-[0-9a-f]{16}$")
@@ -103,12 +104,10 @@ def describe_image(image: np.ndarray, plans: list[AugmentPlan], backbone: Backbo
     feat = config.features
     base = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
     pooled, whole, crops = [], [], []
-    if feat.mode == "shared" and not backbone.has_maps:
-        raise HistoboostError(f"{backbone.name} is a ViT: crops cannot share one feature map (shared mode is not "
-                              "offered for ViTs, docs/backbones.md); use --mode exact or --preset foundation")
-    if feat.crop_pooling == "gem" and not backbone.has_maps:
-        raise HistoboostError(f"{backbone.name} is a ViT: its embeddings can be negative, which GeM pooling needs "
-                              "positive; use --pooling mean or max")
+    problem = None if backbone.has_maps else settings_problem([backbone.name], feat.mode, feat.crop_pooling,
+                                                                 feat.stages)
+    if problem:
+        raise HistoboostError(problem)
     with torch.inference_mode(), _autocast(device, feat.dtype):
         for chunk in _chunks(plans, batch_size):
             batch = augment_batch(base, chunk, stain_fit)

@@ -14,9 +14,10 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are touched: the command line checks settings without it
+    import torch
 
 Adapter = Literal["none", "dinov2", "hf-vit", "hf-dinov2"]
 Embedding = Literal["cls", "cls+mean"]
@@ -73,8 +74,8 @@ def register(spec: FoundationSpec) -> FoundationSpec:
     return spec
 
 
-_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-_HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+HALF_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 _SWIGLU = (("mlp_layer", "SwiGLUPacked"), ("act_layer", "SiLU"))
 _TRIDENT = "mahmoodlab/TRIDENT trident/patch_encoder_models/load.py@0120b8bf"
 _EVA = "kaiko-ai/eva src/eva/vision/models/networks/backbones/pathology/"
@@ -85,7 +86,7 @@ _NC_ND = "CC-BY-NC-ND-4.0 (non-commercial research, no redistribution)"
 register(FoundationSpec(
     "uni", "vit_large_patch16_224",
     (("img_size", 224), ("patch_size", 16), ("init_values", 1e-5), ("dynamic_img_size", True)),
-    "pytorch_model.bin", "none", *_IMAGENET, "cls", 1024, 0.5, _NC_ND, False, "gated",
+    "pytorch_model.bin", "none", *IMAGENET_NORM, "cls", 1024, 0.5, _NC_ND, False, "gated",
     "https://huggingface.co/MahmoodLab/UNI (accept the terms, then download pytorch_model.bin)",
     ("mahmoodlab/UNI uni/get_encoder/get_encoder.py@91e141ce (kwargs, strict load)", "mahmoodlab/UNI README.md@01559741 "
      "(licence)", _TRIDENT, _EVA + "mahmood.py"),
@@ -95,7 +96,7 @@ register(FoundationSpec(
     (("img_size", 224), ("patch_size", 14), ("depth", 24), ("num_heads", 24), ("init_values", 1e-5),
      ("embed_dim", 1536), ("mlp_ratio", 2.66667 * 2), ("no_embed_class", True), *_SWIGLU,
      ("reg_tokens", 8), ("dynamic_img_size", True)),
-    "pytorch_model.bin", "none", *_IMAGENET, "cls", 1536, 0.5, _NC_ND, False, "gated",
+    "pytorch_model.bin", "none", *IMAGENET_NORM, "cls", 1536, 0.5, _NC_ND, False, "gated",
     "https://huggingface.co/MahmoodLab/UNI2-h (accept the terms, then download pytorch_model.bin)",
     ("mahmoodlab/UNI README.md@01559741 (timm kwargs, strict load, output [1, 1536])",
      "mahmoodlab/UNI uni/get_encoder/get_encoder.py@91e141ce", _TRIDENT, _EVA + "mahmood.py"),
@@ -104,7 +105,7 @@ _VIRCHOW = (("img_size", 224), ("init_values", 1e-5), ("mlp_ratio", 5.3375), ("g
             ("dynamic_img_size", True))
 register(FoundationSpec(
     "virchow", "vit_huge_patch14_224", _VIRCHOW,
-    "pytorch_model.bin", "none", *_IMAGENET, "cls+mean", 2560, 0.5,
+    "pytorch_model.bin", "none", *IMAGENET_NORM, "cls+mean", 2560, 0.5,
     "Apache-2.0 with gated terms (institutional e-mail, attribution, research use)", False, "gated",
     "https://huggingface.co/paige-ai/Virchow (accept the terms, then download pytorch_model.bin)",
     ("https://huggingface.co/paige-ai/Virchow README.md (card: timm build, CLS + mean of tokens[:, 1:], licence)",
@@ -112,7 +113,7 @@ register(FoundationSpec(
     interpolation="bicubic"))
 register(FoundationSpec(
     "virchow2", "vit_huge_patch14_224", (*_VIRCHOW, ("reg_tokens", 4)),
-    "pytorch_model.bin", "none", *_IMAGENET, "cls+mean", 2560, 0.5, _NC_ND, False, "gated",
+    "pytorch_model.bin", "none", *IMAGENET_NORM, "cls+mean", 2560, None, _NC_ND, False, "gated",
     "https://huggingface.co/paige-ai/Virchow2 (accept the terms, then download pytorch_model.bin)",
     ("https://huggingface.co/paige-ai/Virchow2 config.json (model_args: reg_tokens 4, mlp_ratio 5.3375, bicubic)",
      "Virchow2 card: 'tokens 1-4 are register tokens so we ignore those' (CLS + mean of tokens[:, 5:])",
@@ -139,10 +140,12 @@ register(FoundationSpec(
     (_TRIDENT + " (same build and transform as H-optimus-0)",
      "https://huggingface.co/bioptimus/H-optimus-1/discussions/21 (gated access)")))
 register(FoundationSpec(
+    # The publisher resizes 256 px tiles at 0.5 µm/px to 256 and centre-crops 224: the model sees 224 px at 0.5
+    # µm/px, which is what a 224 px crop at 0.5 µm/px gives directly.
     "prov-gigapath", "vit_giant_patch14_dinov2",
     (("img_size", 224), ("in_chans", 3), ("patch_size", 16), ("embed_dim", 1536), ("depth", 40), ("num_heads", 24),
      ("init_values", 1e-5), ("mlp_ratio", 2.66667 * 2), *_SWIGLU, ("dynamic_img_size", True)),
-    "pytorch_model.bin", "none", *_IMAGENET, "cls", 1536, 0.5,
+    "pytorch_model.bin", "none", *IMAGENET_NORM, "cls", 1536, 0.5,
     "Prov-GigaPath licence (research only; code Apache-2.0)", False, "gated",
     "https://huggingface.co/prov-gigapath/prov-gigapath (accept the terms, then download pytorch_model.bin)",
     ("prov-gigapath/prov-gigapath gigapath/pipeline.py@0713e067 (Resize 256 bicubic + CenterCrop 224, ImageNet)",
@@ -151,7 +154,7 @@ register(FoundationSpec(
     interpolation="bicubic", bach=f"0.759 ({_EVA_BACH})"))
 register(FoundationSpec(
     "phikon", "vit_base_patch16_224", (("img_size", 224), ("patch_size", 16), ("dynamic_img_size", True)),
-    "pytorch_model.bin", "hf-vit", *_IMAGENET, "cls", 768, 0.5, "Owkin non-commercial licence", False, "open",
+    "pytorch_model.bin", "hf-vit", *IMAGENET_NORM, "cls", 768, 0.5, "Owkin non-commercial licence", False, "open",
     "https://huggingface.co/owkin/phikon (model.safetensors or pytorch_model.bin)",
     ("https://huggingface.co/owkin/phikon config.json @e9ad8d1 (ViTModel, 768 wide, 12 layers, patch 16, 224 px)",
      "https://huggingface.co/owkin/phikon/discussions/1 (layer_norm_eps is 1e-6, as timm's default)",
@@ -160,7 +163,7 @@ register(FoundationSpec(
 register(FoundationSpec(
     "phikon-v2", "vit_large_patch16_224",
     (("img_size", 224), ("patch_size", 16), ("init_values", 1e-5), ("dynamic_img_size", True)),
-    "model.safetensors", "hf-dinov2", *_IMAGENET, "cls", 1024, 0.5, "Owkin non-commercial licence (LICENSE.pdf)",
+    "model.safetensors", "hf-dinov2", *IMAGENET_NORM, "cls", 1024, 0.5, "Owkin non-commercial licence (LICENSE.pdf)",
     False, "open", "https://huggingface.co/owkin/phikon-v2 (model.safetensors)",
     ("https://huggingface.co/owkin/phikon-v2/tree/main (model.safetensors, Dinov2 layout, LICENSE.pdf)",
      _TRIDENT + " (AutoModel, last_hidden_state[:, 0])", _EVA + "owkin.py"),
@@ -175,12 +178,12 @@ for _name, _arch, _dim, _bach in (("vits16", "vit_small_patch16_224", 384, "0.81
                                   ("vitb8", "vit_base_patch8_224", 768, "0.866")):
     register(FoundationSpec(
         f"kaiko-{_name}", _arch, (("img_size", 224), ("dynamic_img_size", True)),
-        f"{_name}.pth", "none", *_HALF, "cls", _dim, None, "kaiko.ai non-commercial licence", False, "open",
+        f"{_name}.pth", "none", *HALF_NORM, "cls", _dim, None, "kaiko.ai non-commercial licence", False, "open",
         _KAIKO + f"{_name}.pth", _KAIKO_SOURCES, bach=f"{_bach} ({_EVA_BACH})"))
 register(FoundationSpec(
     # Released in DINOv2's own key layout at DINOv2's 518 px grid (hubconf converts it with timm's _convert_dinov2).
     "kaiko-vitl14", "vit_large_patch14_reg4_dinov2", (("img_size", 518), ("dynamic_img_size", True)),
-    "vitl14.pth", "dinov2", *_HALF, "cls", 1024, None, "kaiko.ai non-commercial licence", False, "open",
+    "vitl14.pth", "dinov2", *HALF_NORM, "cls", 1024, None, "kaiko.ai non-commercial licence", False, "open",
     _KAIKO + "vitl14.pth", _KAIKO_SOURCES, bach=f"0.864 ({_EVA_BACH})"))
 register(FoundationSpec(
     "lunit-vits16", "vit_small_patch16_224", (("img_size", 224), ("patch_size", 16), ("dynamic_img_size", True)),
@@ -216,6 +219,22 @@ register(FoundationSpec(
 # -- adapters: a published file's keys -> timm's -------------------------------------------------
 
 
+def settings_problem(backbones: tuple[str, ...] | list[str], mode: str, crop_pooling: str, stages: int) -> str | None:
+    """Why feature settings cannot be used with these backbones, if they cannot: a foundation model (a ViT)
+    embeds each crop on its own (no feature map to share, no stages) and its embeddings can be negative."""
+    vits = [b for b in backbones if b in FOUNDATION]
+    if not vits:
+        return None
+    if mode == "shared":
+        return (f"{vits[0]} is a ViT: crops cannot share one feature map (docs/backbones.md); use --mode exact (or "
+                "--preset foundation, which a foundation model alone gets by default)")
+    if crop_pooling == "gem":
+        return f"{vits[0]} is a ViT: its embeddings can be negative, which GeM pooling needs positive; use --pooling mean"
+    if stages > 1:
+        return f"{vits[0]} is a ViT: it has no network stages to add; use --stages 1"
+    return None
+
+
 def adapt(adapter: Adapter, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state dict with the declared key map applied; nothing else is renamed or dropped."""
     if adapter == "none":
@@ -245,6 +264,8 @@ def _from_hugging_face(state: dict[str, torch.Tensor], per_layer: dict[str, str]
     no-class-position layout (the class token takes its position embedding, as timm's _convert_dinov2 does).
     The pooler and the mask token, which the embedding never uses, are dropped; any other key is kept as is,
     so that a foreign file fails the strict load instead of loading partly."""
+    import torch
+
     state = {k.removeprefix("vit.").removeprefix("dinov2."): v for k, v in state.items()}
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}

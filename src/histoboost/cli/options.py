@@ -14,6 +14,7 @@ from typing import Any
 
 from ..config import PRESETS, Config, ConfigError, HistoboostError, build_config
 from ..data import DataError, Problem, load_manifest, parse_label_map, read_image
+from ..foundation import FOUNDATION, settings_problem
 from ..stain import StainError, fit_reference
 
 
@@ -170,6 +171,8 @@ def bundle_weights(args: argparse.Namespace) -> dict[str, str]:
         name, sep, path = item.partition("=")
         if not (sep and name and path):
             raise UsageError(f"--weights {item}: give NAME=PATH, e.g. uni=/path/pytorch_model.bin")
+        if name in out:
+            raise UsageError(f"--weights {name}=… is given twice: give one file per backbone")
         out[name] = path
     return out
 
@@ -194,7 +197,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "augment.n_augment": args.augmentations,
         "augment.n_crops": args.crops,
         "augment.crop_size": args.crop_size,
-        "features.backbones": getattr(args, "backbone", None),
         "features.weights": getattr(args, "weights", None),
         "features.mode": getattr(args, "mode", None),
         "features.stages": getattr(args, "stages", None),
@@ -219,7 +221,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "finetune.batch_size": getattr(args, "finetune_batch_size", None),
         "finetune.patience": getattr(args, "patience", None),
     }
-    backbones = getattr(args, "backbone", None) or _named_in(getattr(args, "weights", None))
+    backbones = getattr(args, "backbone", None) or (None if args.config else _foundation_in(getattr(args, "weights", None)))
     overrides["features.backbones"] = backbones
     if args.stain is not None and args.stain_reference is None:
         overrides["preprocess.stain.target"] = None
@@ -231,6 +233,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise ConfigError(f"{source}{err}") from None
     if args.stain_reference is not None:
         config = _with_stain_reference(config, args.stain_reference)
+    feat = config.features
+    problem = settings_problem(feat.backbones, feat.mode, feat.crop_pooling, feat.stages)
+    if problem:  # before any work
+        raise UsageError(problem)
     if config.finetune.enabled:  # before any work
         from ..finetune import refuse_foundation
 
@@ -239,17 +245,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return config
 
 
-def _named_in(weights: list[str] | None) -> list[str] | None:
-    """The backbones `--weights NAME=PATH` names, when every item names one: `--weights uni=PATH` alone
-    is enough to use UNI."""
-    names = [item.partition("=")[0] for item in weights or () if "=" in item]
-    return names if names and len(names) == len(weights) else None
+def _foundation_in(weights: list[str] | None) -> list[str] | None:
+    """The foundation models `--weights NAME=PATH` names, when every item names one: `--weights uni=PATH`
+    alone is enough to use UNI (weights for CNNs leave the backbones to --backbone and the preset)."""
+    names = [item.partition("=")[0] for item in weights or ()]
+    return names if names and all(name in FOUNDATION for name in names) else None
 
 
 def default_preset(backbones: list[str] | None) -> str:
     """`foundation` when every chosen backbone is a foundation model, else the seed study's `paper`."""
-    from ..foundation import FOUNDATION
-
     return "foundation" if backbones and all(b in FOUNDATION for b in backbones) else "paper"
 
 
