@@ -192,3 +192,16 @@ def test_cv_finetune_stops_when_a_card_lists_a_test_image(demo_data, tmp_path, m
     monkeypatch.setattr(ft, "finetune_cached", leaky)
     with pytest.raises(EvaluationError, match="fold 1: 16 test image"):
         cross_validate(manifest, config, tmp_path / "cache", progress=False)
+
+
+def test_expected_calibration_error_counts_the_gap_per_bin():
+    from histoboost.evaluate import calibration
+
+    truth = np.array([0, 0, 1, 1])
+    confident = np.array([[0.95, 0.025, 0.025]] * 4)  # 95% sure of group 0, right half the time
+    found = calibration(truth, confident)
+    assert found["ece"] == pytest.approx(0.45) and len(found["bins"]) == 1
+    (only,) = found["bins"]
+    assert only["lower"] == pytest.approx(0.9) and only["count"] == 4 and only["accuracy"] == 0.5
+    honest = np.array([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.5, 0.5, 0.0]])
+    assert calibration(truth, honest)["ece"] == pytest.approx(0.0)  # 50% sure, right half the time

@@ -33,10 +33,11 @@ def test_outputs_are_written_and_rebuilt(tmp_path):
     report = write_outputs(run, tmp_path / "run", {"backbones": {}})
     out = tmp_path / "run"
     for name in ("config.json", "metrics.json", "predictions.csv", "cv_results.npz", "figures/confusion.png",
-                 "figures/roc.png", "figures/folds.png"):
+                 "figures/roc.png", "figures/folds.png", "figures/reliability.png"):
         assert (out / name).is_file(), name
     page = report.read_text()
-    assert page.count("data:image/png;base64,") == 3 and "data:image/jpeg;base64," in page
+    assert page.count("data:image/png;base64,") == 4 and "data:image/jpeg;base64," in page
+    assert "Calibration" in page and "not calibrated (--calibrate)" in page
     assert "carcinoma (1+2) vs non-carcinoma (0)" in page and "swaps rows and columns" in page
     assert "estimates accuracy on new patients" in page and "not for diagnosis" in page
     rows = list(csv.DictReader((out / "predictions.csv").open()))
@@ -65,7 +66,7 @@ def test_side_by_side_splits_operating_point_and_stain_fallbacks_are_reported(tm
 
     run = _fake_run(tmp_path)
     result = run.results[0]
-    result.rules = [DecisionRule(threshold=0.3, refer_below_agreement=0.8)] * 3
+    result.rules = [DecisionRule(temperature=2.0, threshold=0.3, refer_below_agreement=0.8)] * 3
     result.decision, result.agreement = result.rules[0].decide(result.aug_probs)
     run.stain_fallbacks = np.array(["none"] + [""] * 11)
     run.evaluate()
@@ -79,6 +80,8 @@ def test_side_by_side_splits_operating_point_and_stain_fallbacks_are_reported(tm
     page = write_outputs(run, tmp_path / "run").read_text()
     assert "Split by image vs split by patient" in page and "estimates new patients" in page
     assert "Operating point" in page and "1 image(s) failed the stain quality check" in page
+    calibration = result.metrics["calibration"]
+    assert calibration["calibrated"]["ece"] != calibration["raw"]["ece"]  # the temperature moved the probabilities
     rows = list(csv.DictReader(open(tmp_path / "run" / "predictions.csv")))
     first = [r for r in rows if r["model"] == "m1"][0]
     assert "stain QC failed" in first["refer"] and first["stain_fallback"] == "none"

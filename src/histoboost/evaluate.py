@@ -475,8 +475,11 @@ def evaluate_result(result: CVResult, seed: int, patients: np.ndarray | None = N
         "per_augmentation_accuracy": float((result.aug_probs.argmax(2) == result.truth[:, None]).mean()),
         "auc": binary_aucs(result.truth, result.mean_probs),
     }
+    metrics["calibration"] = {"raw": calibration(result.truth, result.mean_probs)}
     if result.rules is not None:
         metrics["operating_point"] = operating_point_metrics(result, seed)
+        if any(rule.temperature != 1.0 for rule in result.rules):
+            metrics["calibration"]["calibrated"] = calibration(result.truth, calibrated_probs(result).mean(axis=1))
     if patients is not None and any(patients):
         metrics["per_patient"] = _per_patient(patients, result)
     result.metrics = metrics
@@ -490,9 +493,7 @@ def operating_point_metrics(result: CVResult, seed: int) -> dict[str, Any]:
     plan, rules = result.plan, result.rules
     metrics = decision_metrics(result.truth, result.decision, plan.folds, plan.units, seed)
     refer = result.referred
-    calibrated = np.zeros_like(result.aug_probs)
-    for k, rule in enumerate(rules):
-        calibrated[plan.folds == k] = rule.calibrated(result.aug_probs[plan.folds == k])
+    calibrated = calibrated_probs(result)
     kept = ~refer
     kept_cm = confusion_matrix(result.truth[kept], result.decision[kept])
     metrics.update({
@@ -504,6 +505,33 @@ def operating_point_metrics(result: CVResult, seed: int) -> dict[str, Any]:
         "log_loss_calibrated": _log_loss(result.truth, calibrated.mean(axis=1)),
     })
     return metrics
+
+
+def calibrated_probs(result: CVResult) -> np.ndarray:
+    """Each image's augmentation probabilities after its own fold's temperature (N, A, 3)."""
+    calibrated = np.zeros_like(result.aug_probs)
+    for k, rule in enumerate(result.rules or []):
+        calibrated[result.plan.folds == k] = rule.calibrated(result.aug_probs[result.plan.folds == k])
+    return calibrated
+
+
+def calibration(truth: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict[str, Any]:
+    """Expected calibration error of image-level probabilities (N, K): the confidence of the predicted class
+    against how often it is right, in `bins` equal-width confidence bins weighted by their images; with each
+    bin's count, mean confidence and accuracy for the reliability diagram."""
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == truth
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        members = which == b
+        if not members.any():
+            continue
+        conf, acc = float(confidence[members].mean()), float(correct[members].mean())
+        ece += members.mean() * abs(acc - conf)
+        rows.append({"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": int(members.sum()),
+                     "confidence": conf, "accuracy": acc})
+    return {"ece": float(ece), "bins": rows}
 
 
 def _log_loss(truth: np.ndarray, probs: np.ndarray) -> float:

@@ -104,6 +104,7 @@ def write_report(run: CVRun, out: Path) -> Path:
         "confusion": _confusion_figure(run),
         "roc": _roc_figure(run),
         "folds": _folds_figure(run),
+        "reliability": _reliability_figure(run),
     }
     for name, png in figures.items():
         (out / "figures" / f"{name}.png").write_bytes(png)
@@ -164,6 +165,7 @@ def write_report(run: CVRun, out: Path) -> Path:
         *(_binary_table(r) for r in run.results),
         "<h2>ROC, carcinoma vs non-carcinoma (mean probability p1 + p2)</h2>", _img(figures["roc"]),
         "<h2>Accuracy per fold</h2>", _img(figures["folds"]),
+        _calibration_section(run, figures["reliability"]),
         _finetune_section(run),
         "<h2>Stain quality control</h2>", _stain_section(run),
         "<h2>Misclassified images</h2>", _misclassified(run),
@@ -363,6 +365,35 @@ def _folds_figure(run: CVRun) -> bytes:
     ax.set_ylabel("accuracy (majority vote)")
     ax.legend(fontsize=7)
     return _png(plt, fig)
+
+
+def _reliability_figure(run: CVRun) -> bytes:
+    plt, fig = _figure(4.5, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for result in run.results:
+        for kind, style in (("raw", "-"), ("calibrated", "--")):
+            curve = result.metrics["calibration"].get(kind)
+            if curve:
+                ax.plot([b["confidence"] for b in curve["bins"]], [b["accuracy"] for b in curve["bins"]], style,
+                        marker="o", label=f"{result.model}, {kind} (ECE {curve['ece']:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence of the predicted group (mean probability)")
+    ax.set_ylabel("share correct")
+    ax.legend(fontsize=7, loc="upper left")
+    return _png(plt, fig)
+
+
+def _calibration_section(run: CVRun, figure: bytes) -> str:
+    rows = [(html.escape(r.model), _num(r.metrics["calibration"]["raw"]["ece"]),
+             _num(r.metrics["calibration"]["calibrated"]["ece"]) if "calibrated" in r.metrics["calibration"] else
+             "not calibrated (--calibrate)") for r in run.results]
+    return ("<h2>Calibration</h2><p>Expected calibration error (ECE) of each image's mean probabilities: in 10 "
+            "confidence bins, how far the share of correct decisions is from the confidence, weighted by the images "
+            "in each bin (0 = probabilities mean what they say). With <code>--calibrate</code>, a temperature fitted "
+            "on inner folds of each outer fold's training images is applied to its test images.</p>"
+            + _table(["model", "ECE raw", "ECE calibrated"], rows) + _img(figure))
 
 
 def _img(png: bytes) -> str:
