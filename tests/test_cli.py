@@ -184,7 +184,7 @@ def test_cv_end_to_end_on_real_bach_images(bach, tmp_path):
     assert 0.0 <= model["majority_vote"]["accuracy"] <= 1.0
     assert sum(map(sum, model["majority_vote"]["confusion"])) == 24
     page = (run / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3
+    assert page.count("data:image/png;base64,") == 4 and "Calibration" in page
     # The image split is shown beside the honest one, on the same features.
     assert {r["split_by"] for r in metrics["split_comparison"]} == {"id_block", "image"}
     assert "Split by image vs split by patient" in page

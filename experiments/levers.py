@@ -1,0 +1,109 @@
+"""The recipe levers that need no new extraction, measured on BACH's 268 patient-aware training images against
+the same folds, and the nested selection among them (the honest number).
+
+Features: the `quick` preset's EfficientNet-Lite0 store (crops and whole-image descriptors are both stored),
+optionally concatenated with other offline backbones' stores (`--backbones efficientnet_lite1 ...`, extracted
+where missing). Outer folds: 4, grouped by id_block, fixed for every row. Each fixed row is descriptive: its
+setting was fixed in advance and the operating point (95% carcinoma sensitivity) is fitted on inner folds of
+each outer training part. The nested row chooses descriptor and logistic C inside each outer fold by inner
+cross-validation grouped by block (`generalise.nested`), so its number is what the selection procedure itself
+achieves on new patients; the best fixed row is not.
+
+Usage: python experiments/levers.py ../shared/data/bach_iciar2018_train.csv --out experiments/results/levers.json
+           [--backbones efficientnet_lite1 efficientnet_lite2] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+from histoboost.config import preset
+from histoboost.data import load_manifest
+from histoboost.evaluate import cross_validate_features, make_folds
+from histoboost.features import describe_dataset, load_matrix
+
+from generalise import DESCRIPTORS, LOGISTIC_C, fixed, markdown, nested, summarise  # noqa: E402
+
+OPERATING_POINT = {"classifier.target_sensitivity": 0.95, "classifier.calibrate": False,
+                   "classifier.refer_below_agreement": 0.75}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--backbones", nargs="*", default=[], help="offline backbones to concatenate with Lite0")
+    parser.add_argument("--markdown", action="store_true", help="print the table of an existing --out file and stop")
+    args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.load(open(args.out))))
+        return
+    base = preset("quick")
+    seed = base.seed
+    manifest, _ = load_manifest(args.data)
+    plan = make_folds(manifest, "id_block", 6, seed)
+    described = describe_dataset(manifest, base.merged({"features.backbones": ["efficientnet_lite0", *args.backbones]}))
+    store = described[0].extraction.store  # Lite0's: every descriptor is stored
+    matrices = {d: load_matrix(manifest, store, d)[0] for d in DESCRIPTORS}
+    owners = described[0].owners
+    results = {"machine": platform.processor() or platform.machine(), "data": args.data, "split_by": "id_block",
+               "folds": plan.n_folds, "images": len(manifest), "rows": {}}
+    if os.path.exists(args.out):  # resume: rows already measured are kept
+        results["rows"] = json.load(open(args.out))["rows"]
+
+    def record(name: str, compute) -> None:
+        if name in results["rows"]:
+            return
+        start = time.perf_counter()
+        row = compute()
+        row.setdefault("seconds", round(time.perf_counter() - start, 1))
+        results["rows"][name] = row
+        mv = row["majority_vote"]
+        text = f"{name:<64} acc {mv['accuracy']:.3f} {np.round(mv['accuracy_ci'], 3).tolist()}"
+        if "operating_point" in row:
+            op = row["operating_point"]
+            text += f" | op sens {op['carcinoma_sensitivity']:.3f} spec {op['carcinoma_specificity']:.3f}"
+        print(text, flush=True)
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+    logistic = base.merged({"classifier.kind": "logistic", **OPERATING_POINT})
+    for descriptor in DESCRIPTORS:
+        for C in LOGISTIC_C:
+            config = logistic.merged({"classifier.C": C})
+            record(f"logistic C={C}, {descriptor}", lambda d=descriptor, config=config: fixed(
+                matrices[d], owners, manifest, plan, config, "logistic", seed))
+    xgboost = base.merged(OPERATING_POINT)
+    for descriptor in ("crops", "crops+whole"):
+        record(f"xgboost (quick: 200 rounds), {descriptor}", lambda d=descriptor: fixed(
+            matrices[d], owners, manifest, plan, xgboost, "xgboost", seed))
+
+    def ensemble() -> dict:
+        """Mean of the logistic (C=0.001) and XGBoost augmentation probabilities, majority vote."""
+        first = cross_validate_features(matrices["crops"], owners, manifest, plan,
+                                        base.merged({"classifier.kind": "logistic"}), "logistic")
+        second = cross_validate_features(matrices["crops"], owners, manifest, plan, base, "xgboost")
+        probs = (first.aug_probs + second.aug_probs) / 2
+        from histoboost.classifier import majority_vote
+
+        return {"majority_vote": summarise(first.truth, majority_vote(probs), plan, seed)}
+
+    record("ensemble: mean of logistic C=0.001 and xgboost probabilities, crops", ensemble)
+    if args.backbones:
+        concat = np.concatenate([x.X for x in described], axis=1)
+        names = " + ".join(x.backbone.name for x in described)
+        record(f"logistic C=0.001, crops, {names}", lambda: fixed(concat, owners, manifest, plan,
+                                                                   logistic.merged({"classifier.C": 0.001}),
+                                                                   "logistic", seed))
+    record("nested: logistic, descriptor and C chosen on inner folds", lambda: nested(
+        matrices, owners, manifest, plan, base, seed))
+
+
+if __name__ == "__main__":
+    main()
