@@ -116,6 +116,26 @@ def nested(matrices, owners, manifest, plan, base, seed, inner_folds=3) -> dict:
             "operating_point": summarise(truth, decision, plan, seed, refer, rules)}
 
 
+def record_row(results: dict, out: str, name: str, compute) -> None:
+    """Measure one row unless `results` (resumed from `out`) has it; print it and save everything at once, so
+    an interrupted run keeps every finished row."""
+    if name in results["rows"]:
+        return
+    start = time.perf_counter()
+    row = compute()
+    row.setdefault("seconds", round(time.perf_counter() - start, 1))
+    results["rows"][name] = row
+    mv = row["majority_vote"]
+    text = f"{name:<62} acc {mv['accuracy']:.3f} {np.round(mv['accuracy_ci'], 3).tolist()} sens {mv['carcinoma_sensitivity']:.3f}"
+    if "operating_point" in row:
+        op = row["operating_point"]
+        text += (f" | op acc {op['accuracy']:.3f} sens {op['carcinoma_sensitivity']:.3f} "
+                 f"spec {op['carcinoma_specificity']:.3f} refer {op['refer_rate']:.3f}")
+    print(text, flush=True)
+    with open(out, "w") as handle:
+        json.dump(results, handle, indent=2)
+
+
 def markdown(results: dict) -> str:
     """The docs/accuracy.md table: majority vote, then the operating point, per row."""
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
@@ -162,20 +182,7 @@ def main() -> None:
     if os.path.exists(args.out):  # resume: rows already measured are kept
         results["rows"] = json.load(open(args.out))["rows"]
 
-    def record(name: str, compute) -> None:
-        if name in results["rows"]:
-            return
-        row = compute()
-        results["rows"][name] = row
-        mv = row["majority_vote"]
-        text = f"{name:<62} acc {mv['accuracy']:.3f} {np.round(mv['accuracy_ci'], 3).tolist()} sens {mv['carcinoma_sensitivity']:.3f}"
-        if "operating_point" in row:
-            op = row["operating_point"]
-            text += (f" | op acc {op['accuracy']:.3f} sens {op['carcinoma_sensitivity']:.3f} "
-                     f"spec {op['carcinoma_specificity']:.3f} refer {op['refer_rate']:.3f}")
-        print(text, flush=True)
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
+    record = functools.partial(record_row, results, args.out)
 
     op = {"classifier.target_sensitivity": 0.95, "classifier.calibrate": True, "classifier.refer_below_agreement": 0.75}
     for descriptor in DESCRIPTORS:

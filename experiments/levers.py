@@ -16,10 +16,10 @@ Usage: python experiments/levers.py ../shared/data/bach_iciar2018_train.csv --ou
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
-import time
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from histoboost.data import load_manifest
 from histoboost.evaluate import cross_validate_features, make_folds
 from histoboost.features import describe_dataset, load_matrix
 
-from generalise import DESCRIPTORS, LOGISTIC_C, fixed, markdown, nested, summarise  # noqa: E402
+from generalise import DESCRIPTORS, LOGISTIC_C, fixed, markdown, nested, record_row, summarise  # noqa: E402
 
 OPERATING_POINT = {"classifier.target_sensitivity": 0.95, "classifier.calibrate": False,
                    "classifier.refer_below_agreement": 0.75}
@@ -57,21 +57,7 @@ def main() -> None:
     if os.path.exists(args.out):  # resume: rows already measured are kept
         results["rows"] = json.load(open(args.out))["rows"]
 
-    def record(name: str, compute) -> None:
-        if name in results["rows"]:
-            return
-        start = time.perf_counter()
-        row = compute()
-        row.setdefault("seconds", round(time.perf_counter() - start, 1))
-        results["rows"][name] = row
-        mv = row["majority_vote"]
-        text = f"{name:<64} acc {mv['accuracy']:.3f} {np.round(mv['accuracy_ci'], 3).tolist()}"
-        if "operating_point" in row:
-            op = row["operating_point"]
-            text += f" | op sens {op['carcinoma_sensitivity']:.3f} spec {op['carcinoma_specificity']:.3f}"
-        print(text, flush=True)
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
+    record = functools.partial(record_row, results, args.out)
 
     logistic = base.merged({"classifier.kind": "logistic", **OPERATING_POINT})
     for descriptor in DESCRIPTORS:

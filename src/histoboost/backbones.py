@@ -196,15 +196,11 @@ def expected_shapes(name: str) -> dict[str, torch.Size]:
     (nothing allocated); remembered per spec."""
     key = (name, spec_digest(name))
     if key not in _SHAPES:
-        _SHAPES[key] = {k: v.shape for k, v in _meta_state(name).items()}
+        _SHAPES[key] = {k: v.shape for k, v in _meta_model(name).state_dict().items()}
     return _SHAPES[key]
 
 
 _SHAPES: dict[tuple[str, str], dict[str, torch.Size]] = {}
-
-
-def _meta_state(name: str) -> dict[str, torch.Tensor]:
-    return _meta_model(name).state_dict()
 
 
 def _meta_model(name: str) -> nn.Module:
@@ -344,7 +340,8 @@ def _create_foundation(spec: FoundationSpec, weights: str | Path | Weights | Non
                             f"{spec.adapter!r} layout cannot read; {_resemblance(raw, spec.name)}") from None
     with torch.device("meta"):
         model = _build_foundation(spec)
-    _check_fits(spec.name, {k: v.shape for k, v in state.items()}, expected_shapes(spec.name), loaded.source, raw)
+    _check_fits(spec.name, {k: v.shape for k, v in state.items()}, {k: v.shape for k, v in model.state_dict().items()},
+                loaded.source, raw)
     model.load_state_dict(state, strict=True, assign=True)
     model.float().eval().requires_grad_(False)
     backbone = Backbone(
@@ -401,13 +398,10 @@ def identify(shapes: dict[str, torch.Size]) -> list[str]:
 
 def _cached_foundation_file(spec: FoundationSpec) -> Path:
     """The weights file in the local Hugging Face cache (after `hf download`), else a clear line on where to get it."""
-    from huggingface_hub import try_to_load_from_cache
-
     repo = _hub_repo(spec)
-    for filename in dict.fromkeys((spec.weights_file, "model.safetensors", "pytorch_model.bin")) if repo else ():
-        cached = try_to_load_from_cache(repo, filename)
-        if isinstance(cached, str):
-            return Path(cached)
+    cached = _from_hub_cache(repo, (spec.weights_file, *_HUB_FILES)) if repo else None
+    if cached:
+        return cached
     raise BackboneError(f"{spec.name} needs its weights ({spec.licence}, {spec.access}): get {spec.weights_file} at "
                         f"{spec.get} and pass --weights {spec.name}=PATH")
 
@@ -419,7 +413,7 @@ def _hub_repo(spec: FoundationSpec) -> str | None:
 
 
 def find_weights(name: str) -> str:
-    """Where a backbone's weights would come from here, without loading them: a path, or why none."""
+    """Where a backbone's weights are found here, without loading them: a path, or "" where nowhere."""
     if name in FOUNDATION:
         spec = FOUNDATION[name]
         try:
@@ -432,17 +426,24 @@ def find_weights(name: str) -> str:
             return str(_package_weights(spec))
         except BackboneError:
             return ""
-    from huggingface_hub import try_to_load_from_cache
-
     import timm
 
-    hub_id = timm.models.get_pretrained_cfg(spec.architecture if spec else name)
-    hub_id = getattr(hub_id, "hf_hub_id", None)
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        cached = try_to_load_from_cache(hub_id, filename) if hub_id else None
+    hub_id = getattr(timm.models.get_pretrained_cfg(spec.architecture if spec else name), "hf_hub_id", None)
+    return str(_from_hub_cache(hub_id, _HUB_FILES) or "") if hub_id else ""
+
+
+_HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # the names weights files have on the Hugging Face hub
+
+
+def _from_hub_cache(repo: str, filenames: tuple[str, ...]) -> Path | None:
+    """The first of these files of a hub repository already in the local Hugging Face cache, if any."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in dict.fromkeys(filenames):
+        cached = try_to_load_from_cache(repo, filename)
         if isinstance(cached, str):
-            return cached
-    return ""
+            return Path(cached)
+    return None
 
 
 # glibc's mallopt parameters (malloc.h): what MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_MAX_ set.
@@ -539,22 +540,21 @@ def _package_weights(spec: BackboneSpec) -> Path:
 
 def _hub_weights(name: str, architecture: str, model: nn.Module) -> Path:
     """timm's pretrained file from the local Hugging Face cache, or downloaded when online."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import hf_hub_download
 
     hub_id = model.pretrained_cfg.get("hf_hub_id")
     if not hub_id:
         raise BackboneError(f"timm has no downloadable weights for {architecture!r}: pass --weights {name}=PATH")
     hint = (f"pass a local file with --weights {name}=PATH, or use an offline backbone "
             f"({', '.join(n for n, s in REGISTRY.items() if s.weights != 'timm')})")
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        cached = try_to_load_from_cache(hub_id, filename)
-        if isinstance(cached, str):
-            return Path(cached)
+    cached = _from_hub_cache(hub_id, _HUB_FILES)
+    if cached:
+        return cached
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or not _online():
         raise BackboneError(f"pretrained weights for {name} ({architecture}) are not in the local cache and "
                             f"huggingface.co cannot be reached: {hint}")
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    for filename in ("model.safetensors", "pytorch_model.bin"):
+    for filename in _HUB_FILES:
         try:
             return Path(hf_hub_download(hub_id, filename))
         except Exception:  # noqa: BLE001 - try the next file name, then report once

@@ -339,7 +339,6 @@ class Bundle:
                          if self.config.features.descriptor == "crops+whole" else cell)
         return self.classifier.predict_proba(np.concatenate(cells, axis=1)).reshape(h, w, 3)
 
-
     def _tile_maps(self, x, batch_size: int = 8) -> list[np.ndarray]:
         """Each backbone's embedding of crop-sized tiles covering the image (3, H, W): (D, rows, cols) each."""
         import torch

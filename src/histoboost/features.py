@@ -104,8 +104,7 @@ def describe_image(image: np.ndarray, plans: list[AugmentPlan], backbone: Backbo
     feat = config.features
     base = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
     pooled, whole, crops = [], [], []
-    problem = None if backbone.has_maps else settings_problem([backbone.name], feat.mode, feat.crop_pooling,
-                                                                 feat.stages)
+    problem = settings_problem([backbone.name], feat.mode, feat.crop_pooling, feat.stages)
     if problem:
         raise HistoboostError(problem)
     with torch.inference_mode(), _autocast(device, feat.dtype):
