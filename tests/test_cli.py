@@ -281,6 +281,16 @@ def test_finetune_command_resumes_nothing_twice_and_its_weights_travel(demo_data
     assert len(predicted.stdout.strip().splitlines()) == 1 + 16
 
 
+def test_backbones_check_of_a_file_that_holds_no_weights_is_one_line(tmp_path):
+    for name, data in (("notes.pth", b"not weights"), ("big.safetensors", b"\xff" * 64)):
+        (tmp_path / name).write_bytes(data)
+        result = run_cli("backbones", "--check", tmp_path / name)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+        assert "not a readable safetensors or torch weights file" in result.stderr
+    missing = run_cli("backbones", "--check", tmp_path / "absent.bin")
+    assert missing.returncode == 2 and "weights file not found" in missing.stderr
+
+
 def test_backbones_lists_every_model_with_its_licence_and_source():
     from histoboost.foundation import FOUNDATION
 

@@ -192,6 +192,8 @@ def test_torch_floor_excludes_the_weights_only_bypass():
     (lambda m: m.update(format_version=3), "older than the 5 this histoboost reads .histoboost 0.1.0 reads it"),
     (lambda m: m.update(format_version=4), "older than the 5 this histoboost reads .histoboost 0.2.0 reads it"),
     (lambda m: m.update(format_version=99), "newer than"),
+    (lambda m: m["backbones"][0].update(spec_sha256="../x"), "backbones/0/spec_sha256"),
+    (lambda m: m["backbones"][0].update(spec_sha256="0" * 64), "is defined differently in this histoboost"),
     (lambda m: m["versions"].update(deep={"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}}), "nested deeper"),
 ])
 def test_malformed_bundle_json_is_one_line(genuine, tmp_path, edit, expected):
