@@ -71,7 +71,7 @@ def fixed(X, owners, manifest, plan, config, name, seed) -> dict:
 
 def nested(matrices, owners, manifest, plan, base, seed, inner_folds=3) -> dict:
     """Per outer fold: choose (descriptor, C) of the logistic model by inner grouped CV on the training
-    images, refit on all of them, fit the operating point on inner folds, score the outer fold."""
+    images (the descriptors are the keys of `matrices`), refit on all of them, fit the operating point on inner folds, score the outer fold."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     truth, units = manifest.groups, plan.units
@@ -86,8 +86,7 @@ def nested(matrices, owners, manifest, plan, base, seed, inner_folds=3) -> dict:
         inner = StratifiedGroupKFold(n_splits=inner_folds, shuffle=True, random_state=seed)
         splits = list(inner.split(train_images, truth[train_images], units[train_images]))
         scores = {}
-        for descriptor in DESCRIPTORS:
-            X = matrices[descriptor]
+        for descriptor, X in matrices.items():
             for C in LOGISTIC_C:
                 config = base.merged({"classifier.kind": "logistic", "classifier.C": C})
                 correct = 0

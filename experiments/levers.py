@@ -1,5 +1,6 @@
 """The recipe levers that need no new extraction, measured on BACH's 268 patient-aware training images against
-the same folds, and the nested selection among them (the honest number).
+the same folds, and the nested selection among them (the honest number). `--scales` adds the working scale:
+Lite0 extracted at another scale, alone and concatenated with the 0.5 one (multi-scale context).
 
 Features: the `quick` preset's EfficientNet-Lite0 store (crops and whole-image descriptors are both stored),
 optionally concatenated with other offline backbones' stores (`--backbones efficientnet_lite1 ...`, extracted
@@ -10,7 +11,7 @@ cross-validation grouped by block (`generalise.nested`), so its number is what t
 achieves on new patients; the best fixed row is not.
 
 Usage: python experiments/levers.py ../shared/data/bach_iciar2018_train.csv --out experiments/results/levers.json
-           [--backbones efficientnet_lite1 efficientnet_lite2] [--markdown]
+           [--backbones efficientnet_lite1 efficientnet_lite2] [--scales 0.25] [--markdown]
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("data")
     parser.add_argument("--out", required=True)
     parser.add_argument("--backbones", nargs="*", default=[], help="offline backbones to concatenate with Lite0")
+    parser.add_argument("--scales", nargs="*", type=float, default=[],
+                        help="other working scales to extract Lite0 at (0.25 = 1.68 µm/px), alone and with 0.5")
     parser.add_argument("--markdown", action="store_true", help="print the table of an existing --out file and stop")
     args = parser.parse_args()
     if args.markdown:
@@ -89,6 +92,23 @@ def main() -> None:
                                                                    "logistic", seed))
     record("nested: logistic, descriptor and C chosen on inner folds", lambda: nested(
         matrices, owners, manifest, plan, base, seed))
+    scaled = dict(matrices)
+    for scale in args.scales:  # working scale: the same crops in pixels see 0.5 / scale times the field
+        mpp = f"{0.42 / scale:.2f} µm/px"
+        other = describe_dataset(manifest, base.merged({"preprocess.scale": scale}))[0]
+        if not np.array_equal(other.owners, owners):
+            raise SystemExit("scales disagree on the rows")
+        both = np.concatenate([matrices["crops"], other.X], axis=1)
+        for C in LOGISTIC_C[:2]:
+            config = logistic.merged({"classifier.C": C})
+            record(f"logistic C={C}, crops, {mpp}", lambda X=other.X, config=config: fixed(
+                X, owners, manifest, plan, config, "logistic", seed))
+            record(f"logistic C={C}, crops, 0.84 + {mpp} concatenated", lambda X=both, config=config: fixed(
+                X, owners, manifest, plan, config, "logistic", seed))
+        scaled.update({f"crops {mpp}": other.X, f"crops 0.84 + {mpp}": both})
+    if args.scales:
+        record("nested: logistic, descriptor, scale and C chosen on inner folds", lambda: nested(
+            scaled, owners, manifest, plan, base, seed))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 import json
+import shutil
 import zipfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SMALL, write_png
-from histoboost.bundle import FORMAT_VERSION, Bundle, BundleError, train_bundle
+from conftest import BACH, SMALL, write_png
+from histoboost.bundle import FORMAT_VERSION, Bundle, BundleError, evaluate_bundle, train_bundle
+from histoboost.data import load_manifest
 from histoboost.config import preset
 from histoboost.report import OVERLAY_LEGEND_HEIGHT
 
@@ -137,8 +139,6 @@ def test_logistic_bundle_carries_its_operating_point(trained):
 
 
 def test_local_weights_travel_inside_the_bundle(trained, tmp_path):
-    import shutil
-
     from histoboost.backbones import REGISTRY, _package_weights
 
     bundle, manifest, root = trained
@@ -148,7 +148,7 @@ def test_local_weights_travel_inside_the_bundle(trained, tmp_path):
                             progress=False)
     out = carrying.save(tmp_path / "model")
     meta = json.loads((out / "bundle.json").read_text())
-    assert meta["format_version"] == FORMAT_VERSION == 5
+    assert meta["format_version"] == FORMAT_VERSION == 6
     assert meta["backbones"][0]["file"] == "weights-efficientnet_lite0.safetensors"  # a .pth travels as safetensors
     assert "features" in meta["config"] and meta["config"]["features"]["weights"] == []  # no local path
     local.unlink()  # the bundle no longer needs the original file
@@ -164,3 +164,30 @@ def test_local_weights_travel_inside_the_bundle(trained, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="weights-efficientnet_lite0.safetensors does not match its checksum"):
         Bundle.load(out)
+
+
+def test_a_four_class_bundle_predicts_normal_and_benign_apart_with_the_data_sets_labels(trained, tmp_path):
+    """--classes bach4 end to end: trained on the eight images (features from the session's store), saved, loaded;
+    its predictions of those images name each image's own BACH class (a merged normal/benign could not)."""
+    bundle, manifest, root = trained
+    config = bundle.config.merged({"classifier.classes": "bach4", "classifier.kind": "logistic", "classifier.C": 1.0})
+    four = train_bundle(manifest, config, root / "cache", progress=False)
+    loaded = Bundle.load(four.save(tmp_path / "bach4.zip"))
+    assert loaded.meta["classes"] == ["normal", "benign", "in_situ", "invasive"]
+    assert loaded.meta["decision_rule"]["groups"] == [0, 0, 1, 2]
+    assert loaded.meta["training_data"]["per_class"] == {"normal": 2, "benign": 2, "in_situ": 2, "invasive": 2}
+    records, problems = loaded.predict([r.path for r in manifest])
+    assert problems == []
+    assert [r["label"] for r in records] == [r.label for r in manifest]  # Benign, Benign, InSitu, ... Normal
+    assert {"p_normal", "p_benign", "p_in_situ", "p_invasive", "votes_benign", "class", "group"} <= set(records[0])
+    for r in records:
+        assert r["group"] == {"Normal": 0, "Benign": 0, "InSitu": 1, "Invasive": 2}[r["label"]]
+        assert r["p_carcinoma"] == pytest.approx(r["p_in_situ"] + r["p_invasive"], abs=2e-6)
+    held_out = tmp_path / "held_out"  # 4 other real BACH images: evaluate gives 4-class and 3-group metrics
+    for label, name in (("Normal", "n010"), ("Benign", "b010"), ("InSitu", "is005"), ("Invasive", "iv011")):
+        (held_out / label).mkdir(parents=True)
+        shutil.copy(BACH / label / f"{name}.jpeg", held_out / label)
+    run = evaluate_bundle(loaded, load_manifest(held_out)[0], progress=False)
+    metrics = run.results[0].metrics
+    assert np.array(metrics["classes"]["majority_vote"]["confusion"]).sum(axis=1).tolist() == [1, 1, 1, 1]
+    assert np.array(metrics["majority_vote"]["confusion"]).sum(axis=1).tolist() == [2, 1, 1]

@@ -81,7 +81,7 @@ def test_balanced_class_weights():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="groups 0, 1, 2"):
+    with pytest.raises(ValueError, match="class indices 0 .. 2"):
         BoostedTrees().fit(np.zeros((2, 3)), np.array([0, 5]))
     with pytest.raises(ValueError, match="NaN"):
         BoostedTrees().fit(np.array([[np.nan]]), np.array([0]))
@@ -143,3 +143,38 @@ def test_threshold_is_chosen_on_inner_folds_to_reach_the_target_sensitivity():
     assert fit_decision_rule(X, image_y[owners], owners, units, ClassifierConfig()) == DecisionRule()
     with pytest.raises(ValueError, match="2 split units"):
         fit_decision_rule(X, image_y[owners], owners, np.zeros(len(owners)).astype(str), config)
+
+
+def test_four_class_decisions_are_taken_group_first_so_the_groups_never_disagree():
+    """Normal 0.3, benign 0.3, invasive 0.4: by class the invasive is most probable, but normal/benign (0.6) is the
+    more probable group; the decision is benign or normal, never invasive, and equals the 3-group decision."""
+    from histoboost.classifier import augmentation_votes, group_probs, majority_vote, mean_decision
+
+    groups = (0, 0, 1, 2)
+    p = np.array([[[0.3, 0.31, 0.0, 0.39]] * 3])
+    assert majority_vote(p, groups).tolist() == [1] and mean_decision(p, groups).tolist() == [1]
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4) * 0.7, size=(200, 5))
+    to_group = np.asarray(groups)
+    assert np.array_equal(to_group[majority_vote(probs, groups)], majority_vote(group_probs(probs, groups)))
+    assert np.array_equal(to_group[mean_decision(probs, groups)], mean_decision(group_probs(probs, groups)))
+    assert np.array_equal(to_group[augmentation_votes(probs, groups)], group_probs(probs, groups).argmax(-1))
+    rule = DecisionRule(threshold=0.5, groups=groups)
+    decision, _ = rule.decide(probs)
+    grouped, _ = DecisionRule(threshold=0.5).decide(group_probs(probs, groups))
+    assert np.array_equal(to_group[decision], grouped)
+    assert set(decision) == {0, 1, 2, 3}  # normal and benign both decided: no class merged
+
+
+def test_four_class_models_answer_four_columns_and_round_trip():
+    X, y = _blobs(classes=(0, 1, 2, 3))
+    config = ClassifierConfig(classes="bach4", n_estimators=20, C=1.0)
+    for kind in ("xgboost", "logistic"):
+        c = ClassifierConfig(**{**config.__dict__, "kind": kind})
+        model = make_classifier(c).fit(X, y)
+        p = model.predict_proba(X)
+        assert p.shape == (160, 4) and (p.argmax(1) == y).mean() > 0.9
+        again = load_classifier(model.to_bytes(), c, model.best_iteration)
+        assert np.allclose(again.predict_proba(X), p)
+        with pytest.raises(ValueError):  # a 4-class model is not a 3-class one
+            load_classifier(model.to_bytes(), ClassifierConfig(kind=kind), model.best_iteration)

@@ -1,9 +1,11 @@
+import csv
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -207,6 +209,17 @@ def test_cv_end_to_end_on_real_bach_images(bach, tmp_path):
     assert len(op["thresholds"]) == 6 and 0 <= op["refer_rate"] <= 1
     assert (second["provenance"]["backbones"]["efficientnet_lite0"]["computed"],
             second["provenance"]["backbones"]["efficientnet_lite0"]["reused"]) == (0, 24)
+    # BACH's 4 classes on the same stored features: one run gives the 4-class and the derived 3-group metrics.
+    four = run_cli("cv", tmp_path / "subset.csv", "--preset", "quick", "--scale", "0.25", "--crop-size", "192",
+                   "-A", "4", "-C", "4", "--split-by", "id_block", "--classifier", "logistic", "--classes", "bach4",
+                   "--quiet", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run4")
+    assert four.returncode == 0, four.stderr
+    assert "efficientnet_lite0 (4 classes)" in four.stdout and "balanced" in four.stdout
+    model4 = json.loads((tmp_path / "run4" / "metrics.json").read_text())["models"]["efficientnet_lite0"]
+    assert model4["classes"]["names"] == ["normal", "benign", "in_situ", "invasive"]
+    assert np.array(model4["classes"]["majority_vote"]["confusion"]).sum(axis=1).tolist() == [6, 6, 6, 6]
+    assert np.array(model4["majority_vote"]["confusion"]).sum(axis=1).tolist() == [12, 6, 6]
+    assert "Rakhlin" in (tmp_path / "run4" / "report.html").read_text()
 
 
 @pytest.mark.heavy
@@ -228,12 +241,12 @@ def test_train_predict_evaluate_and_tamper(small_folder, tmp_path, bach):
     assert result.returncode == 1  # one image failed; the others were predicted
     assert [line for line in result.stderr.splitlines() if "broken.jpeg" in line][0].startswith("error:")
     rows = (tmp_path / "preds.csv").read_text().splitlines()
-    assert len(rows) == 3 and rows[0].startswith("path,name,image_id,class,group")
+    assert len(rows) == 3 and rows[0].startswith("path,name,image_id,class,label,group")
     assert len(list((tmp_path / "overlays").glob("*.overlay.png"))) == 2
     as_json = run_cli("predict", model, new / rows[1].split(",")[0].rsplit("/", 1)[-1], "--out",
                       tmp_path / "one.json", "--quiet")
     record = json.loads((tmp_path / "one.json").read_text())[0]
-    assert as_json.returncode == 0 and record["bundle_format"] == 5 and record["bundle_sha256"] == identity
+    assert as_json.returncode == 0 and record["bundle_format"] == 6 and record["bundle_sha256"] == identity
     refused = run_cli("evaluate", model, small_folder, "--out", tmp_path / "eval", "--quiet")
     assert refused.returncode == 2 and "in the bundle's training set" in refused.stderr
     held_out = tmp_path / "held_out"
@@ -360,3 +373,26 @@ def test_weights_flag_alone_picks_foundation_models_and_their_preset_only():
         parse("--weights", "uni=/w.bin", "--preset", "quick")  # quick shares one feature map
     with pytest.raises(UsageError, match="GeM"):
         parse("--weights", "uni=/w.bin", "--pooling", "gem")
+
+
+@pytest.mark.heavy
+def test_accurate_preset_trains_at_1_68_um_per_px_and_decides_by_its_carcinoma_threshold(small_folder, tmp_path):
+    """The `accurate` preset end to end at its real geometry (8 real BACH images, 2 per class): logistic regression
+    on EfficientNet-Lite0 at 1.68 µm/px, a carcinoma threshold chosen on inner folds, split votes referred."""
+    import zipfile
+
+    model = tmp_path / "accurate.zip"
+    trained = run_cli("train", small_folder, "--preset", "accurate", "--quiet", "--cache-dir", tmp_path / "cache",
+                      "--out", model)
+    assert trained.returncode == 0, trained.stderr
+    meta = json.loads(zipfile.ZipFile(model).read("bundle.json"))
+    config, rule = meta["config"], meta["decision_rule"]
+    assert config["preprocess"]["target_mpp"] == 1.68 and config["preprocess"]["scale"] == 0.25
+    assert config["classifier"]["kind"] == "logistic" and config["features"]["backbones"] == ["efficientnet_lite0"]
+    assert 0 < rule["threshold"] < 1 and rule["refer_below_agreement"] == 0.75
+    predicted = run_cli("predict", model, small_folder, "--out", tmp_path / "p.csv", "--quiet")
+    assert predicted.returncode == 0, predicted.stderr
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert len(rows) == 8
+    for row in rows:  # the threshold, not the argmax, calls carcinoma
+        assert (row["group"] != "0") == (float(row["p_carcinoma"]) >= rule["threshold"])

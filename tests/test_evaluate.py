@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from conftest import write_png
-from histoboost.data import Manifest, load_manifest
+from histoboost.data import CLASS_SCHEMES, DataError, Manifest, load_manifest
 from histoboost.evaluate import (
     EvaluationError,
     binary_aucs,
@@ -61,16 +61,17 @@ def test_aucs():
     assert aucs["carcinoma"] == 1.0 and aucs["0v1"] == 1.0
 
 
-def _manifest(tmp_path, patients_per_class=(4, 4, 4), images_per_patient=2, patients=True) -> Manifest:
+def _manifest(tmp_path, patients_per_class=(4, 4, 4), images_per_patient=2, patients=True,
+              labels=("0", "1", "2")) -> Manifest:
     lines = ["path,label,patient"]
     seed = 0
-    for group, count in enumerate(patients_per_class):
+    for group, (count, label) in enumerate(zip(patients_per_class, labels)):
         for p in range(count):
             for k in range(images_per_patient):
                 seed += 1
                 name = f"g{group}/p{group}{p}_{k}.png"
                 write_png(tmp_path / name, (64, 64), seed=seed)
-                lines.append(f"{name},{group},{f'pt{group}{p}' if patients else ''}")
+                lines.append(f"{name},{label},{f'pt{group}{p}' if patients else ''}")
     (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
     return load_manifest(tmp_path)[0]
 
@@ -205,3 +206,59 @@ def test_expected_calibration_error_counts_the_gap_per_bin():
     assert only["lower"] == pytest.approx(0.9) and only["count"] == 4 and only["accuracy"] == 0.5
     honest = np.array([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.5, 0.5, 0.0]])
     assert calibration(truth, honest)["ece"] == pytest.approx(0.0)  # 50% sure, right half the time
+
+
+BACH4 = ("Normal", "Benign", "InSitu", "Invasive")
+
+
+def test_four_classes_stay_apart_and_the_three_groups_come_from_the_same_predictions(tmp_path):
+    """With --classes bach4 the classifier tells normal from benign: on features that separate all four classes the
+    4-class accuracy is 1 (merging normal and benign would cap it at 0.75), and every 3-group number is the
+    4-class confusion matrix collapsed (normal + benign), not a second model."""
+    from histoboost.config import preset
+    from histoboost.evaluate import CVRun, cross_validate_features
+
+    manifest = _manifest(tmp_path, patients_per_class=(4, 4, 4, 4), labels=BACH4)
+    assert manifest.groups.tolist().count(0) == 16  # normal and benign are both group 0
+    config = preset("quick").merged({"classifier.kind": "logistic", "classifier.C": 1.0, "classifier.classes": "bach4",
+                                     "classifier.target_sensitivity": 0.9, "classifier.inner_folds": 3})
+    plan = make_folds(manifest, "patient", 4, seed=0, classes=CLASS_SCHEMES["bach4"])
+    targets = CLASS_SCHEMES["bach4"].targets(manifest)
+    for k in range(4):
+        assert set(targets[plan.folds == k]) == {0, 1, 2, 3}  # stratified by the 4 classes
+    rng = np.random.default_rng(0)
+    owners = np.repeat(np.arange(len(manifest)), 3)
+    X = (np.eye(4)[targets][owners] * 4 + rng.normal(0, 0.3, (len(owners), 4))).astype(np.float32)
+    result = cross_validate_features(X, owners, manifest, plan, config, "lite")
+    assert result.aug_probs.shape == (32, 3, 4) and result.truth.tolist() == targets.tolist()
+    run = CVRun(config, plan, [result], np.array([r.image_id for r in manifest]), np.array([r.name for r in manifest]),
+                np.array([str(r.path) for r in manifest]), np.array([r.patient for r in manifest]))
+    run.evaluate()
+    m = result.metrics
+    four = np.array(m["classes"]["majority_vote"]["confusion"])
+    assert m["classes"]["names"] == ["normal", "benign", "in_situ", "invasive"]
+    assert m["classes"]["majority_vote"]["accuracy"] == 1.0 and m["classes"]["majority_vote"]["balanced_accuracy"] == 1.0
+    assert np.trace(four) == 32 and four[0, 0] == four[1, 1] == 8
+    collapse = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    for decision in ("majority_vote", "operating_point"):
+        cm = np.array(m["classes"][decision]["confusion"])
+        assert (collapse.T @ cm @ collapse).tolist() == m[decision]["confusion"]
+    assert m["auc"]["carcinoma"] == 1.0
+    assert (result.grouped().mean_probs.sum(axis=1) == pytest.approx(1.0))
+
+
+def test_four_classes_need_the_four_labels(tmp_path):
+    from histoboost.config import preset
+    from histoboost.evaluate import cross_validate_features
+
+    manifest = _manifest(tmp_path, patients_per_class=(3, 3, 3, 3), labels=("Normal", "Adenosis", "InSitu", "Invasive"))
+    with pytest.raises(EvaluationError, match="needs the labels Normal, Benign, InSitu, Invasive: 6 image.s. have "
+                                              "others, e.g. 'Adenosis'"):
+        make_folds(manifest, "patient", 3, seed=0, classes=CLASS_SCHEMES["bach4"])
+    with pytest.raises(DataError, match="bach4 needs the labels"):
+        CLASS_SCHEMES["bach4"].targets(_manifest(tmp_path / "b", labels=("0", "1", "2")))
+    owners = np.repeat(np.arange(len(manifest)), 2)
+    plan = make_folds(manifest, "patient", 3, seed=0)
+    with pytest.raises(EvaluationError, match="bach4 needs"):
+        cross_validate_features(np.zeros((len(owners), 2), np.float32), owners, manifest, plan,
+                                preset("quick").merged({"classifier.classes": "bach4"}), "x")

@@ -89,3 +89,33 @@ def test_side_by_side_splits_operating_point_and_stain_fallbacks_are_reported(tm
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert {r["split_by"] for r in metrics["split_comparison"]} == {"patient", "image"}
     assert "operating point" in accuracy_table(run) and "split by image" in accuracy_table(run)
+
+
+def test_four_class_outputs_name_each_class_and_put_published_results_beside_with_their_protocol(tmp_path):
+    from histoboost.data import CLASS_SCHEMES
+
+    rng = np.random.default_rng(1)
+    n, a = 16, 3
+    truth = np.repeat([0, 1, 2, 3], 4)
+    probs = rng.dirichlet([1, 1, 1, 1], size=(n, a))
+    probs[np.arange(n), :, truth] += 2.0
+    probs /= probs.sum(axis=2, keepdims=True)
+    plan = FoldPlan(np.arange(n) % 2, np.array([f"u{i}" for i in range(n)], dtype=object), "id_block", 2)
+    config = preset("quick").merged({"classifier.classes": "bach4"})
+    run = CVRun(config, plan, [CVResult("m", probs, truth, plan, classes=CLASS_SCHEMES["bach4"])],
+                np.array([f"{i:064x}" for i in range(n)]), np.array([f"img{i}" for i in range(n)]),
+                np.array([str(tmp_path / "none.png")] * n), np.array([""] * n))
+    run.evaluate()
+    report = write_outputs(run, tmp_path / "run").read_text()
+    assert "4 classes (Normal, Benign, InSitu, Invasive)" in report and "Rakhlin" in report
+    assert "split by image" in report and "not comparable" in report
+    rows = list(csv.DictReader((tmp_path / "run" / "predictions.csv").open()))
+    assert {"p_normal", "p_benign", "p_in_situ", "p_invasive", "votes_benign", "label"} <= set(rows[0])
+    by_class = {r["truth_name"]: r for r in rows if r["class"] == r["truth_name"]}
+    assert by_class["benign"]["label"] == "Benign" and by_class["benign"]["group"] == "0"
+    assert by_class["invasive"]["group"] == "2"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["models"]["m"]
+    assert len(metrics["classes"]["majority_vote"]["confusion"]) == 4 and len(metrics["majority_vote"]["confusion"]) == 3
+    reloaded = CVRun.load(tmp_path / "run" / "cv_results.npz", config)
+    reloaded.evaluate()
+    assert reloaded.results[0].metrics == json.loads(json.dumps(metrics))

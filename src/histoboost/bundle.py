@@ -9,7 +9,7 @@ named by sha256 and the user passes their own file when loading. No pickle anywh
 
 A bundle is a file people download and share, so loading treats it as hostile (docs/security.md):
 sizes, compression and member names are checked before anything is read; bundle.json is read first
-and checked (identity, signature, the published JSON Schema schemas/bundle-5.schema.json) before any
+and checked (identity, signature, the published JSON Schema schemas/bundle-6.schema.json) before any
 field is used or any other member read; the files it lists must be exactly the members present;
 members are read into memory, never written out and never looked up by a name taken from bundle.json.
 The bundle's identity is the sha256 of its bundle.json, which holds the sha256 of every other member:
@@ -36,12 +36,13 @@ import numpy as np
 
 from . import __version__
 from .config import Config, ConfigError, HistoboostError
-from .data import GROUP_NAMES, Manifest, Problem
-from .classifier import DecisionRule, vote_counts
+from .data import CLASS_SCHEMES, GROUP_NAMES, ClassScheme, Manifest, Problem, class_scheme
+from .classifier import DecisionRule, mean_decision, vote_counts
 
 # 4: fixed member names, schema, safetensors-only weights, training image ids;
-# 5: each backbone's spec sha256; foundation-model weights the user supplies
-FORMAT_VERSION = 5
+# 5: each backbone's spec sha256; foundation-model weights the user supplies;
+# 6: the class scheme (classes other than the 3 groups: decision_rule.groups, training_data.per_class)
+FORMAT_VERSION = 6
 OLDEST_FORMAT = 5
 MODEL_FILES = {"xgboost": "model.ubj", "logistic": "model.json"}
 META_FILE = "bundle.json"
@@ -71,22 +72,28 @@ class Prediction:
     path: str
     name: str
     image_id: str
-    probs: np.ndarray  # (3,) mean probability over augmentations (calibrated where the bundle calibrates)
-    votes: np.ndarray  # (3,)
-    decision: int  # by the bundle's decision rule: majority vote, or its carcinoma threshold
-    aug_probs: np.ndarray  # (A, 3) as the classifier gave them (before calibration)
+    probs: np.ndarray  # (K,) mean probability over augmentations (calibrated where the bundle calibrates)
+    votes: np.ndarray  # (K,)
+    decision: int  # class index, by the bundle's decision rule: majority vote, or its carcinoma threshold
+    aug_probs: np.ndarray  # (A, K) as the classifier gave them (before calibration)
     agreement: float = 1.0  # share of augmentations that agree with the decision
     refer: str = ""  # why a pathologist should look: "votes split", "stain QC failed", or ""
     stain_qc: str = ""  # the quality check's flags, and the fallback used
+    classes: ClassScheme = CLASS_SCHEMES["groups"]
 
     def record(self, bundle_sha256: str) -> dict[str, Any]:
+        """One row: `class` (histoboost's name), `label` (the data set's) and `group` (0-2) of the decision,
+        then one probability and vote count per class."""
+        scheme = self.classes
+        carcinoma = np.asarray(scheme.groups) > 0
         return {
             "path": self.path, "name": self.name, "image_id": self.image_id,
-            "class": GROUP_NAMES[self.decision], "group": self.decision,
-            "mean_prob_decision": int(self.probs.argmax()),
-            **{f"p_{g}": round(float(p), 6) for g, p in zip(GROUP_NAMES, self.probs)},
-            "p_carcinoma": round(float(self.probs[1:].sum()), 6),
-            **{f"votes_{g}": int(v) for g, v in zip(GROUP_NAMES, self.votes)},
+            "class": scheme.classes[self.decision], "label": scheme.labels[self.decision],
+            "group": scheme.groups[self.decision],
+            "mean_prob_decision": int(mean_decision(self.probs[None, None], scheme.groups)[0]),
+            **{f"p_{c}": round(float(p), 6) for c, p in zip(scheme.classes, self.probs)},
+            "p_carcinoma": round(float(self.probs[carcinoma].sum()), 6),
+            **{f"votes_{c}": int(v) for c, v in zip(scheme.classes, self.votes)},
             "agreement": round(self.agreement, 3), "refer": self.refer, "stain_qc": self.stain_qc,
             "bundle_sha256": bundle_sha256, "bundle_format": FORMAT_VERSION,
         }
@@ -104,6 +111,7 @@ class Bundle:
         self.path = path
         self.sha256 = sha256  # the identity: sha256 of bundle.json as saved (see `identity`)
         self.rule = DecisionRule(**meta["decision_rule"])
+        self.classes = class_scheme(config.classifier.classes)
 
     @cached_property
     def training_image_ids(self) -> frozenset[str]:
@@ -187,9 +195,10 @@ class Bundle:
             config = Config.from_dict(meta["config"])
         except ConfigError as err:
             raise BundleError(f"{path}: {META_FILE} holds an unusable config ({err}): use the original bundle") from None
-        if meta["classes"] != list(GROUP_NAMES):
-            raise BundleError(f"{path}: classes {meta['classes']} are not the {list(GROUP_NAMES)} this histoboost "
-                              "predicts: upgrade histoboost")
+        scheme = class_scheme(config.classifier.classes)
+        if meta["classes"] != list(scheme.classes) or tuple(meta["decision_rule"].get("groups", (0, 1, 2))) != scheme.groups:
+            raise BundleError(f"{path}: classes {meta['classes']} are not the {list(scheme.classes)} of its "
+                              f"--classes {scheme.name}: use the original bundle")
         if config.classifier.kind != meta["classifier"]["type"]:
             raise BundleError(f"{path}: {META_FILE} names classifier {meta['classifier']['type']} but its config "
                               f"{config.classifier.kind}: use the original bundle")
@@ -273,7 +282,8 @@ class Bundle:
                 record = prediction.record(self.sha256)
                 if overlay_dir is not None:  # named by content too: two images called x.png never collide
                     overlay = Path(overlay_dir) / f"{file.stem}-{prediction.image_id[:12]}.overlay.png"
-                    record["overlay"] = write_overlay(file, grid, prediction.decision, overlay).name
+                    record["overlay"] = write_overlay(file, grid, prediction.decision, overlay,
+                                                      class_name=record["class"]).name
             except (OSError, ValueError, StainError, HistoboostError) as err:
                 problems.append(Problem(file, f"cannot be predicted ({str(err).splitlines()[0]})",
                                         "check the image; the others were predicted"))
@@ -311,11 +321,12 @@ class Bundle:
             qc = f"{'; '.join(prepared.qc.flags)} ({FALLBACK_NOTES[prepared.stain_fallback]})"
             refer = "; ".join(filter(None, [refer, "stain QC failed"]))
         prediction = Prediction(str(path), Path(path).stem, image_id, self.rule.calibrated(raw).mean(axis=0),
-                                vote_counts(raw[None])[0], int(decision[0]), raw, float(agreement[0]), refer, qc)
+                                vote_counts(raw[None], self.classes.groups)[0], int(decision[0]), raw,
+                                float(agreement[0]), refer, qc, self.classes)
         return prediction, grid
 
     def _probability_grid(self, rgb: np.ndarray, device: str) -> np.ndarray:
-        """Class probabilities (h, w, 3) of each cell of the un-augmented image: the classifier applied to
+        """Class probabilities (h, w, K) of each cell of the un-augmented image: the classifier applied to
         single feature-map cells (CNNs) or to single crop-sized tiles (when a ViT is among the backbones).
         Exploratory: it was trained on vectors pooled over crops."""
         import torch
@@ -337,7 +348,7 @@ class Bundle:
             cell = fmap.reshape(fmap.shape[0], -1).T  # (h*w, D)
             cells.append(np.concatenate([cell, cell], axis=1)
                          if self.config.features.descriptor == "crops+whole" else cell)
-        return self.classifier.predict_proba(np.concatenate(cells, axis=1)).reshape(h, w, 3)
+        return self.classifier.predict_proba(np.concatenate(cells, axis=1)).reshape(h, w, -1)
 
     def _tile_maps(self, x, batch_size: int = 8) -> list[np.ndarray]:
         """Each backbone's embedding of crop-sized tiles covering the image (3, H, W): (D, rows, cols) each."""
@@ -366,14 +377,19 @@ def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | Non
         config, unseen = _finetuned_config(manifest, config, cache_dir, device, progress)
     described = describe_dataset(manifest, config, cache_dir, device, batch_size, progress)
     backbones, owners = [d.backbone for d in described], described[0].owners
+    scheme = class_scheme(config.classifier.classes)
+    try:
+        targets = scheme.targets(manifest)
+    except HistoboostError as err:
+        raise BundleError(str(err)) from None
     groups = manifest.groups
     # Early stopping and the decision rule's inner folds group images as cross-validation does.
     _, units = split_units(manifest, config.evaluate.split_by)
     X = np.concatenate([d.X for d in described], axis=1)
     classifier = make_classifier(config.classifier, seed=config.seed, device=device)
-    classifier.fit(X, groups[owners], groups=units[owners])
+    classifier.fit(X, targets[owners], groups=units[owners])
     try:
-        rule = fit_decision_rule(X, groups[owners], owners, units[owners], config.classifier, config.seed, device,
+        rule = fit_decision_rule(X, targets[owners], owners, units[owners], config.classifier, config.seed, device,
                                  None if unseen is None else unseen[owners])
     except ValueError as err:
         raise BundleError(f"{manifest.root}: {err}") from None
@@ -383,12 +399,13 @@ def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | Non
         "histoboost": __version__,
         "config": config.to_dict(),
         "backbones": [{**b.identity, "weights_source": _without_folders(b.weights_source)} for b in backbones],
-        "classes": list(GROUP_NAMES),
+        "classes": list(scheme.classes),
         "classifier": {"type": config.classifier.kind, "file": MODEL_FILES[config.classifier.kind],
                        "best_iteration": classifier.best_iteration},
         "decision_rule": rule.to_dict(),
         "training_data": {"images": len(manifest), "per_group": {GROUP_NAMES[g]: int((groups == g).sum())
                                                                   for g in range(3)},
+                          "per_class": {c: int((targets == k).sum()) for k, c in enumerate(scheme.classes)},
                           "image_ids": sorted(r.image_id for r in manifest), "source": manifest.root.name},
         "versions": library_versions(),
     }
@@ -432,7 +449,11 @@ def evaluate_bundle(bundle: Bundle, manifest: Manifest, device: str = "cpu", pro
     n = len(manifest)
     plan = FoldPlan(np.zeros(n, dtype=np.int64), np.array([r.patient or r.image_id for r in manifest], dtype=object),
                     "held-out set", 1)
-    result = CVResult("bundle", np.stack([p.aug_probs for p in predictions]), manifest.groups, plan)
+    try:
+        truth = bundle.classes.targets(manifest)
+    except HistoboostError as err:
+        raise BundleError(str(err)) from None
+    result = CVResult("bundle", np.stack([p.aug_probs for p in predictions]), truth, plan, classes=bundle.classes)
     if bundle.config.classifier.decides_by_rule:  # the bundle's operating point, as cross-validation reports it
         result.rules = [bundle.rule]
         result.decision = np.array([p.decision for p in predictions])
@@ -560,7 +581,7 @@ def _check_sizes(sizes: dict[str, tuple[int, int | None]], path: Path) -> None:
 def _schema_validator():
     import jsonschema
 
-    schema = json.loads(resources.files("histoboost").joinpath("schemas/bundle-5.schema.json").read_text())
+    schema = json.loads(resources.files("histoboost").joinpath("schemas/bundle-6.schema.json").read_text())
     return jsonschema.Draft202012Validator(schema)
 
 

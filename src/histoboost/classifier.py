@@ -1,7 +1,8 @@
-"""Classifiers on CNN descriptors: rows are augmented images, classes are the three diagnostic groups.
+"""Classifiers on CNN descriptors: rows are augmented images, classes those of the configured class scheme
+(the three diagnostic groups, or BACH's four classes).
 
-Small scikit-learn-style estimators (`fit` / `predict_proba`, numpy in and out) that always answer
-three classes, even when the training data lacks one (BreakHis has no in-situ images), and save
+Small scikit-learn-style estimators (`fit` / `predict_proba`, numpy in and out) that always answer every
+class of the scheme, even when the training data lacks one (BreakHis has no in-situ images), and save
 themselves without pickle:
 
 - `BoostedTrees`: XGBoost's native API (the seed study's classifier), saved in XGBoost's UBJ format.
@@ -20,8 +21,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .config import ClassifierConfig
+from .data import class_scheme
 
-N_CLASSES = 3
+GROUPS = (0, 1, 2)  # the class -> group map of the 3-group scheme: each class its own group
+
+
+def n_classes(config: ClassifierConfig) -> int:
+    """How many classes the configured scheme tells apart."""
+    return len(class_scheme(config.classes).classes)
 
 
 class BoostedTrees:
@@ -39,21 +46,21 @@ class BoostedTrees:
     def params(self) -> dict:
         c = self.config
         return {
-            "objective": "multi:softprob", "num_class": N_CLASSES, "eval_metric": "mlogloss",
+            "objective": "multi:softprob", "num_class": n_classes(c), "eval_metric": "mlogloss",
             "tree_method": "hist", "device": self.device, "nthread": self.n_threads, "seed": self.seed,
             "eta": c.learning_rate, "max_depth": c.max_depth, "subsample": c.subsample,
             "colsample_bytree": c.colsample_bytree, "max_bin": c.max_bin, "verbosity": 0,
         }
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> BoostedTrees:
-        """Train on rows `X` (n, d) with groups `y` in {0, 1, 2}.
+        """Train on rows `X` (n, d) with class indices `y` (0 .. K-1).
 
         With `early_stopping_rounds` set, `groups` (the split unit of each row, e.g. its image or
         patient) must be given: an inner validation part is split off by whole groups, never rows.
         """
         import xgboost as xgb
 
-        X, y = _check_xy(X, y)
+        X, y = _check_xy(X, y, n_classes(self.config))
         weights = class_weights(y) if self.config.class_weight == "balanced" else None
         rounds = self.config.n_estimators
         if self.config.early_stopping_rounds:
@@ -78,14 +85,14 @@ class BoostedTrees:
         return xgb.QuantileDMatrix(X, y, weight=weights, max_bin=self.config.max_bin, nthread=self.n_threads)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Class probabilities (n, 3)."""
+        """Class probabilities (n, K)."""
         import xgboost as xgb
 
         if self.booster is None:
             raise RuntimeError("fit the classifier first")
         X = np.asarray(X, dtype=np.float32)
         out = self.booster.predict(xgb.DMatrix(X), iteration_range=(0, (self.best_iteration or 0) + 1))
-        return np.asarray(out, dtype=np.float64).reshape(len(X), N_CLASSES)
+        return np.asarray(out, dtype=np.float64).reshape(len(X), n_classes(self.config))
 
     @property
     def n_features(self) -> int:
@@ -98,7 +105,8 @@ class BoostedTrees:
     @classmethod
     def from_bytes(cls, data: bytes, config: ClassifierConfig | None = None, best_iteration: int | None = None,
                    device: str = "cpu") -> BoostedTrees:
-        """A model written by `to_bytes`; ValueError when the bytes are not a 3-class XGBoost model."""
+        """A model written by `to_bytes`; ValueError when the bytes are not an XGBoost model of the configured
+        number of classes."""
         import xgboost as xgb
 
         if not data:  # XGBoost aborts the whole process on an empty buffer
@@ -111,8 +119,8 @@ class BoostedTrees:
             classes = int(json.loads(model.booster.save_config())["learner"]["learner_model_param"]["num_class"])
         except (xgb.core.XGBoostError, KeyError, ValueError) as err:
             raise ValueError(f"not an XGBoost model ({str(err).splitlines()[0][:120]})") from None
-        if classes != N_CLASSES:
-            raise ValueError(f"an XGBoost model of {classes} classes, not {N_CLASSES}")
+        if classes != n_classes(model.config):
+            raise ValueError(f"an XGBoost model of {classes} classes, not {n_classes(model.config)}")
         if best_iteration is not None and not 0 <= best_iteration < rounds:
             raise ValueError(f"best iteration {best_iteration} is outside the model's {rounds} rounds")
         model.best_iteration = best_iteration if best_iteration is not None else rounds - 1
@@ -132,12 +140,13 @@ class LogisticModel:
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> LogisticModel:
         from sklearn.linear_model import LogisticRegression
 
-        X, y = _check_xy(X, y)
+        k = n_classes(self.config)
+        X, y = _check_xy(X, y, k)
         self.mean, std = X.mean(axis=0), X.std(axis=0)
         self.scale = np.where(std > 1e-6, std, 1.0).astype(np.float32)
         present = np.unique(y)
-        self.coef = np.zeros((N_CLASSES, X.shape[1]), dtype=np.float64)
-        self.intercept = np.full(N_CLASSES, -np.inf)  # an absent class gets probability 0
+        self.coef = np.zeros((k, X.shape[1]), dtype=np.float64)
+        self.intercept = np.full(k, -np.inf)  # an absent class gets probability 0
         if len(present) == 1:
             self.intercept[present[0]] = 0.0
             return self
@@ -178,9 +187,9 @@ class LogisticModel:
             model.coef, model.intercept = np.array(found["coef"], np.float64), np.array(found["intercept"], np.float64)
         except (ValueError, TypeError, KeyError, UnicodeDecodeError, RecursionError) as err:
             raise ValueError(f"not a logistic model ({type(err).__name__}: {str(err)[:80]})") from None
-        d = model.mean.shape[0] if model.mean.ndim == 1 else -1
-        shapes_ok = (d > 0 and model.scale.shape == (d,) and model.coef.shape == (N_CLASSES, d)
-                     and model.intercept.shape == (N_CLASSES,))
+        d, k = (model.mean.shape[0] if model.mean.ndim == 1 else -1), n_classes(model.config)
+        shapes_ok = (d > 0 and model.scale.shape == (d,) and model.coef.shape == (k, d)
+                     and model.intercept.shape == (k,))
         if not shapes_ok or not all(np.isfinite(a).all() for a in (model.mean, model.scale, model.coef, model.intercept)):
             raise ValueError("not a logistic model (arrays of the wrong shape or not finite)")
         if (model.scale <= 0).any():
@@ -204,30 +213,66 @@ def load_classifier(data: bytes, config: ClassifierConfig, best_iteration: int |
 
 
 # -- from augmentation probabilities to one decision per image ------------------------------------
+# Every decision is taken group first (on the class probabilities summed per diagnostic group), then the most
+# probable class within that group: with the 3 groups as classes this is the plain rule; with 4 classes the
+# 3-group answer is the group of the class answer, never another.
 
 
-def vote_counts(aug_probs: np.ndarray) -> np.ndarray:
-    """Votes per class (N, 3): each augmentation votes for its most probable class."""
-    winners = aug_probs.argmax(axis=2)
+def group_probs(p: np.ndarray, groups: tuple[int, ...] = GROUPS) -> np.ndarray:
+    """Class probabilities (..., K) summed per diagnostic group (..., 3)."""
+    if tuple(groups) == GROUPS:
+        return p
+    g = np.asarray(groups)
+    return np.stack([p[..., g == k].sum(axis=-1) for k in range(3)], axis=-1)
+
+
+def within_group(p: np.ndarray, group: np.ndarray, groups: tuple[int, ...] = GROUPS) -> np.ndarray:
+    """The most probable class (...) of each row's chosen group, from class probabilities (..., K)."""
+    member = np.asarray(groups) == np.asarray(group)[..., None]
+    return np.where(member, p, -np.inf).argmax(axis=-1)
+
+
+def augmentation_votes(aug_probs: np.ndarray, groups: tuple[int, ...] = GROUPS) -> np.ndarray:
+    """The class each augmentation votes for (N, A): its most probable group, then class within it."""
+    return within_group(aug_probs, group_probs(aug_probs, groups).argmax(axis=-1), groups)
+
+
+def vote_counts(aug_probs: np.ndarray, groups: tuple[int, ...] = GROUPS) -> np.ndarray:
+    """Votes per class (N, K)."""
+    winners = augmentation_votes(aug_probs, groups)
     return np.stack([(winners == c).sum(axis=1) for c in range(aug_probs.shape[2])], axis=1)
 
 
-def majority_vote(aug_probs: np.ndarray) -> np.ndarray:
-    """The class with most votes; a tie goes to the tied class with the highest mean probability."""
-    votes = vote_counts(aug_probs)
+def majority_vote(aug_probs: np.ndarray, groups: tuple[int, ...] = GROUPS) -> np.ndarray:
+    """The group with most votes (a tie goes to the tied group with the highest mean probability), then the
+    class of that group with the highest mean probability."""
+    per_group = group_probs(aug_probs, groups)
+    votes = np.stack([(per_group.argmax(axis=2) == g).sum(axis=1) for g in range(3)], axis=1)
     tied = votes == votes.max(axis=1, keepdims=True)
-    return np.where(tied, aug_probs.mean(axis=1), -np.inf).argmax(axis=1)
+    group = np.where(tied, per_group.mean(axis=1), -np.inf).argmax(axis=1)
+    return within_group(aug_probs.mean(axis=1), group, groups)
+
+
+def mean_decision(aug_probs: np.ndarray, groups: tuple[int, ...] = GROUPS) -> np.ndarray:
+    """The group of highest mean probability, then its class of highest mean probability (N,)."""
+    mean = aug_probs.mean(axis=1)
+    return within_group(mean, group_probs(mean, groups).argmax(axis=-1), groups)
 
 
 @dataclass(frozen=True)
 class DecisionRule:
-    """How an image's augmentation probabilities (A, 3) become its decision, fitted on training data:
-    temperature scaling, then majority vote, or a threshold on the mean p(carcinoma) = p1 + p2
-    (carcinoma above it, in situ or invasive by the larger mean probability)."""
+    """How an image's augmentation probabilities (A, K) become its decision, fitted on training data:
+    temperature scaling, then majority vote, or a threshold on the mean p(carcinoma) = p(in situ) +
+    p(invasive) (carcinoma above it, in situ or invasive by the larger mean probability). `groups` maps each
+    class to its diagnostic group."""
 
     temperature: float = 1.0
     threshold: float | None = None
     refer_below_agreement: float = 0.0
+    groups: tuple[int, ...] = GROUPS
+
+    def __post_init__(self) -> None:  # JSON gives lists back
+        object.__setattr__(self, "groups", tuple(int(g) for g in self.groups))
 
     def calibrated(self, aug_probs: np.ndarray) -> np.ndarray:
         if self.temperature == 1.0:
@@ -238,14 +283,21 @@ class DecisionRule:
         return e / e.sum(axis=-1, keepdims=True)
 
     def decide(self, aug_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Decisions (N,) of images (N, A, 3), and the share of augmentations that agree with each."""
+        """Decisions (N,) of images (N, A, K), and the share of augmentations that agree with each."""
         p = self.calibrated(np.asarray(aug_probs, dtype=np.float64))
         if self.threshold is None:
-            decision, per_aug = majority_vote(p), p.argmax(axis=2)
+            decision, per_aug = majority_vote(p, self.groups), augmentation_votes(p, self.groups)
         else:
-            decision = _thresholded(p.mean(axis=1), self.threshold)
-            per_aug = _thresholded(p, self.threshold)
+            decision = self._thresholded(p.mean(axis=1))
+            per_aug = self._thresholded(p)
         return decision, (per_aug == decision[:, None]).mean(axis=1)
+
+    def _thresholded(self, p: np.ndarray) -> np.ndarray:
+        """Carcinoma when p(in situ) + p(invasive) >= threshold, then the larger of the two; else normal/benign;
+        then the most probable class of that group."""
+        g = group_probs(p, self.groups)
+        group = np.where(g[..., 1:].sum(axis=-1) >= self.threshold, 1 + (g[..., 2] > g[..., 1]), 0)
+        return within_group(p, group, self.groups)
 
     def refer(self, agreement: np.ndarray) -> np.ndarray:
         """Images whose augmentations disagree too much to be trusted without a pathologist."""
@@ -255,16 +307,11 @@ class DecisionRule:
         return asdict(self)
 
 
-def _thresholded(p: np.ndarray, threshold: float) -> np.ndarray:
-    """Carcinoma when p1 + p2 >= threshold, then the larger of the two; else 0."""
-    return np.where(p[..., 1:].sum(axis=-1) >= threshold, 1 + (p[..., 2] > p[..., 1]), 0)
-
-
 def fit_decision_rule(X: np.ndarray, y: np.ndarray, owners: np.ndarray, units: np.ndarray, config: ClassifierConfig,
                       seed: int = 0, device: str = "cpu", held_out: np.ndarray | None = None) -> DecisionRule:
     """Choose the temperature and threshold from out-of-fold predictions on the training rows only.
 
-    Rows `X` (n, d) with labels `y`, their image `owners` and split `units` (per row). Inner folds
+    Rows `X` (n, d) with class indices `y`, their image `owners` and split `units` (per row). Inner folds
     group images by unit, as the outer cross-validation does, so the threshold is set on images of
     units the inner model never saw. The threshold is the largest that keeps at least
     `target_sensitivity` of the inner carcinomas at or above it.
@@ -276,7 +323,8 @@ def fit_decision_rule(X: np.ndarray, y: np.ndarray, owners: np.ndarray, units: n
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    rule = DecisionRule(refer_below_agreement=config.refer_below_agreement)
+    groups = class_scheme(config.classes).groups
+    rule = DecisionRule(refer_below_agreement=config.refer_below_agreement, groups=groups)
     if config.target_sensitivity is None and not config.calibrate:
         return rule
     images, first = np.unique(owners, return_index=True)
@@ -295,7 +343,7 @@ def fit_decision_rule(X: np.ndarray, y: np.ndarray, owners: np.ndarray, units: n
                              "training data")
         splits = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(
             images, image_y, image_units)
-    oof = np.zeros((len(images), np.bincount(owners)[images[0]], N_CLASSES))
+    oof = np.zeros((len(images), np.bincount(owners)[images[0]], n_classes(config)))
     scored = np.zeros(len(images), dtype=bool)
     for train, valid in splits:
         rows = np.isin(owners, images[train])
@@ -306,12 +354,13 @@ def fit_decision_rule(X: np.ndarray, y: np.ndarray, owners: np.ndarray, units: n
     oof, image_y = oof[scored], image_y[scored]
     temperature = fit_temperature(oof, image_y) if config.calibrate else 1.0
     threshold = None
-    if config.target_sensitivity is not None and (image_y > 0).any():
-        scores = DecisionRule(temperature).calibrated(oof).mean(axis=1)[:, 1:].sum(axis=1)
-        positives = np.sort(scores[image_y > 0])
+    carcinoma = np.asarray(groups)[image_y] > 0
+    if config.target_sensitivity is not None and carcinoma.any():
+        scores = group_probs(DecisionRule(temperature).calibrated(oof).mean(axis=1), groups)[:, 1:].sum(axis=1)
+        positives = np.sort(scores[carcinoma])
         keep_below = int(np.floor((1 - config.target_sensitivity) * len(positives) + 1e-9))
         threshold = float(positives[min(keep_below, len(positives) - 1)])
-    return DecisionRule(temperature, threshold, config.refer_below_agreement)
+    return DecisionRule(temperature, threshold, config.refer_below_agreement, groups)
 
 
 def fit_temperature(aug_probs: np.ndarray, image_y: np.ndarray) -> float:
@@ -320,7 +369,7 @@ def fit_temperature(aug_probs: np.ndarray, image_y: np.ndarray) -> float:
 
     logp = np.log(np.clip(aug_probs, 1e-12, 1.0))
     labels = np.repeat(image_y, aug_probs.shape[1])
-    flat = logp.reshape(-1, N_CLASSES)
+    flat = logp.reshape(-1, aug_probs.shape[-1])
 
     def loss(log_t: float) -> float:
         z = flat / np.exp(log_t)
@@ -347,13 +396,13 @@ def inner_split(y: np.ndarray, groups: np.ndarray, seed: int, n_splits: int = 5)
     return train, valid
 
 
-def _check_xy(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check_xy(X: np.ndarray, y: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     X = np.asarray(X, dtype=np.float32)
     y = np.asarray(y)
     if X.ndim != 2 or len(X) != len(y):
         raise ValueError(f"X must be (rows, features) with one label per row; got {X.shape} and {y.shape}")
-    if not np.isin(y, [0, 1, 2]).all():
-        raise ValueError("labels must be the groups 0, 1, 2")
+    if not np.isin(y, np.arange(k)).all():
+        raise ValueError(f"labels must be the class indices 0 .. {k - 1}")
     if not np.isfinite(X).all():
         raise ValueError("features contain NaN or infinity")
     return X, y.astype(np.int64)

@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .classifier import DecisionRule, fit_decision_rule, majority_vote, make_classifier, vote_counts
+from .classifier import (DecisionRule, fit_decision_rule, group_probs, majority_vote, make_classifier, mean_decision,
+                         n_classes, vote_counts)
 from .config import Config, HistoboostError
-from .data import GROUP_NAMES, Manifest
+from .data import CLASS_SCHEMES, ClassScheme, DataError, Manifest, class_scheme
 
 BINARY_TASKS = {  # name -> (negative groups, positive groups)
     "carcinoma": ((0,), (1, 2)),
@@ -49,11 +50,12 @@ class FoldPlan:
 
 @dataclass
 class CVResult:
-    """Per-augmentation probabilities of one model (a backbone or a combination) on every image."""
+    """Per-augmentation probabilities of one model (a backbone or a combination) on every image, in the classes
+    of its scheme (`grouped` gives the 3 diagnostic groups derived from them)."""
 
     model: str
-    aug_probs: np.ndarray  # (N, A, 3), each image predicted by the fold that held it out
-    truth: np.ndarray  # (N,)
+    aug_probs: np.ndarray  # (N, A, K), each image predicted by the fold that held it out
+    truth: np.ndarray  # (N,) class indices
     plan: FoldPlan
     metrics: dict[str, Any] = field(default_factory=dict)
     # The operating point, where one was chosen: each fold's rule (fitted on its training images) and
@@ -61,6 +63,8 @@ class CVResult:
     rules: list[DecisionRule] | None = None
     decision: np.ndarray | None = None
     agreement: np.ndarray | None = None
+    classes: ClassScheme = CLASS_SCHEMES["groups"]
+    source: CVResult | None = None  # for a `grouped` view: the class-level result it was derived from
 
     @property
     def mean_probs(self) -> np.ndarray:
@@ -68,15 +72,27 @@ class CVResult:
 
     @property
     def votes(self) -> np.ndarray:
-        return vote_counts(self.aug_probs)
+        return vote_counts(self.aug_probs, self.classes.groups)
 
     @property
     def majority(self) -> np.ndarray:
-        return majority_vote(self.aug_probs)
+        return majority_vote(self.aug_probs, self.classes.groups)
 
     @property
     def mean_decision(self) -> np.ndarray:
-        return self.mean_probs.argmax(axis=1)
+        return mean_decision(self.aug_probs, self.classes.groups)
+
+    def grouped(self) -> CVResult:
+        """The same predictions in the 3 diagnostic groups: probabilities summed per group, decisions mapped to
+        their group (decisions are taken group first, so these equal the decisions on the summed probabilities)."""
+        if self.classes.is_groups:
+            return self
+        to_group = np.asarray(self.classes.groups)
+        rules = None if self.rules is None else [DecisionRule(r.temperature, r.threshold, r.refer_below_agreement)
+                                                 for r in self.rules]
+        return CVResult(self.model, group_probs(self.aug_probs, self.classes.groups), to_group[self.truth], self.plan,
+                        self.metrics, rules, None if self.decision is None else to_group[self.decision],
+                        self.agreement, source=self)
 
     @property
     def referred(self) -> np.ndarray:
@@ -91,8 +107,10 @@ class CVResult:
 # -- folds ---------------------------------------------------------------------------------------
 
 
-def make_folds(manifest: Manifest, split_by: str | None, n_folds: int, seed: int) -> FoldPlan:
-    """Assign images to folds, grouping by `split_by` (image, patient or a manifest column).
+def make_folds(manifest: Manifest, split_by: str | None, n_folds: int, seed: int,
+               classes: ClassScheme = CLASS_SCHEMES["groups"]) -> FoldPlan:
+    """Assign images to folds, grouping by `split_by` (image, patient or a manifest column), stratified by the
+    scheme's classes.
 
     None means patient where the manifest has patient ids, else image (with a warning). Images
     without a value of the grouping column form units of their own. When a class has fewer units than
@@ -105,14 +123,17 @@ def make_folds(manifest: Manifest, split_by: str | None, n_folds: int, seed: int
         notes.append("no patient ids: folds are split by image, which overstates accuracy on new patients "
                      "(use --split-by patient or a proxy column such as id_block where one exists)")
     split_by, units = split_units(manifest, split_by)
-    groups = manifest.groups
+    try:
+        groups = classes.targets(manifest)
+    except DataError as err:
+        raise EvaluationError(str(err)) from None
     per_class = {g: len(set(units[groups == g])) for g in np.unique(groups)}
     usable = min(n_folds, *per_class.values())
     if usable < 2:
         raise EvaluationError(f"split by {split_by}: a class has only {min(per_class.values())} unit(s); "
                               "cross-validation needs at least 2 per class")
     if usable < n_folds:
-        scarce = ", ".join(f"{GROUP_NAMES[g]} {n}" for g, n in per_class.items() if n < n_folds)
+        scarce = ", ".join(f"{classes.classes[g]} {n}" for g, n in per_class.items() if n < n_folds)
         notes.append(f"split by {split_by}: too few units per class for {n_folds} folds ({scarce}); "
                      f"using {usable} folds")
     splitter = StratifiedGroupKFold(n_splits=usable, shuffle=True, random_state=seed)
@@ -147,11 +168,15 @@ def cross_validate_features(X: np.ndarray | list[np.ndarray], owners: np.ndarray
     which the decision rule is chosen."""
     from tqdm.auto import tqdm
 
-    truth = manifest.groups
+    scheme = class_scheme(config.classifier.classes)
+    try:
+        truth = scheme.targets(manifest)
+    except DataError as err:
+        raise EvaluationError(str(err)) from None
     n_aug = np.bincount(owners, minlength=len(manifest))
     if len(set(n_aug)) != 1:
         raise EvaluationError("every image needs the same number of augmentations")
-    probs = np.zeros((len(manifest), n_aug[0], 3))
+    probs = np.zeros((len(manifest), n_aug[0], n_classes(config.classifier)))
     decision, agreement = np.zeros(len(manifest), dtype=np.int64), np.zeros(len(manifest))
     rules = []
     row_fold = plan.folds[owners]
@@ -175,13 +200,14 @@ def cross_validate_features(X: np.ndarray | list[np.ndarray], owners: np.ndarray
         decision[test_images], agreement[test_images] = rule.decide(probs[test_images])
         rules.append(rule)
     if not config.classifier.decides_by_rule:
-        return CVResult(model, probs, truth, plan)  # the seed study's majority vote only
-    return CVResult(model, probs, truth, plan, rules=rules, decision=decision, agreement=agreement)
+        return CVResult(model, probs, truth, plan, classes=scheme)  # the seed study's majority vote only
+    return CVResult(model, probs, truth, plan, rules=rules, decision=decision, agreement=agreement, classes=scheme)
 
 
 def combine_mean(results: list[CVResult], name: str) -> CVResult:
     """A combination that averages the models' per-augmentation probabilities."""
-    return CVResult(name, np.mean([r.aug_probs for r in results], axis=0), results[0].truth, results[0].plan)
+    return CVResult(name, np.mean([r.aug_probs for r in results], axis=0), results[0].truth, results[0].plan,
+                    classes=results[0].classes)
 
 
 @dataclass
@@ -210,6 +236,10 @@ class CVRun:
     @property
     def truth(self) -> np.ndarray:
         return self.results[0].truth
+
+    @property
+    def classes(self) -> ClassScheme:
+        return self.results[0].classes
 
     def save(self, path: str | Path) -> None:
         """Everything `histoboost report` needs to rebuild metrics and report, as one .npz (atomic)."""
@@ -240,9 +270,12 @@ class CVRun:
                 folds = data["folds"]
                 plan = FoldPlan(folds, data["units"].astype(object), str(data["split_by"]), int(folds.max()) + 1,
                                 tuple(str(w) for w in data["warnings"]))
-                results = []
+                results, scheme = [], class_scheme(config.classifier.classes)
                 for m in map(str, data["models"]):
-                    result = CVResult(m, data[f"probs__{m}"], data["truth"], plan)
+                    result = CVResult(m, data[f"probs__{m}"], data["truth"], plan, classes=scheme)
+                    if result.aug_probs.shape[-1] != len(scheme.classes):
+                        raise ValueError(f"{result.aug_probs.shape[-1]} classes, not the {len(scheme.classes)} of its "
+                                         "config")
                     if f"rules__{m}" in data:
                         result.rules = [DecisionRule(**r) for r in json.loads(str(data[f"rules__{m}"]))]
                         result.decision, result.agreement = data[f"decision__{m}"], data[f"agreement__{m}"]
@@ -276,12 +309,13 @@ def cross_validate(manifest: Manifest, config: Config, cache_dir: str | Path | N
     every outer fold on that fold's training images only (`finetuned_features`)."""
     from .features import describe_dataset
 
-    plan = make_folds(manifest, config.evaluate.split_by, config.evaluate.folds, config.seed)
+    scheme = class_scheme(config.classifier.classes)
+    plan = make_folds(manifest, config.evaluate.split_by, config.evaluate.folds, config.seed, scheme)
     if compare_split == "auto":
         compare_split = default_comparison_split(manifest, plan.split_by)
     # Both splits are made before any work, so a bad split unit stops the run before it computes anything.
     # With fine-tuning the other split would fine-tune again in each of its folds: not done.
-    other = (make_folds(manifest, compare_split, config.evaluate.folds, config.seed)
+    other = (make_folds(manifest, compare_split, config.evaluate.folds, config.seed, scheme)
              if compare_split and compare_split not in ("none", plan.split_by) and not config.finetune.enabled
              else None)
     finetuned: list[dict[str, Any]] = []
@@ -386,9 +420,9 @@ def split_summary(result: CVResult, seed: int) -> dict[str, Any]:
 # -- metrics -------------------------------------------------------------------------------------
 
 
-def confusion_matrix(truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """3x3 counts, rows = truth, columns = prediction."""
-    cm = np.zeros((3, 3), dtype=np.int64)
+def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, k: int = 3) -> np.ndarray:
+    """k x k counts (3 groups by default), rows = truth, columns = prediction."""
+    cm = np.zeros((k, k), dtype=np.int64)
     np.add.at(cm, (np.asarray(truth), np.asarray(predicted)), 1)
     return cm
 
@@ -465,7 +499,9 @@ def decision_metrics(truth: np.ndarray, decision: np.ndarray, folds: np.ndarray,
 
 
 def evaluate_result(result: CVResult, seed: int, patients: np.ndarray | None = None) -> dict[str, Any]:
-    """All metrics of a model, for both decisions; stored on the result and returned."""
+    """All metrics of a model, for both decisions; stored on the result and returned. The 3-group metrics come
+    from the `grouped` predictions; a scheme of other classes adds its own under "classes"."""
+    source, result = result, result.grouped()
     plan = result.plan
     metrics: dict[str, Any] = {
         "model": result.model, "split_by": plan.split_by, "folds": plan.n_folds, "images": len(result.truth),
@@ -482,8 +518,30 @@ def evaluate_result(result: CVResult, seed: int, patients: np.ndarray | None = N
             metrics["calibration"]["calibrated"] = calibration(result.truth, calibrated_probs(result).mean(axis=1))
     if patients is not None and any(patients):
         metrics["per_patient"] = _per_patient(patients, result)
-    result.metrics = metrics
+    if source is not result:
+        metrics["classes"] = class_metrics(source, seed)
+    source.metrics = metrics
     return metrics
+
+
+def class_metrics(result: CVResult, seed: int) -> dict[str, Any]:
+    """Metrics in the scheme's own classes (e.g. BACH's 4): accuracy and balanced accuracy with bootstrap
+    intervals over split units, per-fold accuracy and the K x K confusion matrix, for each decision."""
+    plan, k = result.plan, len(result.classes.classes)
+    decisions = {"majority_vote": result.majority, "mean_probability": result.mean_decision}
+    if result.decision is not None:
+        decisions["operating_point"] = result.decision
+    out: dict[str, Any] = {"scheme": result.classes.name, "names": list(result.classes.classes)}
+    for name, decision in decisions.items():
+        boot = _bootstrap(result.truth, decision, plan.units, seed, k)
+        per_fold = [float((decision[plan.folds == f] == result.truth[plan.folds == f]).mean())
+                    for f in np.unique(plan.folds)]
+        cm = confusion_matrix(result.truth, decision, k)
+        out[name] = {"accuracy": float((decision == result.truth).mean()), "accuracy_ci": _interval(boot["accuracy"]),
+                     "balanced_accuracy": _balanced_accuracy(cm),
+                     "balanced_accuracy_ci": _interval(boot["balanced_accuracy"]),
+                     "per_fold_accuracy": per_fold, "confusion": cm.tolist()}
+    return out
 
 
 def operating_point_metrics(result: CVResult, seed: int) -> dict[str, Any]:
@@ -508,7 +566,10 @@ def operating_point_metrics(result: CVResult, seed: int) -> dict[str, Any]:
 
 
 def calibrated_probs(result: CVResult) -> np.ndarray:
-    """Each image's augmentation probabilities after its own fold's temperature (N, A, 3)."""
+    """Each image's augmentation probabilities after its own fold's temperature (N, A, K); of a `grouped` view,
+    its source's calibrated probabilities summed per group."""
+    if result.source is not None:
+        return group_probs(calibrated_probs(result.source), result.source.classes.groups)
     calibrated = np.zeros_like(result.aug_probs)
     for k, rule in enumerate(result.rules or []):
         calibrated[result.plan.folds == k] = rule.calibrated(result.aug_probs[result.plan.folds == k])
@@ -549,17 +610,23 @@ def _per_patient(patients: np.ndarray, result: CVResult) -> list[dict[str, Any]]
     return sorted(rows.values(), key=lambda r: r["patient"])
 
 
-def _bootstrap(truth: np.ndarray, decision: np.ndarray, units: np.ndarray, seed: int) -> dict[str, list]:
-    """Resample split units (not images: images of one unit are not independent) with replacement."""
+def _bootstrap(truth: np.ndarray, decision: np.ndarray, units: np.ndarray, seed: int,
+               k: int = 3) -> dict[str, list]:
+    """Resample split units (not images: images of one unit are not independent) with replacement. With the 3
+    groups (k = 3), the binary tasks too; with other classes, the balanced accuracy."""
     rng = np.random.default_rng([seed, 20220101])
     unique, index = np.unique(units.astype(str), return_inverse=True)
     members = [np.flatnonzero(index == u) for u in range(len(unique))]
-    accuracy, binary = [], []
+    accuracy, binary, balanced = [], [], []
     for _ in range(BOOTSTRAP_SAMPLES):
         pick = np.concatenate([members[u] for u in rng.integers(0, len(unique), len(unique))])
         accuracy.append(float((truth[pick] == decision[pick]).mean()))
-        binary.append(binary_metrics(confusion_matrix(truth[pick], decision[pick])))
-    return {"accuracy": accuracy, "binary": binary}
+        cm = confusion_matrix(truth[pick], decision[pick], k)
+        if k == 3:
+            binary.append(binary_metrics(cm))
+        else:
+            balanced.append(_balanced_accuracy(cm))
+    return {"accuracy": accuracy, "binary": binary, "balanced_accuracy": balanced}
 
 
 def _interval(samples: list[float]) -> list[float] | None:
@@ -570,7 +637,7 @@ def _interval(samples: list[float]) -> list[float] | None:
 
 
 def _balanced_accuracy(cm: np.ndarray) -> float:
-    recalls = [cm[c, c] / cm[c].sum() for c in range(3) if cm[c].sum()]
+    recalls = [cm[c, c] / cm[c].sum() for c in range(len(cm)) if cm[c].sum()]
     return float(np.mean(recalls))
 
 

@@ -23,6 +23,14 @@ from .stain import FALLBACK_NOTES
 TASK_TITLES = {"carcinoma": "carcinoma (1+2) vs non-carcinoma (0)", "0v1": "normal/benign (0) vs in situ (1)",
                "0v2": "normal/benign (0) vs invasive (2)", "1v2": "in situ (1) vs invasive (2)"}
 DECISIONS = {"majority_vote": "majority vote", "mean_probability": "mean probability"}
+# Published 4-class BACH results beside ours, each with its protocol: never a like-for-like claim where they differ.
+PUBLISHED_4CLASS = [
+    ("Rakhlin et al. 2018, ImageNet CNN features + LightGBM (bioRxiv 10.1101/259911)", "accuracy 87.2% ± 2.6",
+     "10-fold stratified CV on BACH's 400 training images, folds split by image (a patient's images on both sides)"),
+    ("eva leaderboard, uni2-h (best; docs/backbones.md)", "balanced accuracy 0.915",
+     "one fixed patient-aware split (268 train / 132 validation), linear probe on whole images resized to 224 px"),
+    ("eva leaderboard, DINO ViT-S/16 ImageNet (baseline)", "balanced accuracy 0.675", "as above"),
+]
 
 
 def write_outputs(run: CVRun, out: str | Path, provenance: dict[str, Any] | None = None) -> Path:
@@ -45,8 +53,10 @@ def write_metrics(run: CVRun, out: Path) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["model", "name", "path", "image_id", "patient", "truth", "truth_name", "fold", "majority",
-                     "mean_prob_decision", "operating_point_decision", "class", "group", *(f"p_{g}" for g in GROUP_NAMES),
-                     *(f"votes_{g}" for g in GROUP_NAMES), "agreement", "refer", "stain_fallback"])
+                     "mean_prob_decision", "operating_point_decision", "class", "label", "group",
+                     *(f"p_{c}" for c in run.classes.classes), *(f"votes_{c}" for c in run.classes.classes),
+                     "agreement", "refer", "stain_fallback"])
+    names, labels, groups = run.classes.classes, run.classes.labels, run.classes.groups
     for result in run.results:
         probs, votes, majority, mean_decision = result.mean_probs, result.votes, result.majority, result.mean_decision
         # The class column is the run's decision: the operating point where one was chosen, else majority vote.
@@ -54,9 +64,9 @@ def write_metrics(run: CVRun, out: Path) -> None:
         refer = _referred(run, result)
         for i in range(len(result.truth)):
             writer.writerow(map(spreadsheet_safe, [result.model, run.names[i], run.paths[i], run.image_ids[i], run.patients[i],
-                             result.truth[i], GROUP_NAMES[result.truth[i]], run.plan.folds[i], majority[i],
+                             result.truth[i], names[result.truth[i]], run.plan.folds[i], majority[i],
                              mean_decision[i], "" if result.decision is None else decision[i],
-                             GROUP_NAMES[decision[i]], decision[i],
+                             names[decision[i]], labels[decision[i]], groups[decision[i]],
                              *(f"{p:.6f}" for p in probs[i]), *votes[i],
                              "" if result.agreement is None else f"{result.agreement[i]:.3f}",
                              refer[i], run.stain_fallbacks[i]]))
@@ -91,6 +101,14 @@ def accuracy_table(run: CVRun) -> str:
             lines.append(f"{result.model + ' (operating point)':<40} {_pct_ci(op['accuracy'], op['accuracy_ci']):>22} "
                          f"{'':>22} {_pct(carc['sensitivity']):>15} {_pct(carc['specificity']):>6}"
                          f"  refer {_pct(op['refer_rate'])}")
+    for result in run.results:
+        if "classes" in result.metrics:
+            m = result.metrics["classes"]
+            maj, mean = m["majority_vote"], m["mean_probability"]
+            name = f"{result.model} ({len(m['names'])} classes)"
+            lines.append(f"{name:<40} "
+                         f"{_pct_ci(maj['accuracy'], maj['accuracy_ci']):>22} {_pct_ci(mean['accuracy'], mean['accuracy_ci']):>22}"
+                         f"  balanced {_pct_ci(maj['balanced_accuracy'], maj['balanced_accuracy_ci'])}")
     others = [row for row in run.split_comparison if row["split_by"] != run.plan.split_by]
     for row in others:
         lines.append(f"{row['model'] + ' split by ' + row['split_by']:<40} {_pct_ci(row['accuracy'], row['accuracy_ci']):>22} "
@@ -110,7 +128,7 @@ def write_report(run: CVRun, out: Path) -> Path:
         (out / "figures" / f"{name}.png").write_bytes(png)
     c = run.config
     protocol = [
-        ("images", f"{len(run.truth)} ({', '.join(f'{GROUP_NAMES[g]} {int((run.truth == g).sum())}' for g in range(3))})"),
+        ("images", f"{len(run.truth)} ({', '.join(f'{c} {int((run.truth == k).sum())}' for k, c in enumerate(run.classes.classes))})"),
         ("split", f"{run.plan.n_folds}-fold StratifiedGroupKFold by <b>{html.escape(run.plan.split_by)}</b>"),
         ("preprocessing", f"scale {c.preprocess.scale}" + (f", target {c.preprocess.target_mpp} µm/px" if c.preprocess.target_mpp else "")
          + f", stain {c.preprocess.stain.method}"),
@@ -156,6 +174,7 @@ def write_report(run: CVRun, out: Path) -> Path:
                  f"{_pct(r.metrics['majority_vote']['fold_mean'])} &plusmn; {_pct(r.metrics['majority_vote']['fold_std'])}",
                  _pct(r.metrics["majority_vote"]["balanced_accuracy"]),
                  _num(r.metrics["auc"]["carcinoma"])) for r in run.results]),
+        _classes_section(run),
         _split_comparison(run),
         _operating_point(run),
         "<h2>Confusion matrices (majority vote; rows = truth, columns = prediction)</h2>", _img(figures["confusion"]),
@@ -190,6 +209,34 @@ def _classifier_text(c) -> str:
     if k.calibrate:
         text += "; temperature-calibrated"
     return text
+
+
+def _classes_section(run: CVRun) -> str:
+    """With classes other than the 3 groups (e.g. BACH's 4): their accuracy and balanced accuracy from the same
+    predictions as the 3-group tables, their confusion matrices, and published results with their protocols."""
+    if run.classes.is_groups:
+        return ""
+    rows, matrices = [], []
+    for r in run.results:
+        m = r.metrics["classes"]
+        for decision in ("majority_vote", "operating_point"):
+            if decision in m:
+                d = m[decision]
+                rows.append((html.escape(r.model), DECISIONS.get(decision, "operating point"),
+                             _pct_ci(d["accuracy"], d["accuracy_ci"]),
+                             _pct_ci(d["balanced_accuracy"], d["balanced_accuracy_ci"])))
+        cm = m["majority_vote"]["confusion"]
+        matrices.append(f"<h3>{html.escape(r.model)}, majority vote (rows = truth)</h3>" + _table(
+            ["", *run.classes.classes], [(c, *row) for c, row in zip(run.classes.classes, cm)]))
+    published = _table(["published", "result", "protocol"], PUBLISHED_4CLASS) if run.classes.name == "bach4" else ""
+    return (f"<h2>{len(run.classes.classes)} classes ({html.escape(', '.join(run.classes.labels))})</h2>"
+            "<p>The classifier tells these classes apart; every 3-group number in this report is derived from the same "
+            "predictions (probabilities summed per group; the decision is taken group first, then class).</p>"
+            + _table(["model", "decision", "accuracy", "balanced accuracy"], rows) + "".join(matrices)
+            + (f"<p>Published results on BACH, each with its protocol. Ours: cross-validation on these images split by "
+               f"<b>{html.escape(run.plan.split_by)}</b>, crops at the working scale. <b>Where the protocols differ, "
+               "the numbers are not comparable</b>: image-level folds overstate accuracy on new patients, and eva's "
+               "fixed split is one draw of one split.</p>" + published if published else ""))
 
 
 def _split_comparison(run: CVRun) -> str:
@@ -281,10 +328,11 @@ def _misclassified(run: CVRun) -> str:
     if not len(wrong):
         return "<p>None.</p>"
     cells = []
+    names = result.classes.classes
     for i in wrong:
         probs = ", ".join(f"{p:.2f}" for p in result.mean_probs[i])
         cells.append(f"<figure>{_thumbnail(run.paths[i])}<figcaption>{html.escape(str(run.names[i]))}<br>"
-                     f"truth <b>{GROUP_NAMES[result.truth[i]]}</b>, predicted <b>{GROUP_NAMES[result.majority[i]]}</b>"
+                     f"truth <b>{names[result.truth[i]]}</b>, predicted <b>{names[result.majority[i]]}</b>"
                      f"<br>votes {result.votes[i].tolist()}, p = [{probs}]</figcaption></figure>")
     return f"<p>By {html.escape(result.model)}, majority vote.</p><div class='thumbs'>{''.join(cells)}</div>"
 
@@ -343,7 +391,8 @@ def _roc_figure(run: CVRun) -> bytes:
     plt, fig = _figure(4.5, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     for result in run.results:
-        curve = carcinoma_roc(result.truth, result.mean_probs)
+        grouped = result.grouped()
+        curve = carcinoma_roc(grouped.truth, grouped.mean_probs)
         if curve is not None:
             ax.plot(curve[0], curve[1], label=f"{result.model} (AUC {_num(result.metrics['auc']['carcinoma'])})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
@@ -434,7 +483,8 @@ img.figure { max-width: 100%; } footer { margin-top: 3em; color: #888; font-size
 OVERLAY_LEGEND_HEIGHT = 64
 
 
-def write_overlay(image_path: str | Path, grid: np.ndarray, predicted: int, out: Path, max_side: int = 1024) -> Path:
+def write_overlay(image_path: str | Path, grid: np.ndarray, predicted: int, out: Path, max_side: int = 1024,
+                  class_name: str | None = None) -> Path:
     """PNG of the image with the probability of the predicted class per feature-map cell laid over the
     tissue, and a legend that says the map is exploratory. Size: the image (longest side at most
     `max_side`) plus a legend strip of OVERLAY_LEGEND_HEIGHT pixels."""
@@ -459,7 +509,8 @@ def write_overlay(image_path: str | Path, grid: np.ndarray, predicted: int, out:
     canvas.paste(Image.fromarray(np.repeat(bar[None], 12, axis=0)), (8, h + 8))
     draw.text((8, h + 22), "0", fill="black")
     draw.text((200, h + 22), "1", fill="black")
-    draw.text((220, h + 6), f"predicted: {GROUP_NAMES[predicted]}; colour = p({GROUP_NAMES[predicted]}) "
+    name = class_name or GROUP_NAMES[predicted]
+    draw.text((220, h + 6), f"predicted: {name}; colour = p({name}) "
               "per feature-map cell over tissue", fill="black")
     draw.text((220, h + 24), "EXPLORATORY: the classifier was trained on vectors pooled over crops,", fill="black")
     draw.text((220, h + 40), "not on single cells. Research use only; not for diagnosis.", fill="black")

@@ -128,6 +128,9 @@ def parents() -> Parents:
     group.add_argument("--class-weight", choices=["none", "balanced"], help="weigh classes equally in training")
     group.add_argument("--early-stopping", type=count(0), metavar="ROUNDS",
                        help="stop boosting after ROUNDS without improvement on a grouped inner split")
+    group.add_argument("--classes", choices=["groups", "bach4"],
+                       help="what the classifier tells apart: the 3 diagnostic groups (default) or BACH's 4 classes "
+                       "(Normal, Benign, InSitu, Invasive); the 3-group results come from the same predictions")
     group.add_argument("--classifier", choices=["xgboost", "logistic"],
                        help="XGBoost (the seed study's, default) or standardised logistic regression")
     group.add_argument("--target-sensitivity", type=share, metavar="S",
@@ -208,6 +211,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "classifier.class_weight": getattr(args, "class_weight", None),
         "classifier.early_stopping_rounds": getattr(args, "early_stopping", None),
         "classifier.kind": getattr(args, "classifier", None),
+        "classifier.classes": getattr(args, "classes", None),
         "classifier.target_sensitivity": getattr(args, "target_sensitivity", None),
         "classifier.calibrate": getattr(args, "calibrate", None),
         "classifier.inner_folds": getattr(args, "inner_folds", None),
@@ -290,13 +294,19 @@ def label_map(args: argparse.Namespace) -> dict[str, int] | None:
 
 
 def check_split(manifest, config: Config) -> None:
-    """--split-by names a unit the data has: checked before any extraction."""
+    """--split-by names a unit the data has, and every label is one of the --classes: checked before any
+    extraction."""
+    from ..data import class_scheme
     from ..evaluate import split_units
 
     try:
         split_units(manifest, config.evaluate.split_by)
     except DataError as err:
         raise UsageError(f"--split-by {config.evaluate.split_by}: {err}") from None
+    try:
+        class_scheme(config.classifier.classes).targets(manifest)
+    except DataError as err:
+        raise UsageError(f"{manifest.root}: {err}") from None
 
 
 def mkdir(path: Path) -> Path:
