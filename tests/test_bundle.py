@@ -191,3 +191,22 @@ def test_a_four_class_bundle_predicts_normal_and_benign_apart_with_the_data_sets
     metrics = run.results[0].metrics
     assert np.array(metrics["classes"]["majority_vote"]["confusion"]).sum(axis=1).tolist() == [1, 1, 1, 1]
     assert np.array(metrics["majority_vote"]["confusion"]).sum(axis=1).tolist() == [2, 1, 1]
+
+
+def test_a_format_5_bundle_of_histoboost_0_3_is_read_as_the_three_groups(trained, tmp_path):
+    """Format 5 had no class scheme: no config.classifier.classes, decision_rule.groups or per_class. Rewritten
+    to exactly that layout, the bundle loads and predicts as before."""
+    from histoboost.bundle import _meta_digest
+
+    bundle, manifest, _ = trained
+    out = bundle.save(tmp_path / "v5")
+    meta = json.loads((out / "bundle.json").read_text())
+    meta["format_version"] = 5
+    del meta["config"]["classifier"]["classes"], meta["decision_rule"]["groups"], meta["training_data"]["per_class"]
+    meta["meta_sha256"] = _meta_digest(meta)
+    (out / "bundle.json").write_text(json.dumps(meta))
+    old = Bundle.load(out)
+    assert old.classes.name == "groups" and old.rule.groups == (0, 1, 2)
+    paths = [r.path for r in manifest][:2]
+    expected = [{k: v for k, v in r.items() if k != "bundle_sha256"} for r in bundle.predict(paths)[0]]
+    assert [{k: v for k, v in r.items() if k != "bundle_sha256"} for r in old.predict(paths)[0]] == expected
