@@ -115,6 +115,21 @@ def nested(matrices, owners, manifest, plan, base, seed, inner_folds=3) -> dict:
             "operating_point": summarise(truth, decision, plan, seed, refer, rules)}
 
 
+def begin(parser: argparse.ArgumentParser, table=None) -> tuple[argparse.Namespace, object, object]:
+    """What every experiment here starts with: its arguments (the data, --out and --markdown beside its own); with
+    --markdown, the table of the existing --out file printed (by `table`, default `markdown`) and exit; else the
+    `quick` preset and the validated manifest."""
+    parser.add_argument("data")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--markdown", action="store_true", help="print the table of an existing --out file and stop")
+    args = parser.parse_args()
+    if args.markdown:
+        print((table or markdown)(json.load(open(args.out))))
+        raise SystemExit(0)
+    manifest, _ = load_manifest(args.data)
+    return args, preset("quick"), manifest
+
+
 def record_row(results: dict, out: str, name: str, compute) -> None:
     """Measure one row unless `results` (resumed from `out`) has it; print it and save everything at once, so
     an interrupted run keeps every finished row."""
@@ -153,19 +168,11 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data")
-    parser.add_argument("--out", required=True)
     parser.add_argument("--skip-xgboost", action="store_true")
     parser.add_argument("--stages", type=int, default=1,
                         help="also measure descriptors from this many network stages (extracts them if missing)")
-    parser.add_argument("--markdown", action="store_true", help="print the table of an existing --out file and stop")
-    args = parser.parse_args()
-    if args.markdown:
-        print(markdown(json.load(open(args.out))))
-        return
-    base = preset("quick")
+    args, base, manifest = begin(parser)
     seed = base.seed
-    manifest, _ = load_manifest(args.data)
     plan = make_folds(manifest, SPLIT, 6, seed)
     results = {"machine": platform.processor() or platform.machine(), "data": args.data, "split_by": SPLIT,
                "folds": plan.n_folds, "images": len(manifest), "rows": {}}

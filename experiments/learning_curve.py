@@ -30,12 +30,10 @@ import time
 import numpy as np
 
 from histoboost.classifier import fit_decision_rule, majority_vote, make_classifier
-from histoboost.config import preset
-from histoboost.data import load_manifest
 from histoboost.evaluate import make_folds
 from histoboost.features import describe_dataset
 
-from generalise import summarise  # noqa: E402 - the experiments folder's shared row summary
+from generalise import begin, record_row, summarise  # noqa: E402 - the experiments folder's shared helpers
 
 SHARES = (0.25, 0.5, 1.0)
 DRAWS = 3  # block orders for the smaller shares (the whole training part has one)
@@ -106,16 +104,8 @@ def run(X, owners, truth, units, blocks, plan, config, share, draw, seed, by="bl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--markdown", action="store_true", help="print the table of an existing --out file and stop")
-    args = parser.parse_args()
-    if args.markdown:
-        print(markdown(json.load(open(args.out))))
-        return
-    base = preset("quick")
+    args, base, manifest = begin(parser, markdown)
     seed = base.seed
-    manifest, _ = load_manifest(args.data)
     start = time.perf_counter()
     (described,) = describe_dataset(manifest, base)
     plan = make_folds(manifest, "id_block", 6, seed)
@@ -129,20 +119,11 @@ def main() -> None:
         for draw in range(DRAWS if share < 1 else 1):
             for name, settings in CLASSIFIERS.items():
                 key = f"share {share}, draw {draw}: {name}" + (" (images from every block)" if by == "images" else "")
-                if key in results["rows"]:
-                    continue
                 config = base.merged({**settings, **OPERATING_POINT})
-                t0 = time.perf_counter()
-                row = {"share": share, "by": by, "draw": draw, "classifier": name,
-                       **run(described.X, described.owners, manifest.groups, plan.units, blocks, plan, config, share,
-                             draw, seed, by), "seconds": round(time.perf_counter() - t0, 1)}
-                results["rows"][key] = row
-                mv, op = row["majority_vote"], row["operating_point"]
-                print(f"{key:<48} train {row['mean_training_images']:.0f} acc {mv['accuracy']:.3f} "
-                      f"{np.round(mv['accuracy_ci'], 3).tolist()} | 95% op: sens {op['carcinoma_sensitivity']:.3f} "
-                      f"spec {op['carcinoma_specificity']:.3f}", flush=True)
-                with open(args.out, "w") as handle:
-                    json.dump(results, handle, indent=2)
+                record_row(results, args.out, key, lambda share=share, by=by, draw=draw, name=name, config=config: {
+                    "share": share, "by": by, "draw": draw, "classifier": name,
+                    **run(described.X, described.owners, manifest.groups, plan.units, blocks, plan, config, share,
+                          draw, seed, by)})
 
 
 def markdown(results: dict) -> str:

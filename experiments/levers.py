@@ -24,12 +24,10 @@ import platform
 
 import numpy as np
 
-from histoboost.config import preset
-from histoboost.data import load_manifest
 from histoboost.evaluate import cross_validate_features, make_folds
 from histoboost.features import describe_dataset, load_matrix
 
-from generalise import DESCRIPTORS, LOGISTIC_C, fixed, markdown, nested, record_row, summarise  # noqa: E402
+from generalise import DESCRIPTORS, LOGISTIC_C, begin, fixed, nested, record_row, summarise  # noqa: E402
 
 OPERATING_POINT = {"classifier.target_sensitivity": 0.95, "classifier.calibrate": False,
                    "classifier.refer_below_agreement": 0.75}
@@ -37,19 +35,11 @@ OPERATING_POINT = {"classifier.target_sensitivity": 0.95, "classifier.calibrate"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data")
-    parser.add_argument("--out", required=True)
     parser.add_argument("--backbones", nargs="*", default=[], help="offline backbones to concatenate with Lite0")
     parser.add_argument("--scales", nargs="*", type=float, default=[],
                         help="other working scales to extract Lite0 at (0.25 = 1.68 µm/px), alone and with 0.5")
-    parser.add_argument("--markdown", action="store_true", help="print the table of an existing --out file and stop")
-    args = parser.parse_args()
-    if args.markdown:
-        print(markdown(json.load(open(args.out))))
-        return
-    base = preset("quick")
+    args, base, manifest = begin(parser)
     seed = base.seed
-    manifest, _ = load_manifest(args.data)
     plan = make_folds(manifest, "id_block", 6, seed)
     described = describe_dataset(manifest, base.merged({"features.backbones": ["efficientnet_lite0", *args.backbones]}))
     store = described[0].extraction.store  # Lite0's: every descriptor is stored
