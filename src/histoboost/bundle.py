@@ -36,7 +36,7 @@ import numpy as np
 
 from . import __version__
 from .config import Config, ConfigError, HistoboostError
-from .data import CLASS_SCHEMES, GROUP_NAMES, ClassScheme, Manifest, Problem, class_scheme
+from .data import CLASS_SCHEMES, GROUP_NAMES, GROUPS, ClassScheme, Manifest, Problem, class_scheme
 from .classifier import DecisionRule, mean_decision, vote_counts
 
 # 4: fixed member names, schema, safetensors-only weights, training image ids;
@@ -196,7 +196,7 @@ class Bundle:
         except ConfigError as err:
             raise BundleError(f"{path}: {META_FILE} holds an unusable config ({err}): use the original bundle") from None
         scheme = class_scheme(config.classifier.classes)
-        if meta["classes"] != list(scheme.classes) or tuple(meta["decision_rule"].get("groups", (0, 1, 2))) != scheme.groups:
+        if meta["classes"] != list(scheme.classes) or tuple(meta["decision_rule"].get("groups", GROUPS)) != scheme.groups:
             raise BundleError(f"{path}: classes {meta['classes']} are not the {list(scheme.classes)} of its "
                               f"--classes {scheme.name}: use the original bundle")
         if config.classifier.kind != meta["classifier"]["type"]:

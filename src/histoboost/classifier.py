@@ -21,9 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .config import ClassifierConfig
-from .data import class_scheme
-
-GROUPS = (0, 1, 2)  # the class -> group map of the 3-group scheme: each class its own group
+from .data import GROUPS, class_scheme
 
 
 def n_classes(config: ClassifierConfig) -> int:

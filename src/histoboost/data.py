@@ -32,6 +32,7 @@ from .config import HistoboostError, PreprocessConfig
 from .outputs import spreadsheet_safe
 
 GROUP_NAMES = ("normal_benign", "in_situ", "invasive")
+GROUPS = (0, 1, 2)  # the class -> group map of the 3-group scheme: each class its own group
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".svs", ".bmp"})
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_COLUMNS = ("path", "label", "group", "patient")  # a manifest's own columns; any other is kept as extra
@@ -196,7 +197,7 @@ class ClassScheme:
     @property
     def is_groups(self) -> bool:
         """Whether the classes are the 3 diagnostic groups themselves."""
-        return self.groups == (0, 1, 2)
+        return self.groups == GROUPS
 
     def targets(self, manifest: Manifest) -> np.ndarray:
         """The class index of each image (N,); `DataError` naming an image whose label is not one of the classes."""
@@ -212,7 +213,7 @@ class ClassScheme:
 
 
 CLASS_SCHEMES = {
-    "groups": ClassScheme("groups", GROUP_NAMES, GROUP_NAMES, (0, 1, 2)),
+    "groups": ClassScheme("groups", GROUP_NAMES, GROUP_NAMES, GROUPS),
     # BACH / ICIAR 2018 part A's four classes, as the challenge and the published results score them.
     "bach4": ClassScheme("bach4", ("normal", "benign", "in_situ", "invasive"), ("Normal", "Benign", "InSitu", "Invasive"),
                          (0, 0, 1, 2), (("normal",), ("benign",), ("insitu", "insitucarcinoma", "dcis"),

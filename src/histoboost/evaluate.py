@@ -14,7 +14,7 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ import numpy as np
 from .classifier import (DecisionRule, fit_decision_rule, group_probs, majority_vote, make_classifier, mean_decision,
                          n_classes, vote_counts)
 from .config import Config, HistoboostError
-from .data import CLASS_SCHEMES, ClassScheme, DataError, Manifest, class_scheme
+from .data import CLASS_SCHEMES, GROUPS, ClassScheme, DataError, Manifest, class_scheme
 
 BINARY_TASKS = {  # name -> (negative groups, positive groups)
     "carcinoma": ((0,), (1, 2)),
@@ -88,8 +88,7 @@ class CVResult:
         if self.classes.is_groups:
             return self
         to_group = np.asarray(self.classes.groups)
-        rules = None if self.rules is None else [DecisionRule(r.temperature, r.threshold, r.refer_below_agreement)
-                                                 for r in self.rules]
+        rules = None if self.rules is None else [replace(r, groups=GROUPS) for r in self.rules]
         return CVResult(self.model, group_probs(self.aug_probs, self.classes.groups), to_group[self.truth], self.plan,
                         self.metrics, rules, None if self.decision is None else to_group[self.decision],
                         self.agreement, source=self)
@@ -476,26 +475,31 @@ def carcinoma_roc(truth: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def decision_metrics(truth: np.ndarray, decision: np.ndarray, folds: np.ndarray, units: np.ndarray,
-                     seed: int) -> dict[str, Any]:
+                     seed: int, k: int = 3) -> dict[str, Any]:
     """Pooled accuracy (the seed study's headline) with per-fold accuracy, a bootstrap 95% interval
-    over split units, the confusion matrix, balanced accuracy and the binary tasks with intervals."""
-    cm = confusion_matrix(truth, decision)
-    per_fold = [float((decision[folds == k] == truth[folds == k]).mean()) for k in np.unique(folds)]
-    boot = _bootstrap(truth, decision, units, seed)
-    binary = binary_metrics(cm)
-    for task, values in binary.items():
-        for metric in ("sensitivity", "specificity", "precision", "accuracy"):
-            samples = [b[task][metric] for b in boot["binary"] if b[task][metric] is not None]
-            values[f"{metric}_ci"] = _interval(samples)
-    return {
+    over split units, the k x k confusion matrix and balanced accuracy; with the 3 groups (k = 3) the
+    binary tasks with intervals, with other classes the balanced accuracy's interval."""
+    cm = confusion_matrix(truth, decision, k)
+    per_fold = [float((decision[folds == f] == truth[folds == f]).mean()) for f in np.unique(folds)]
+    boot = _bootstrap(truth, decision, units, seed, k)
+    out = {
         "accuracy": float((decision == truth).mean()),
         "accuracy_ci": _interval(boot["accuracy"]),
         "per_fold_accuracy": per_fold,
         "fold_mean": float(np.mean(per_fold)), "fold_std": float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0,
         "balanced_accuracy": _balanced_accuracy(cm),
         "confusion": cm.tolist(),
-        "binary": binary,
     }
+    if k != 3:
+        out["balanced_accuracy_ci"] = _interval(boot["balanced_accuracy"])
+        return out
+    binary = binary_metrics(cm)
+    for task, values in binary.items():
+        for metric in ("sensitivity", "specificity", "precision", "accuracy"):
+            samples = [b[task][metric] for b in boot["binary"] if b[task][metric] is not None]
+            values[f"{metric}_ci"] = _interval(samples)
+    out["binary"] = binary
+    return out
 
 
 def evaluate_result(result: CVResult, seed: int, patients: np.ndarray | None = None) -> dict[str, Any]:
@@ -533,14 +537,7 @@ def class_metrics(result: CVResult, seed: int) -> dict[str, Any]:
         decisions["operating_point"] = result.decision
     out: dict[str, Any] = {"scheme": result.classes.name, "names": list(result.classes.classes)}
     for name, decision in decisions.items():
-        boot = _bootstrap(result.truth, decision, plan.units, seed, k)
-        per_fold = [float((decision[plan.folds == f] == result.truth[plan.folds == f]).mean())
-                    for f in np.unique(plan.folds)]
-        cm = confusion_matrix(result.truth, decision, k)
-        out[name] = {"accuracy": float((decision == result.truth).mean()), "accuracy_ci": _interval(boot["accuracy"]),
-                     "balanced_accuracy": _balanced_accuracy(cm),
-                     "balanced_accuracy_ci": _interval(boot["balanced_accuracy"]),
-                     "per_fold_accuracy": per_fold, "confusion": cm.tolist()}
+        out[name] = decision_metrics(result.truth, decision, plan.folds, plan.units, seed, k)
     return out
 
 
