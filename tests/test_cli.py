@@ -396,3 +396,14 @@ def test_accurate_preset_trains_at_1_68_um_per_px_and_decides_by_its_carcinoma_t
     assert len(rows) == 8
     for row in rows:  # the threshold, not the argmax, calls carcinoma
         assert (row["group"] != "0") == (float(row["p_carcinoma"]) >= rule["threshold"])
+
+
+def test_four_classes_on_data_without_the_four_labels_is_one_line_before_any_work(demo_data, tmp_path):
+    """The demo data's labels are the 3 groups: --classes bach4 stops before extraction, naming a file and the fix."""
+    for command in ("cv", "train"):
+        out = tmp_path / command
+        result = run_cli(command, demo_data, "--preset", "quick", "--classes", "bach4", "--quiet",
+                         "--cache-dir", tmp_path / "cache", "--out", out)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "needs the labels Normal, Benign, InSitu, Invasive" in result.stderr and "--classes groups" in result.stderr
+        assert "normal_benign" in result.stderr and not out.exists() and not (tmp_path / "cache").exists()

@@ -195,6 +195,16 @@ def test_torch_floor_excludes_the_weights_only_bypass():
     (lambda m: m["backbones"][0].update(spec_sha256="../x"), "backbones/0/spec_sha256"),
     (lambda m: m["backbones"][0].update(spec_sha256="0" * 64), "is defined differently in this histoboost"),
     (lambda m: m["versions"].update(deep={"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}}), "nested deeper"),
+    # The class scheme (format 6): a class list, group map or config that disagree, a group outside 0-2, a model
+    # of another number of classes.
+    (lambda m: m["decision_rule"].update(groups=[0, 0, 1, 2]), "are not the .* of its --classes groups"),
+    (lambda m: m["decision_rule"].update(groups=[0, 1, 7]), "decision_rule/groups"),
+    (lambda m: m.update(classes=["normal", "benign", "in_situ", "invasive"]), "of its --classes groups"),
+    (lambda m: m["config"]["classifier"].update(classes="bach4"), "of its --classes bach4"),
+    (lambda m: m["config"]["classifier"].update(classes="bach5"), "unusable config"),
+    (lambda m: (m["config"]["classifier"].update(classes="bach4"), m["decision_rule"].update(groups=[0, 0, 1, 2]),
+                m.update(classes=["normal", "benign", "in_situ", "invasive"])), "an XGBoost model of 3 classes, not 4"),
+    (lambda m: m["training_data"].update(per_class={"normal": -1}), "training_data/per_class"),
 ])
 def test_malformed_bundle_json_is_one_line(genuine, tmp_path, edit, expected):
     forged = _forge(genuine, tmp_path / "forged", edit)
