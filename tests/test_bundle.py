@@ -148,7 +148,7 @@ def test_local_weights_travel_inside_the_bundle(trained, tmp_path):
                             progress=False)
     out = carrying.save(tmp_path / "model")
     meta = json.loads((out / "bundle.json").read_text())
-    assert meta["format_version"] == FORMAT_VERSION == 6
+    assert meta["format_version"] == FORMAT_VERSION == 7
     assert meta["backbones"][0]["file"] == "weights-efficientnet_lite0.safetensors"  # a .pth travels as safetensors
     assert "features" in meta["config"] and meta["config"]["features"]["weights"] == []  # no local path
     local.unlink()  # the bundle no longer needs the original file

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import write_png
+from histoboost.bundle import FORMAT_VERSION
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -246,7 +247,7 @@ def test_train_predict_evaluate_and_tamper(small_folder, tmp_path, bach):
     as_json = run_cli("predict", model, new / rows[1].split(",")[0].rsplit("/", 1)[-1], "--out",
                       tmp_path / "one.json", "--quiet")
     record = json.loads((tmp_path / "one.json").read_text())[0]
-    assert as_json.returncode == 0 and record["bundle_format"] == 6 and record["bundle_sha256"] == identity
+    assert as_json.returncode == 0 and record["bundle_format"] == FORMAT_VERSION and record["bundle_sha256"] == identity
     refused = run_cli("evaluate", model, small_folder, "--out", tmp_path / "eval", "--quiet")
     assert refused.returncode == 2 and "in the bundle's training set" in refused.stderr
     held_out = tmp_path / "held_out"

@@ -9,7 +9,7 @@ named by sha256 and the user passes their own file when loading. No pickle anywh
 
 A bundle is a file people download and share, so loading treats it as hostile (docs/security.md):
 sizes, compression and member names are checked before anything is read; bundle.json is read first
-and checked (identity, signature, the published JSON Schema schemas/bundle-6.schema.json) before any
+and checked (identity, signature, the published JSON Schema schemas/bundle-7.schema.json) before any
 field is used or any other member read; the files it lists must be exactly the members present;
 members are read into memory, never written out and never looked up by a name taken from bundle.json.
 The bundle's identity is the sha256 of its bundle.json, which holds the sha256 of every other member:
@@ -41,8 +41,9 @@ from .classifier import DecisionRule, mean_decision, vote_counts
 
 # 4: fixed member names, schema, safetensors-only weights, training image ids;
 # 5: each backbone's spec sha256; foundation-model weights the user supplies;
-# 6: the class scheme (classes other than the 3 groups: decision_rule.groups, training_data.per_class)
-FORMAT_VERSION = 6
+# 6: the class scheme (classes other than the 3 groups: decision_rule.groups, training_data.per_class);
+# 7: the training images' geometry (training_data.mpp, working_mpp, field_px) for whole-slide tiling
+FORMAT_VERSION = 7
 OLDEST_FORMAT = 5
 MODEL_FILES = {"xgboost": "model.ubj", "logistic": "model.json"}
 META_FILE = "bundle.json"
@@ -291,6 +292,16 @@ class Bundle:
             records.append(record)
         return records, problems
 
+    def predict_slide(self, path: str | Path, out: str | Path, settings=None, device: str = "cpu",
+                      batch_size: int = 8, threads: int = 2, cache_dir: str | Path | None = None,
+                      progress: bool = False):
+        """Score a whole-slide image tile by tile and write its outputs into `out` (`slides.SlideSettings`
+        says how; docs/slides.md): returns a `slides.SlideResult`."""
+        from .slides import SlideSettings, predict_slide
+
+        return predict_slide(self, path, out, settings or SlideSettings(), device, batch_size, threads, cache_dir,
+                             progress)
+
     def predict_one(self, path: Path, device: str = "cpu", batch_size: int = 8, want_grid: bool = False):
         """One image file, read and checked here: (Prediction, class-probability grid or None)."""
         from .data import scan_file
@@ -365,9 +376,10 @@ class Bundle:
 
 
 def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | None = None, device: str = "cpu",
-                 batch_size: int = 8, progress: bool = True) -> Bundle:
+                 batch_size: int = 8, progress: bool = True, image_mpp: float | None = None) -> Bundle:
     """Train the classifier on every image of the manifest (features from the store, extracted where
-    missing) and return the bundle, ready to save."""
+    missing) and return the bundle, ready to save. `image_mpp` states the µm/px of images whose file and
+    manifest state none (BACH's JPEGs: 0.42): recorded for whole slides, it changes no feature."""
     from .classifier import fit_decision_rule, make_classifier
     from .evaluate import split_units
     from .features import describe_dataset, library_versions
@@ -406,10 +418,38 @@ def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | Non
         "training_data": {"images": len(manifest), "per_group": {GROUP_NAMES[g]: int((groups == g).sum())
                                                                   for g in range(3)},
                           "per_class": {c: int((targets == k).sum()) for k, c in enumerate(scheme.classes)},
-                          "image_ids": sorted(r.image_id for r in manifest), "source": manifest.root.name},
+                          "image_ids": sorted(r.image_id for r in manifest), "source": manifest.root.name,
+                          **training_geometry(manifest, config, image_mpp)},
         "versions": library_versions(),
     }
     return Bundle(config, classifier, backbones, meta)
+
+
+def training_geometry(manifest: Manifest, config: Config, image_mpp: float | None = None) -> dict[str, Any]:
+    """What a whole slide needs to be tiled like the training images: their median shorter side in pixels,
+    their µm/px (the file's, else the manifest's `mpp` column, else `image_mpp`) and the µm/px the classifier
+    saw after the working scale (medians; None where any image's is unknown)."""
+    from .data import working_scale
+
+    physical, working = [], []
+    for record in manifest:
+        mpp = record.mpp or _positive(record.extra.get("mpp")) or image_mpp
+        if mpp is None:
+            physical = working = []
+            break
+        physical.append(mpp)
+        working.append(mpp / working_scale(record.mpp, config.preprocess))
+    return {"field_px": int(np.median([min(r.width, r.height) for r in manifest])),
+            "mpp": float(np.median(physical)) if physical else None,
+            "working_mpp": float(np.median(working)) if working else None}
+
+
+def _positive(text: str | None) -> float | None:
+    try:
+        value = float(text) if text else None
+    except ValueError:
+        return None
+    return value if value is not None and 0 < value < 100 else None
 
 
 def _finetuned_config(manifest: Manifest, config: Config, cache_dir: str | Path | None, device: str,
@@ -581,7 +621,7 @@ def _check_sizes(sizes: dict[str, tuple[int, int | None]], path: Path) -> None:
 def _schema_validator():
     import jsonschema
 
-    schema = json.loads(resources.files("histoboost").joinpath("schemas/bundle-6.schema.json").read_text())
+    schema = json.loads(resources.files("histoboost").joinpath("schemas/bundle-7.schema.json").read_text())
     return jsonschema.Draft202012Validator(schema)
 
 

@@ -171,14 +171,15 @@ class Manifest:
 
     def to_csv(self, path: str | Path) -> None:
         """Write the manifest as CSV (atomically, UTF-8, formula-like cells quoted), the extra columns included."""
-        extras = sorted({k for r in self.records for k in r.extra})
+        fixed = ["image_id", "name", "path", "label", "group", "patient", "width", "height", "mpp"]
+        extras = sorted({k for r in self.records for k in r.extra} - set(fixed))
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["image_id", "name", "path", "label", "group", "patient", "width", "height", "mpp", *extras])
-        for r in self.records:
+        writer.writerow([*fixed, *extras])
+        for r in self.records:  # mpp: the file's, else the one the manifest stated
             writer.writerow(map(spreadsheet_safe, [
                 r.image_id, r.name, str(r.path), r.label, r.group, r.patient or "", r.width, r.height,
-                "" if r.mpp is None else f"{r.mpp:.6g}", *(r.extra.get(k, "") for k in extras)]))
+                r.extra.get("mpp", "") if r.mpp is None else f"{r.mpp:.6g}", *(r.extra.get(k, "") for k in extras)]))
         write_text_atomic(path, buffer.getvalue())
 
 
@@ -640,7 +641,7 @@ def scan_file(path: Path) -> _FileInfo | Problem:
                                f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS / 1e6:.0f} Mpx)",
                                "tile or downscale it first")
             image.load()
-            mode, mpp = image.mode, _read_mpp(image)
+            mode, mpp = image.mode, stated_mpp(image)
             rgb = np.asarray(_to_rgb(image))
     except Image.DecompressionBombError:
         return Problem(path, "too large (over Pillow's decompression-bomb limit)", "tile or downscale it first")
@@ -677,7 +678,7 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a - a.mean()) * (b - b.mean())).mean() / spread)
 
 
-def _read_mpp(image: Image.Image) -> float | None:
+def stated_mpp(image: Image.Image) -> float | None:
     """µm per pixel from TIFF resolution tags, an Aperio description or the dpi, where plausible."""
     candidates: list[float] = []
     try:  # malformed resolution metadata means an unknown resolution, not an unreadable image

@@ -104,23 +104,13 @@ def describe_image(image: np.ndarray, plans: list[AugmentPlan], backbone: Backbo
     feat = config.features
     base = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
     pooled, whole, crops = [], [], []
-    problem = settings_problem([backbone.name], feat.mode, feat.crop_pooling, feat.stages)
-    if problem:
-        raise HistoboostError(problem)
-    with torch.inference_mode(), _autocast(device, feat.dtype):
+    with torch.inference_mode(), autocast(device, feat.dtype):
         for chunk in _chunks(plans, batch_size):
-            batch = augment_batch(base, chunk, stain_fit)
-            if feat.mode == "shared":
-                maps = [(m.float(), stride) for m, stride in backbone.feature_maps(batch, feat.stages)]
-                crop_desc = torch.cat([roi_pool(m, [p.boxes for p in chunk], stride) for m, stride in maps], dim=2)
-                whole.append(torch.cat([m.mean(dim=(2, 3)) for m, _ in maps], dim=1))
-            else:
-                crop_desc = torch.stack([_exact_crops(backbone, view, plan.boxes, batch_size, feat.stages)
-                                         for view, plan in zip(batch, chunk)])
-                # A ViT sees the whole view at its input size: a low-resolution overview (as eva's BACH protocol).
-                whole.append(backbone.embed(batch, feat.stages))
+            crop_desc, pooled_desc, whole_desc = describe_views(augment_batch(base, chunk, stain_fit),
+                                                                [p.boxes for p in chunk], backbone, config, batch_size)
             crops.append(crop_desc)
-            pooled.append(pool_crops(crop_desc, feat.crop_pooling, feat.gem_p))
+            pooled.append(pooled_desc)
+            whole.append(whole_desc)
     crop_array = torch.cat(crops).cpu().numpy()
     return ImageFeatures(
         pooled=torch.cat(pooled).cpu().numpy().astype(np.float32),
@@ -128,6 +118,27 @@ def describe_image(image: np.ndarray, plans: list[AugmentPlan], backbone: Backbo
         crops=crop_array.astype(np.float16) if keep_crops else None,
         boxes=np.stack([p.boxes for p in plans]) if keep_crops else None,
     )
+
+
+def describe_views(batch: torch.Tensor, boxes: list[np.ndarray], backbone: Backbone, config: Config,
+                   batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Descriptors of a batch of views (B, 3, H, W) float in [0, 255], each with its own crop boxes:
+    crops (B, C, D), crops pooled (B, D) and the whole view (B, D). The views may be one image's
+    augmentations or different images (a slide's tiles); call inside inference mode."""
+    feat = config.features
+    problem = settings_problem([backbone.name], feat.mode, feat.crop_pooling, feat.stages)
+    if problem:
+        raise HistoboostError(problem)
+    if feat.mode == "shared":
+        maps = [(m.float(), stride) for m, stride in backbone.feature_maps(batch, feat.stages)]
+        crop_desc = torch.cat([roi_pool(m, boxes, stride) for m, stride in maps], dim=2)
+        whole = torch.cat([m.mean(dim=(2, 3)) for m, _ in maps], dim=1)
+    else:
+        crop_desc = torch.stack([_exact_crops(backbone, view, b, batch_size, feat.stages)
+                                 for view, b in zip(batch, boxes)])
+        # A ViT sees the whole view at its input size: a low-resolution overview (as eva's BACH protocol).
+        whole = backbone.embed(batch, feat.stages)
+    return crop_desc, pool_crops(crop_desc, feat.crop_pooling, feat.gem_p), whole
 
 
 def roi_pool(fmap: torch.Tensor, boxes: list[np.ndarray], stride: int) -> torch.Tensor:
@@ -163,7 +174,8 @@ def _exact_crops(backbone: Backbone, view: torch.Tensor, boxes: np.ndarray, batc
     return torch.cat(out)
 
 
-def _autocast(device: str | torch.device, dtype: str):
+def autocast(device: str | torch.device, dtype: str):
+    """bfloat16 autocast on `device` when the features are configured for it, else a no-op context."""
     device_type = torch.device(device).type
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
@@ -396,7 +408,7 @@ def extract_features(manifest: Manifest, config: Config, backbone: Backbone, cac
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc=f"{backbone.name} features", unit="img", disable=not progress,
                dynamic_ncols=True)
-    for record, prepared in _prefetch(prepare, todo):
+    for record, prepared in prefetch(prepare, todo):
         if isinstance(prepared, StainError):
             result.problems.append(Problem(record.path, str(prepared), STAIN_FAILURE_FIX))
         else:
@@ -470,9 +482,10 @@ def _load_rows(manifest: Manifest, store: FeatureStore, descriptor: str) -> tupl
     return np.concatenate(rows), np.concatenate(owners), fallbacks
 
 
-def _prefetch(fn: Callable[[T], R], items: list[T], depth: int = 2) -> Iterator[R]:
-    """`map(fn, items)` computed up to `depth` items ahead in one background thread."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
+def prefetch(fn: Callable[[T], R], items: list[T], depth: int = 2, threads: int = 1) -> Iterator[R]:
+    """`map(fn, items)` in order, computed up to `depth` items ahead in `threads` background threads (a
+    bounded queue: memory holds at most `depth` results, whatever the number of items)."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         pending: list[Future] = [pool.submit(fn, item) for item in items[:depth]]
         for nxt in items[depth:]:
             yield pending.pop(0).result()

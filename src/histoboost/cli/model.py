@@ -12,7 +12,7 @@ from pathlib import Path
 from ..data import write_text_atomic
 from ..outputs import check_output, spreadsheet_safe, staged_folder
 from .options import (Parents, UsageError, batch_size, bundle_weights, check_split, config_from_args, count,
-                      device_of, load_data, print_problems)
+                      device_of, load_data, positive, print_problems)
 
 
 def add_commands(commands, p: Parents) -> None:
@@ -25,6 +25,10 @@ def add_commands(commands, p: Parents) -> None:
     train.add_argument("--out", type=Path, required=True, metavar="MODEL", help="bundle folder, or MODEL.zip")
     train.add_argument("--sign", type=Path, metavar="KEY",
                        help="sign the bundle with this Ed25519 private key (histoboost keygen): writes MODEL.sig")
+    train.add_argument("--image-mpp", type=positive, metavar="MPP",
+                       help="µm/px of training images whose file states none (BACH's JPEGs: 0.42); recorded in the "
+                       "bundle so that whole slides are tiled at the training field of view (a manifest's mpp column "
+                       "does the same per image)")
     train.add_argument("--finetune", action="store_true", default=None,
                        help="fine-tune each backbone on the training images first; the bundle carries the weights")
     train.set_defaults(run=_train)
@@ -75,7 +79,8 @@ def _train(args: argparse.Namespace) -> int:
     manifest = load_data(args, config)
     check_split(manifest, config)
     device = device_of(args.device)
-    bundle = train_bundle(manifest, config, args.cache_dir, device, batch_size(args, device), progress=not args.quiet)
+    bundle = train_bundle(manifest, config, args.cache_dir, device, batch_size(args, device), progress=not args.quiet,
+                          image_mpp=args.image_mpp)
     path = bundle.save(args.out)
     counts = ", ".join(f"{k} {v}" for k, v in bundle.meta["training_data"]["per_group"].items())
     print(f"trained on {len(manifest)} images ({counts}) with {', '.join(config.features.backbones)}: {path}")

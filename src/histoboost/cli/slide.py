@@ -1,0 +1,92 @@
+"""The `slide` command: score whole-slide images with a bundle (tiles.csv, heat maps, QuPath GeoJSON,
+summary, report per slide; slides.csv for the call)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from .options import Parents, UsageError, batch_size, bundle_weights, count, device_of, positive, share
+
+
+def add_commands(commands, p: Parents) -> None:
+    slide = commands.add_parser(
+        "slide", parents=[p.common, p.trust], help="score whole-slide images (SVS, NDPI, MRXS, TIFF, ...) with a bundle",
+        description="Find the tissue, tile it at the bundle's training field of view and µm/px, score every tile with "
+        "the bundle's own features and decision rule, and write OUT/<slide>/ (tiles.csv, heatmap.png, heatmap.npz, "
+        "mask.png, <slide>.geojson.gz for QuPath, summary.json, report.html) and OUT/slides.csv. A slide that fails "
+        "is reported in one line and the others are still scored (exit status 1). Research use only.",
+    )
+    slide.add_argument("model", type=Path, metavar="MODEL", help="bundle folder or .zip from histoboost train")
+    slide.add_argument("slides", type=Path, nargs="+", metavar="SLIDE_OR_DIR")
+    slide.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (one sub-folder per slide)")
+    group = slide.add_argument_group("geometry")
+    group.add_argument("--mpp", type=positive, help="the slides' µm/px, for files that state none (never guessed)")
+    group.add_argument("--train-mpp", type=positive,
+                       help="µm/px of the bundle's training images, for bundles that do not record it (default 0.42, BACH's)")
+    group.add_argument("--tile-um", type=positive, help="tile side in µm (default: the training images' field of view)")
+    group.add_argument("--stride-um", type=positive, help="distance between tiles in µm (default: the tile side; "
+                       "smaller gives a finer, overlapping grid)")
+    group.add_argument("--min-tissue", type=share, default=0.5, help="score a tile when this share is tissue (default 0.5)")
+    group.add_argument("--tissue-mask", type=Path, metavar="PNG", help="a tissue mask image (non-zero = tissue) "
+                       "covering the whole slide, instead of the automatic one (one slide only)")
+    group.add_argument("--roi", type=Path, metavar="GEOJSON",
+                       help="only tissue inside these polygons (a QuPath annotation export; one slide only)")
+    group = slide.add_argument_group("scoring")
+    group.add_argument("--slide-augmentations", type=count(0, 1000), default=0, metavar="A",
+                       help="augmented views per tile for the map (default 0: one un-augmented view)")
+    group.add_argument("--confirm-top", type=count(0), default=20, metavar="K",
+                       help="re-score the K tiles most likely carcinoma with the bundle's full augmentation vote (default 20)")
+    group.add_argument("--stain-fit", choices=["slide", "tile"], default="slide",
+                       help="fit the stain normalisation once per slide (default) or per tile, as predict does per image")
+    group.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    group.add_argument("--batch-size", type=count(1), help="tiles per network batch (default: 8 on CPU, 48 on CUDA)")
+    group.add_argument("--readers", type=count(1, 64), default=2, help="tile-reading threads (default 2)")
+    group.add_argument("--cache-dir", type=Path, help="where finished tiles are kept so an interrupted slide resumes "
+                       "(default: $HISTOBOOST_CACHE or ~/.cache/histoboost)")
+    slide.set_defaults(run=_slide)
+
+
+def _slide(args: argparse.Namespace) -> int:
+    from ..bundle import Bundle
+    from ..slides import SlideSettings
+    from ..slides.run import find_slides, predict_slides, slide_geometry
+
+    missing = [str(p) for p in args.slides if not p.exists()]
+    if missing:
+        raise UsageError(f"{missing[0]}: no such slide or folder")
+    slides = find_slides(args.slides)
+    if not slides:
+        raise UsageError(f"no slide files in {', '.join(map(str, args.slides))}")
+    if (args.tissue_mask or args.roi) and len(slides) > 1:
+        raise UsageError("--tissue-mask and --roi describe one slide: give one slide with them")
+    for name, path in (("--tissue-mask", args.tissue_mask), ("--roi", args.roi)):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{name} {path}: no such file")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file: give a folder")
+    device = device_of(args.device)
+    bundle = Bundle.load(args.model, device, args.expect_sha256, args.trusted_key, bundle_weights(args))
+    settings = SlideSettings(args.mpp, args.train_mpp, args.tile_um, args.stride_um, args.min_tissue,
+                             args.slide_augmentations, args.confirm_top, args.stain_fit,
+                             str(args.tissue_mask) if args.tissue_mask else None, str(args.roi) if args.roi else None)
+
+    def report(row: dict) -> None:
+        if row["status"] == "ok":
+            refer = f"; refer: {row['refer']}" if row["refer"] else ""
+            print(f"{row['slide']}: {row['call']} ({row['carcinoma_regions']} carcinoma region(s), tissue "
+                  f"{row['tissue_mm2']} mm²{refer}) -> {row['out']}")
+        else:
+            print(f"histoboost: error: {row['error']}", file=sys.stderr)  # the message names the slide
+
+    for note in slide_geometry(bundle, settings).notes:
+        print(f"histoboost: warning: {note}", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the notes above, said once rather than per slide
+        rows = predict_slides(bundle, slides, args.out, settings, device, batch_size(args, device), args.readers,
+                              args.cache_dir, progress=not args.quiet, on_result=report)
+    print(f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} slide(s) scored -> {args.out / 'slides.csv'} "
+          "(research use only)")
+    return 1 if any(r["status"] != "ok" for r in rows) else 0

@@ -1,0 +1,9 @@
+"""Whole-slide images: read (OpenSlide), find the tissue, tile it at the bundle's field of view and µm/px,
+score each tile with the bundle's own features and decision rule, and write tiles.csv, heat maps, QuPath
+GeoJSON, summary.json and report.html. Modules in the order of the data flow: reader, tissue, tiles, score,
+export, run."""
+
+from .reader import Slide, SlideError, open_slide
+from .run import SlideResult, SlideSettings, predict_slide, predict_slides
+
+__all__ = ["Slide", "SlideError", "SlideResult", "SlideSettings", "open_slide", "predict_slide", "predict_slides"]

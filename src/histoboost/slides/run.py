@@ -1,0 +1,302 @@
+"""One slide from file to outputs, and many slides into one folder with a slides.csv.
+
+`predict_slide` opens the slide, makes (or takes) the tissue mask, lays the tile grid at the bundle's field
+of view and µm/px, scores the tiles (`score`) and writes the outputs (`export`) into OUT/<slide stem>/, staged
+and renamed into place so a folder is whole or absent. Settings are one typed object, written into
+summary.json and hashed into the tile cache's key.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..config import HistoboostError
+from ..data import write_text_atomic
+from ..outputs import spreadsheet_safe, staged_folder
+from . import export
+from .reader import Slide, SlideError, open_slide
+from .score import Geometry, TileCache, TileScores, cache_key, score_tiles
+from .tiles import TileGrid, tile_grid
+from .tissue import MASK_MPP, mask_from_geojson, mask_from_png, mask_outline, tissue_mask
+
+BACH_MPP = 0.42  # µm/px of BACH's microscopy images (Aresta et al. 2019): assumed for bundles that do not know
+BACH_FIELD_PX = 1536  # shorter side of the shared BACH copies: with 0.42 µm/px a 645 µm field
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
+                  ".png", ".jpg", ".jpeg"}
+MIN_TISSUE_MM2 = 1.0  # below this a slide-level call rests on too little tissue: referred
+RESEARCH_ONLY = ("Research use only; not for diagnosis. No slide-level accuracy has been measured: tile scores are "
+                 "the image classifier's, applied to slide regions.")
+CALL_RULE = ("the most severe group decided on a tile confirmed with the bundle's full augmentation vote "
+             "(every scored tile when nothing was confirmed); normal/benign when none")
+
+
+@dataclass(frozen=True)
+class SlideSettings:
+    """How slides are tiled and scored (defaults: docs/slides.md)."""
+
+    mpp: float | None = None  # the slide's µm/px when the file states none
+    train_mpp: float | None = None  # the training images' µm/px when the bundle does not know it
+    tile_um: float | None = None  # tile side; default: the training images' field of view
+    stride_um: float | None = None  # default: the tile side (no overlap)
+    min_tissue: float = 0.5  # keep a tile when this share of it is tissue
+    augmentations: int = 0  # views per tile for the map (0: one un-augmented view)
+    confirm_top: int = 20  # re-score this many most-suspicious tiles with the bundle's full vote
+    stain_fit: str = "slide"  # one Macenko fit per slide, or per tile as predict does per image
+    tissue_mask: str | None = None  # a mask PNG instead of the automatic one
+    roi: str | None = None  # a GeoJSON of regions: only tissue inside them is tiled
+
+    def scoring(self) -> dict:
+        """The settings that change tile results (the cache key's part)."""
+        return {"augmentations": self.augmentations, "stain_fit": self.stain_fit}
+
+
+@dataclass
+class SlideResult:
+    """A finished slide: where its outputs are, its summary, and the per-tile table."""
+
+    path: Path
+    out: Path
+    summary: dict
+    rows: list[dict]
+    grid: TileGrid
+    scores: TileScores
+
+
+def slide_geometry(bundle, settings: SlideSettings) -> Geometry:
+    """Tile side and working µm/px from the bundle (its training images' field of view and the resolution its
+    classifier saw), with the user's overrides; bundles that do not record them assume BACH's 0.42 µm/px."""
+    data = bundle.meta["training_data"]
+    notes = []
+    train_mpp = settings.train_mpp or data.get("mpp")
+    if train_mpp is None:
+        train_mpp = BACH_MPP
+        notes.append(f"the bundle does not know its training images' µm/px: assumed BACH's {BACH_MPP} (override "
+                     "with --train-mpp)")
+    working = data.get("working_mpp") if settings.train_mpp is None else None
+    if working is None:
+        pre = bundle.config.preprocess
+        working = pre.target_mpp if pre.target_mpp is not None and data.get("mpp") else train_mpp / pre.scale
+    field_px = data.get("field_px")
+    if field_px is None and settings.tile_um is None:
+        field_px = BACH_FIELD_PX
+        notes.append(f"the bundle does not record its training images' size: assumed BACH's {BACH_FIELD_PX} px")
+    tile_um = settings.tile_um or field_px * train_mpp
+    return Geometry(float(tile_um), float(settings.stride_um or tile_um), float(working), tuple(notes))
+
+
+def predict_slide(bundle, path: str | Path, out: str | Path, settings: SlideSettings = SlideSettings(),
+                  device: str = "cpu", batch_size: int = 8, threads: int = 2, cache_dir: str | Path | None = None,
+                  progress: bool = False) -> SlideResult:
+    """Score one slide with a loaded bundle and write its outputs into `out` (OUT/<slide stem>/ for the CLI)."""
+    from ..features import default_cache_dir
+
+    started = time.perf_counter()
+    path, out = Path(path), Path(out).absolute()
+    geometry = slide_geometry(bundle, settings)
+    for note in geometry.notes:
+        warnings.warn(note, stacklevel=2)
+    slide = open_slide(path, settings.mpp)
+    try:
+        _check_out(out, slide)
+        thumb, factor = slide.thumbnail(max(MASK_MPP, slide.mpp))
+        mask, mask_source = _mask(slide, thumb, factor, settings)
+        tile_px, stride_px = geometry.tile_um / slide.mpp, geometry.stride_um / slide.mpp
+        grid = tile_grid(mask, factor, slide.size, tile_px, stride_px)
+        kept = grid.subset(grid.tissue >= settings.min_tissue)
+        if len(kept) == 0:
+            raise SlideError(f"{path}: no tile of {geometry.tile_um:.0f} µm is {settings.min_tissue:.0%} tissue "
+                             f"(tissue found: {mask.sum() * (factor * slide.mpp)**2 / 1e6:.2f} mm²): a blank slide? Give the "
+                             "tissue with --tissue-mask or --roi, or lower --min-tissue")
+        key = cache_key(slide, bundle.sha256, kept, geometry, settings.scoring())
+        cache = TileCache(Path(cache_dir or default_cache_dir()) / "slides" / key[:32])
+        scores = score_tiles(bundle, slide, kept, geometry, settings.augmentations, settings.confirm_top,
+                             settings.stain_fit, device, batch_size, threads, cache, progress)
+        with staged_folder(out, force=True) as staging:
+            result = _write(staging, bundle, slide, thumb, factor, mask, mask_source, grid, kept, scores, geometry,
+                            settings, started, cache.reused)
+        return SlideResult(path, out, result[0], result[1], kept, scores)
+    finally:
+        slide.close()
+
+
+def _mask(slide: Slide, thumb: np.ndarray, factor: float, settings: SlideSettings) -> tuple[np.ndarray, str]:
+    if settings.tissue_mask:
+        mask, source = mask_from_png(settings.tissue_mask, thumb.shape[:2]), f"--tissue-mask {settings.tissue_mask}"
+    else:
+        mask, source = tissue_mask(thumb, factor * slide.mpp), "automatic (saturation, Otsu with a floor, ink filter)"
+    if settings.roi:
+        mask &= mask_from_geojson(settings.roi, thumb.shape[:2], factor)
+        source += f", inside --roi {settings.roi}"
+    return mask, source
+
+
+def _check_out(out: Path, slide: Slide) -> None:
+    """Refuse a folder that holds anything but an earlier result of this same slide (which is replaced)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SlideError(f"{out} is a file: give another --out")
+    summary = out / "summary.json"
+    if summary.is_file():
+        try:
+            fingerprint = json.loads(summary.read_text(encoding="utf-8"))["slide"]["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            fingerprint = None
+        if fingerprint == slide.fingerprint:
+            return
+        raise SlideError(f"{out} holds the result of another slide ({fingerprint}): give another --out, or rename "
+                         f"{slide.path.name} (two slides of the same name cannot share an output folder)")
+    if any(out.iterdir()):
+        raise SlideError(f"{out} holds files that are not a histoboost slide result: give another --out")
+
+
+def _write(folder: Path, bundle, slide: Slide, thumb: np.ndarray, factor: float, mask: np.ndarray, mask_source: str,
+           grid: TileGrid, kept: TileGrid, scores: TileScores, geometry: Geometry, settings: SlideSettings,
+           started: float, reused: int) -> tuple[dict, list[dict]]:
+    scheme = bundle.classes
+    mpp = slide.mpp
+    rows = export.tile_rows(kept, scores, scheme)
+    export.write_tiles_csv(folder / "tiles.csv", rows, scheme)
+    export.write_heatmap_npz(folder / "heatmap.npz", kept, scores, scheme, mpp)
+    export.write_mask_png(folder / "mask.png", mask)
+    export.write_mask_outline_png(folder / "mask-outline.png", thumb, mask)
+    display_mpp = max(mpp, max(slide.size) * mpp / export.HEATMAP_MAX_SIDE)
+    picture, picture_factor = (thumb, factor) if display_mpp >= factor * mpp else slide.thumbnail(display_mpp)
+    export.write_heatmap_png(folder / "heatmap.png", picture, picture_factor, kept, scores, scheme, mpp, slide.path.name)
+    regions = export.carcinoma_regions(kept, scores, scheme, slide.size)
+    region_classes = [_region_class(region, kept, scores, scheme) for region in regions]
+    tissue = mask_outline(mask, factor)
+    region_mm2 = [export.tissue_mm2(region, tissue, mpp) for region in regions]
+    geojson = f"{slide.path.stem}.geojson.gz"
+    ids = f"{slide.fingerprint}|{bundle.sha256}"
+    cell_mm2 = (kept.stride_px * mpp) ** 2 / 1e6
+    area = {c: round(float(kept.tissue[scores.decision == k].sum() * cell_mm2), 4) for k, c in enumerate(scheme.classes)}
+    p_carcinoma = export.carcinoma(scheme, scores.probs)
+    top = [int(i) for i in np.argsort(-p_carcinoma, kind="stable")[:8]]
+    summary = {
+        "research_use_only": RESEARCH_ONLY,
+        "slide": {"path": str(slide.path), "name": slide.path.name, "fingerprint": slide.fingerprint,
+                  "vendor": slide.vendor, "mpp": mpp, "mpp_source": slide.mpp_source,
+                  "size": list(slide.size), "bounds_offset": list(slide.origin),
+                  "levels": [round(d, 4) for d in slide.downsamples],
+                  "coordinates": "full-resolution pixels from the bounds offset (QuPath's and Deep Zoom's origin)"},
+        "bundle": {"sha256": bundle.sha256, "classes": list(scheme.classes), "histoboost": bundle.meta["histoboost"]},
+        "histoboost": __version__,
+        "settings": asdict(settings),
+        "geometry": {**asdict(geometry), "notes": list(geometry.notes), "tile_px": geometry.tile_size(),
+                     "tile_px_full_resolution": round(kept.tile_px, 3), "grid": list(grid.shape)},
+        "tissue": {"area_mm2": round(float(mask.sum() * (factor * mpp) ** 2 / 1e6), 4), "mask": mask_source,
+                   "mask_mpp": round(factor * mpp, 4)},
+        "tiles": {"in_grid": len(grid), "scored": len(kept), "below_min_tissue": len(grid) - len(kept),
+                  "confirmed": int(scores.confirmed.sum()), "referred": sum(bool(r) for r in scores.refer)},
+        "stain": scores.stain,
+        "area_mm2": area,
+        "carcinoma_regions": {"count": len(regions), "largest_mm2": round(max(region_mm2, default=0.0), 4),
+                              "area": "tissue inside the region's tile cells",
+                              "regions": [{"area_mm2": round(a, 4), "class": c, "bounds": [round(b) for b in r.bounds]}
+                                          for r, c, a in zip(regions, region_classes, region_mm2)]},
+        "call": _call(scores, scheme),
+        "refer": _referral(float(mask.sum() * (factor * mpp) ** 2 / 1e6), scores),
+        "top_tiles": [{k: rows[i][k] for k in ("x", "y", "width", "height", "class", "p_carcinoma", "confirmed")}
+                      for i in top],
+        "files": {"tiles": "tiles.csv", "heatmap": "heatmap.png", "grid": "heatmap.npz", "mask": "mask.png",
+                  "geojson": geojson, "report": "report.html"},
+    }
+    summary["geojson_features"] = export.write_geojson(folder / geojson, rows, scheme, slide.size, tissue, regions,
+                                                       region_classes, region_mm2, ids, mpp)
+    seconds = time.perf_counter() - started
+    summary["run"] = {"seconds": round(seconds, 2), "tiles_per_second": round(len(kept) / seconds, 3),
+                      "chunks_reused": reused}
+    pictures = export.write_tile_pictures(folder / "top", slide, rows, top)
+    export.write_report(folder / "report.html", summary, rows, top, pictures)
+    write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    return summary, rows
+
+
+def _region_class(region, grid: TileGrid, scores: TileScores, scheme) -> str:
+    """The carcinoma class most of a region's tiles were given."""
+    import shapely
+
+    centres = shapely.points((grid.boxes[:, 0] + grid.boxes[:, 2]) / 2, (grid.boxes[:, 1] + grid.boxes[:, 3]) / 2)
+    inside = shapely.contains(region, centres) & (np.asarray(scheme.groups)[scores.decision] > 0)
+    counts = np.bincount(scores.decision[inside], minlength=len(scheme.classes))
+    return scheme.classes[int(np.argmax(counts))]
+
+
+def _call(scores: TileScores, scheme) -> dict:
+    from ..data import GROUP_NAMES
+
+    basis = scores.confirmed if scores.confirmed.any() else np.ones(len(scores.decision), dtype=bool)
+    groups = np.asarray(scheme.groups)[scores.decision[basis]]
+    group = int(groups.max()) if len(groups) else 0
+    tiles = int((groups == group).sum()) if group else 0
+    return {"group": GROUP_NAMES[group], "tiles": tiles, "rule": CALL_RULE}
+
+
+def _referral(tissue_mm2: float, scores: TileScores) -> list[str]:
+    reasons = []
+    if tissue_mm2 < MIN_TISSUE_MM2:
+        reasons.append(f"little tissue ({tissue_mm2:.2f} mm² < {MIN_TISSUE_MM2:g})")
+    if scores.stain_refer:
+        reasons.append(scores.stain_refer)
+    confirmed_refer = [r for r, c in zip(scores.refer, scores.confirmed) if c and r]
+    if confirmed_refer:
+        reasons.append(f"{len(confirmed_refer)} confirmed tile(s) referred ({confirmed_refer[0]})")
+    return reasons
+
+
+# -- many slides --------------------------------------------------------------------------------------------
+
+
+def find_slides(paths: list[str | Path]) -> list[Path]:
+    """Slide files given, and those inside given folders (by suffix; MRXS companions folders are skipped)."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found.extend(sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES))
+        else:
+            found.append(path)
+    return found
+
+
+def predict_slides(bundle, paths: list[str | Path], out: str | Path, settings: SlideSettings = SlideSettings(),
+                   device: str = "cpu", batch_size: int = 8, threads: int = 2, cache_dir: str | Path | None = None,
+                   progress: bool = False, on_result=None) -> list[dict]:
+    """Every slide into OUT/<stem>/; one bad slide does not stop the others. Writes OUT/slides.csv (one row per
+    slide: call, areas, refer, status or error) and returns its rows."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for path in find_slides(paths):
+        row = {"slide": str(path), "status": "ok", "call": "", "tissue_mm2": "", "carcinoma_regions": "",
+               "largest_region_mm2": "", "refer": "", "out": "", "error": ""}
+        try:
+            result = predict_slide(bundle, path, out / path.stem, settings, device, batch_size, threads, cache_dir,
+                                   progress)
+        except (HistoboostError, OSError, ValueError) as err:
+            row.update(status="error", error=str(err).splitlines()[0] if str(err) else type(err).__name__)
+        else:
+            s = result.summary
+            row.update(call=s["call"]["group"], tissue_mm2=s["tissue"]["area_mm2"],
+                       carcinoma_regions=s["carcinoma_regions"]["count"],
+                       largest_region_mm2=s["carcinoma_regions"]["largest_mm2"], refer="; ".join(s["refer"]),
+                       out=str(result.out), **{f"area_{c}_mm2": a for c, a in s["area_mm2"].items()})
+        rows.append(row)
+        if on_result is not None:
+            on_result(row)
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", restval="")
+    writer.writeheader()
+    writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in rows)
+    write_text_atomic(out / "slides.csv", buffer.getvalue())
+    return rows

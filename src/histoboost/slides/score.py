@@ -1,0 +1,264 @@
+"""Scoring a slide's tiles with a bundle: the same preprocessing, features and decision rule as `predict`.
+
+Each tile is read at the bundle's working µm/px from the pyramid level just finer than it, stain-normalised
+with one fit for the whole slide (made on its most tissue-rich tiles), described by the bundle's backbones
+and classified. The map uses one un-augmented view per tile, many tiles per forward pass; the most
+suspicious tiles are then re-scored with the bundle's full augmentation vote ("screen, then confirm").
+Tiles are read by background threads through a bounded queue, overlapped with the network, and results
+are stored in chunks as they are finished, so an interrupted slide resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..augment import plan_augmentation, plan_augmentations
+from ..config import HistoboostError
+from ..stain import (FALLBACK_NOTES, Normalizer, StainError, StainFit, fit_macenko, macenko_normalize,
+                     normalize_safely, quality_check)
+from .reader import Slide
+from .tiles import TileGrid
+
+CHUNK = 32  # tiles per stored result: the most an interrupted run recomputes
+STAIN_SAMPLE_TILES = 16  # the slide's stain fit is made on this many of its most tissue-rich tiles
+STAIN_SAMPLE_PIXELS = 2**19  # ... on about this many of their pixels (percentiles need no more)
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How tiles are cut and read: side and stride in µm, the working µm/px, and where each came from."""
+
+    tile_um: float
+    stride_um: float
+    working_mpp: float
+    notes: tuple[str, ...] = ()
+
+    def tile_size(self) -> int:
+        """Tile side in pixels at the working resolution."""
+        return max(1, round(self.tile_um / self.working_mpp))
+
+
+@dataclass
+class TileScores:
+    """Per scored tile: class probabilities (N, K), decisions (N,), agreement of the views (N,), referral
+    reasons (N,), whether the tile was confirmed with the full augmentation vote (N,)."""
+
+    probs: np.ndarray
+    decision: np.ndarray
+    agreement: np.ndarray
+    refer: list[str]
+    confirmed: np.ndarray
+    stain: str  # how the slide was stain-normalised, for the summary
+    stain_refer: str  # non-empty when the slide's stain fit failed its quality check
+
+
+class TileCache:
+    """Finished chunks of one slide's tile results, one .npz per chunk (written atomically; no pickle)."""
+
+    def __init__(self, root: Path | None):
+        self.root = root
+        self.reused = 0
+        if root is not None:
+            root.mkdir(parents=True, exist_ok=True)
+
+    def load(self, name: str) -> dict[str, np.ndarray] | None:
+        if self.root is None or not (self.root / f"{name}.npz").is_file():
+            return None
+        try:
+            with np.load(self.root / f"{name}.npz", allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError):  # a damaged chunk is computed again
+            return None
+        self.reused += 1
+        return arrays
+
+    def save(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        if self.root is None:
+            return
+        tmp = self.root / f".{name}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self.root / f"{name}.npz")
+
+
+def cache_key(slide: Slide, bundle_sha256: str, grid: TileGrid, geometry: Geometry, settings: dict) -> str:
+    """What a slide's tile results depend on: the slide, the bundle, the tile boxes and the scoring settings."""
+    digest = hashlib.sha256(json.dumps({
+        "format": CACHE_FORMAT, "slide": slide.fingerprint, "bundle": bundle_sha256, "origin": slide.origin,
+        "boxes": hashlib.sha256(np.ascontiguousarray(grid.boxes, dtype=np.int64)).hexdigest(),
+        "working_mpp": geometry.working_mpp, "tile_px": geometry.tile_size(), **settings,
+    }, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def tile_key(slide: Slide, box: np.ndarray) -> str:
+    """A tile's id (seeds its crops and augmentations): the slide's fingerprint and the tile's box."""
+    return hashlib.sha256(f"{slide.fingerprint}|{','.join(map(str, box.tolist()))}".encode()).hexdigest()
+
+
+def score_tiles(bundle, slide: Slide, grid: TileGrid, geometry: Geometry, augmentations: int = 0,
+                confirm_top: int = 0, stain_fit: str = "slide", device: str = "cpu", batch_size: int = 8,
+                threads: int = 2, cache: TileCache | None = None, progress: bool = False) -> TileScores:
+    """Score every tile of `grid` (already the tiles kept): the map with `augmentations` views per tile (0: one
+    un-augmented view), then the `confirm_top` tiles most likely carcinoma with the bundle's own vote."""
+    from tqdm.auto import tqdm
+
+    from ..features import prefetch
+
+    cache = cache or TileCache(None)
+    config = bundle.config
+    size = geometry.tile_size()
+    if size < config.augment.crop_size:
+        raise HistoboostError(f"{slide.path}: a {geometry.tile_um:g} µm tile is {size} px at {geometry.working_mpp:g} "
+                              f"µm/px, smaller than the bundle's {config.augment.crop_size} px crop: give a larger "
+                              "--tile-um")
+    normalise, stain, stain_refer = _stain_for(slide, grid, geometry, config.preprocess.stain, stain_fit)
+
+    def read(index: int) -> tuple[np.ndarray, str]:
+        return normalise(slide.read(tuple(grid.boxes[index]), (size, size)))
+
+    n = len(grid)
+    chunks = [range(start, min(start + CHUNK, n)) for start in range(0, n, CHUNK)]
+    done = {i: cache.load(f"map-{i:06d}") for i in range(len(chunks))}
+    todo = [t for i, chunk in enumerate(chunks) if done[i] is None for t in chunk]
+    views = augmentations or 1
+    raw = np.zeros((n, views, len(bundle.classes.classes)))
+    fallback = np.array([""] * n, dtype=object)
+    for i, arrays in done.items():
+        if arrays is not None:
+            raw[chunks[i].start:chunks[i].stop], fallback[chunks[i].start:chunks[i].stop] = arrays["raw"], arrays["stain"]
+    bar = tqdm(total=n, initial=n - len(todo), desc=slide.path.name[:32], unit="tile", disable=None if progress else True)
+    pending: list[tuple[int, np.ndarray, str]] = []
+    for index, (rgb, note) in zip(todo, prefetch(read, todo, depth=2 * batch_size, threads=threads)):
+        pending.append((index, rgb, note))
+        chunk = index // CHUNK
+        if len(pending) == batch_size or index == chunks[chunk].stop - 1:
+            indices = [p[0] for p in pending]
+            raw[indices] = _classify(bundle, [p[1] for p in pending], [tile_key(slide, grid.boxes[i]) for i in indices],
+                                     augmentations, device, batch_size)
+            fallback[indices] = [p[2] for p in pending]
+            bar.update(len(pending))
+            pending = []
+        if index == chunks[chunk].stop - 1:
+            span = slice(chunks[chunk].start, chunks[chunk].stop)
+            cache.save(f"map-{chunk:06d}", {"raw": raw[span], "stain": fallback[span].astype(str)})
+    bar.close()
+    scores = _decide(bundle, raw, fallback, stain, stain_refer)
+    if confirm_top and config.augment.n_augment > views:
+        _confirm(bundle, scores, raw, read, grid, slide, confirm_top, device, batch_size, cache)
+    return scores
+
+
+def _classify(bundle, tiles: list[np.ndarray], keys: list[str], augmentations: int, device: str,
+              batch_size: int) -> np.ndarray:
+    """Class probabilities (B, A, K) of stain-normalised tiles: one batched forward per backbone for the
+    un-augmented map, or each tile's A augmentations as `predict` makes an image's."""
+    import torch
+
+    from ..features import autocast, describe_image, describe_views
+
+    config = bundle.config
+    kind = config.features.descriptor
+    h, w = tiles[0].shape[:2]
+    if augmentations == 0:  # one view: the tile itself, with its own seeded crops
+        plain = replace(config.augment, color="none", orientation="none")
+        boxes = [plan_augmentation(key, 0, h, w, plain, config.seed).boxes for key in keys]
+        batch = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).to(device=device, dtype=torch.float32)
+        parts = []
+        with torch.inference_mode(), autocast(device, config.features.dtype):
+            for backbone in bundle.backbones:
+                _, pooled, whole = describe_views(batch, boxes, backbone, config, batch_size)
+                pooled, whole = pooled.float().cpu().numpy(), whole.float().cpu().numpy()
+                parts.append({"crops": [pooled], "whole": [whole], "crops+whole": [pooled, whole]}[kind])
+        rows = np.concatenate([p for part in parts for p in part], axis=1)
+        return bundle.classifier.predict_proba(rows)[:, None, :]
+    wanted = replace(config.augment, n_augment=augmentations)
+    out = []
+    for rgb, key in zip(tiles, keys):
+        plans = plan_augmentations(key, h, w, wanted, config.seed)
+        fit = None
+        if wanted.color == "he":
+            try:
+                fit = fit_macenko(rgb)
+            except StainError:  # too little stain to move in H&E space: this tile's views vary only by crop
+                plans = [replace(p, color="none") for p in plans]
+        rows = np.concatenate([describe_image(rgb, plans, b, config, device, batch_size, fit).descriptor(kind)
+                               for b in bundle.backbones], axis=1)
+        out.append(bundle.classifier.predict_proba(rows))
+    return np.stack(out)
+
+
+def _decide(bundle, raw: np.ndarray, fallback: np.ndarray, stain: str, stain_refer: str) -> TileScores:
+    decision, agreement = bundle.rule.decide(raw)
+    refer = []
+    for split, note in zip(bundle.rule.refer(agreement), fallback):
+        reasons = ["votes split" if split else "", f"stain QC failed ({note})" if note else ""]
+        refer.append("; ".join(filter(None, reasons)))
+    probs = bundle.rule.calibrated(raw).mean(axis=1)
+    return TileScores(probs, decision, agreement, refer, np.zeros(len(raw), dtype=bool), stain, stain_refer)
+
+
+def _confirm(bundle, scores: TileScores, raw: np.ndarray, read, grid: TileGrid, slide: Slide, top: int,
+             device: str, batch_size: int, cache: TileCache) -> None:
+    """Re-score the `top` tiles most likely carcinoma with the bundle's own augmentation vote, in place."""
+    carcinoma = scores.probs[:, np.asarray(bundle.classes.groups) > 0].sum(axis=1)
+    order = np.argsort(-carcinoma, kind="stable")[:top]
+    for index in order:
+        name = f"confirm-{index:06d}"
+        arrays = cache.load(name)
+        if arrays is None:
+            rgb, note = read(int(index))
+            arrays = {"raw": _classify(bundle, [rgb], [tile_key(slide, grid.boxes[index])],
+                                       bundle.config.augment.n_augment, device, batch_size)[0]}
+            cache.save(name, arrays)
+        confirmed = _decide(bundle, arrays["raw"][None], np.array([""], dtype=object), "", "")
+        reasons = [scores.refer[index], confirmed.refer[0]]
+        if confirmed.decision[0] != scores.decision[index]:
+            reasons.append(f"confirmation changed {bundle.classes.classes[scores.decision[index]]} to "
+                           f"{bundle.classes.classes[confirmed.decision[0]]}")
+        scores.probs[index], scores.decision[index] = confirmed.probs[0], confirmed.decision[0]
+        scores.agreement[index], scores.confirmed[index] = confirmed.agreement[0], True
+        scores.refer[index] = "; ".join(filter(None, reasons))
+
+
+def _stain_for(slide: Slide, grid: TileGrid, geometry: Geometry, stain, how: str):
+    """The tile normaliser: `slide` fits Macenko once on the most tissue-rich tiles and applies that fit to
+    every tile (a tile's own fit follows its content, not the slide's stains); `tile` fits each tile as
+    `predict` fits each image. Returns (normalise(rgb) -> (rgb, fallback note), description, slide referral)."""
+    def per_tile(rgb: np.ndarray) -> tuple[np.ndarray, str]:
+        try:
+            out, qc, used = normalize_safely(rgb, stain)
+        except StainError:
+            return rgb, "too little tissue to normalise; used un-normalised"
+        return out, FALLBACK_NOTES[used] if qc is not None and not qc.ok else ""
+
+    if how == "tile" or stain.method != "macenko":
+        return per_tile, f"{stain.method}, fitted per tile", ""
+    size = geometry.tile_size()
+    sample = np.argsort(-grid.tissue, kind="stable")[:STAIN_SAMPLE_TILES]
+    from ..features import prefetch
+
+    tiles = prefetch(lambda i: slide.read(tuple(grid.boxes[i]), (size, size)), sample.tolist(), 4, 2)
+    pixels = np.concatenate([rgb.reshape(-1, 3) for rgb in tiles])
+    pixels = pixels[::max(1, len(pixels) // STAIN_SAMPLE_PIXELS)][:, None]  # a regular sample: same fit, faster
+    normaliser = Normalizer(stain)
+    try:
+        fit: StainFit = fit_macenko(pixels)
+        qc = quality_check(pixels, macenko_normalize(pixels, normaliser.he_ref, normaliser.max_c_ref, fit), fit,
+                           normaliser.he_ref)
+    except StainError as err:
+        return per_tile, f"macenko per tile (the slide fit failed: {err})", "slide stain fit failed"
+    if not qc.ok:
+        return per_tile, f"macenko per tile (the slide fit failed its check: {'; '.join(qc.flags)})", \
+            "slide stain fit failed its quality check"
+
+    def per_slide(rgb: np.ndarray) -> tuple[np.ndarray, str]:
+        return macenko_normalize(rgb, normaliser.he_ref, normaliser.max_c_ref, fit), ""
+
+    return per_slide, f"macenko, one fit for the slide on {len(sample)} tiles", ""
