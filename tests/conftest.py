@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mosaic import write_mosaic
+
 BACH = Path(__file__).resolve().parents[2] / "shared" / "data" / "bach_iciar2018"
+CMU = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"  # a real SVS
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +93,26 @@ def demo_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo") / "data"
     make_demo_data(root)
     return root
+
+
+# Images of known class that the session bundle (conftest.trained) was not trained on.
+MOSAIC = [["Normal/n005", "Benign/b004", "InSitu/is005", "Invasive/iv005"],
+          ["Normal/n008", "Benign/b005", "InSitu/is007", "Invasive/iv007"],
+          ["Normal/n010", "Benign/b007", "InSitu/is009", "Invasive/iv009"],
+          ["Normal/n012", "Benign/b008", "InSitu/is011", "Invasive/iv011"]]
+
+
+@pytest.fixture(scope="session")
+def model(trained):
+    bundle, _, root = trained
+    path = root / "model"
+    if not path.exists():
+        bundle.save(path)
+    return bundle, path
+
+
+@pytest.fixture(scope="session")
+def mosaic(tmp_path_factory, bach):
+    folder = tmp_path_factory.mktemp("mosaic")
+    blocks = write_mosaic(folder / "mosaic.tiff", [[bach / f"{name}.jpeg" for name in row] for row in MOSAIC])
+    return folder / "mosaic.tiff", blocks

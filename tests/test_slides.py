@@ -17,24 +17,8 @@ import pytest
 
 from histoboost.cli import main
 from histoboost.slides import SlideSettings, predict_slide
+from conftest import CMU, MOSAIC
 from mosaic import BACH_MPP, BoundsSlide, write_mosaic
-
-CMU = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
-# Images of known class that the session bundle (conftest.trained) was not trained on.
-MOSAIC = [["Normal/n005", "Benign/b004", "InSitu/is005", "Invasive/iv005"],
-          ["Normal/n008", "Benign/b005", "InSitu/is007", "Invasive/iv007"],
-          ["Normal/n010", "Benign/b007", "InSitu/is009", "Invasive/iv009"],
-          ["Normal/n012", "Benign/b008", "InSitu/is011", "Invasive/iv011"]]
-
-
-@pytest.fixture(scope="session")
-def model(trained):
-    bundle, _, root = trained
-    path = root / "model"
-    if not path.exists():
-        bundle.save(path)
-    return bundle, path
-
 
 @pytest.fixture(scope="session")
 def mosaic_model(tmp_path_factory, bach):
@@ -57,13 +41,6 @@ def mosaic_model(tmp_path_factory, bach):
     assert len(manifest) == 128
     return train_bundle(manifest, preset("quick").merged({**SMALL, "augment.n_crops": 8}), root / "cache",
                         progress=False, image_mpp=BACH_MPP)
-
-
-@pytest.fixture(scope="session")
-def mosaic(tmp_path_factory, bach):
-    folder = tmp_path_factory.mktemp("mosaic")
-    blocks = write_mosaic(folder / "mosaic.tiff", [[bach / f"{name}.jpeg" for name in row] for row in MOSAIC])
-    return folder / "mosaic.tiff", blocks
 
 
 def geojson_features(path: Path) -> list[dict]:

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import CMU
 from histoboost.slides import SlideError, open_slide
 from histoboost.slides import reader
 from mosaic import BACH_MPP, BLOCK_PX, BoundsSlide, write_mosaic
 
-CMU = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
 
 
 @pytest.fixture(scope="module")

@@ -446,11 +446,6 @@ def _from_hub_cache(repo: str, filenames: tuple[str, ...]) -> Path | None:
     return None
 
 
-# glibc's mallopt parameters (malloc.h): what MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_MAX_ set.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_ALLOCATOR_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "LD_PRELOAD")
-
-
 def keep_freed_memory() -> str:
     """Make glibc keep freed memory in the process instead of handing it back to the OS.
 
@@ -462,22 +457,10 @@ def keep_freed_memory() -> str:
     (those variables, or another allocator through LD_PRELOAD) and where libc is not glibc.
     Returns what was done: "set", "user's choice" or "not glibc".
     """
-    import ctypes
-    import platform
+    from .allocator import M_MMAP_MAX, M_TRIM_THRESHOLD, mallopt
 
-    if any(os.environ.get(k) for k in _ALLOCATOR_ENV):
-        return "user's choice"
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return "not glibc"
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return "not glibc"
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt takes an int: 2 GiB is the largest trim threshold it accepts (the variable allows more).
-    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    return "set" if ok else "not glibc"
+    return mallopt({M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1})
 
 
 def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:

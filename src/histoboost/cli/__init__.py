@@ -1,7 +1,8 @@
 """The `histoboost` command line: parses flags into a Config and calls the library; holds no logic.
 
 One module per command group: `dataset` (inspect, extract, cache), `experiment` (finetune, cv, report,
-demo), `model` (train, predict, evaluate, keygen), `slide` (whole slides), `catalogue` (backbones); `options` holds what they share. torch, timm and the
+demo), `model` (train, predict, evaluate, keygen), `slide` (whole slides), `view` (the local viewer), `catalogue`
+(backbones); `options` holds what they share. torch, timm and the
 feature code load only for the commands that need them, so that `--help`, `inspect` and bad-flag errors
 answer at once.
 """
@@ -17,7 +18,7 @@ from PIL import Image
 from .. import __version__
 from ..config import HistoboostError
 from ..data import DataError
-from . import catalogue, dataset, experiment, model, slide
+from . import catalogue, dataset, experiment, model, slide, view
 from .options import parents, print_problems
 
 __all__ = ["main"]
@@ -75,6 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"histoboost {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     shared = parents()
-    for group in (dataset, experiment, model, slide, catalogue):
+    for group in (dataset, experiment, model, slide, view, catalogue):
         group.add_commands(commands, shared)
     return parser

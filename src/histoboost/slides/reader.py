@@ -127,7 +127,7 @@ def _describe(path: Path, handle, mpp: float | None) -> Slide:
         origin, size = (0, 0), (width, height)
     if size[0] * size[1] > MAX_PLAIN_PIXELS and handle.level_count == 1 and type(handle).__name__ == "ImageSlide":
         raise SlideError(f"{path}: a {size[0]}x{size[1]} image without a pyramid: convert it to a pyramidal TIFF")
-    return Slide(path, handle, float(own), source, origin, size, _fingerprint(path, props),
+    return Slide(path, handle, float(own), source, origin, size, slide_fingerprint(path, props),
                  props.get("openslide.vendor", "image"), props)
 
 
@@ -152,7 +152,7 @@ def _stated_mpp(handle, props: dict[str, str], path: Path) -> tuple[float | None
     return None, ""
 
 
-def _fingerprint(path: Path, props: dict[str, str]) -> str:
+def slide_fingerprint(path: Path, props: dict[str, str]) -> str:
     """OpenSlide's quickhash-1 (the slide's smallest level and properties) where it has one, else a sha256 of
     the file's size, head and tail: stable across renames and copies, found without reading the whole file."""
     quick = props.get("openslide.quickhash-1")

@@ -35,6 +35,12 @@ class TileGrid:
                         self.tile_px, self.stride_px)
 
 
+def cell_origin(start: tuple[float, float], tile_px: float, stride_px: float) -> tuple[float, float]:
+    """Image-frame position of the corner of cell (0, 0)'s footprint: the stride-sized square centred on tile
+    (0, 0) (the tile itself when tiles do not overlap). Cell (r, c) starts `c, r` strides further."""
+    return start[0] + (tile_px - stride_px) / 2, start[1] + (tile_px - stride_px) / 2
+
+
 def tile_grid(mask: np.ndarray, factor: float, slide_size: tuple[int, int], tile_px: float,
               stride_px: float) -> TileGrid:
     """The grid over the tissue's bounding box in `mask` (thumbnail with `factor` full-resolution px per pixel)
