@@ -109,16 +109,11 @@ def child(kind: str, model: Path, slide_path: Path, work: Path) -> dict:
 def tiles_of(bundle, slide_path: Path, settings):
     """The open slide, its kept tiles and their geometry, as `predict_slide` makes them (not timed)."""
     from histoboost.slides.reader import open_slide
-    from histoboost.slides.run import slide_geometry
-    from histoboost.slides.tiles import tile_grid
-    from histoboost.slides.tissue import MASK_MPP, tissue_mask
+    from histoboost.slides.run import slide_geometry, tissue_tiles
 
     slide = open_slide(slide_path)
     geometry = slide_geometry(bundle, settings)
-    thumb, factor = slide.thumbnail(MASK_MPP)
-    grid = tile_grid(tissue_mask(thumb, factor * slide.mpp), factor, slide.size, geometry.tile_um / slide.mpp,
-                     geometry.stride_um / slide.mpp)
-    return slide, grid.subset(grid.tissue >= settings.min_tissue), geometry
+    return slide, tissue_tiles(slide, geometry, settings).kept, geometry
 
 
 def scoring(bundle, slide, grid, geometry) -> tuple[float, int, str]:

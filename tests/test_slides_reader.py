@@ -3,7 +3,6 @@ as `predict` sees an image, and the bounds offset is added once."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

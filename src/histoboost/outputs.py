@@ -8,6 +8,8 @@ are neutralised (OWASP's advice for CSV injection).
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import shutil
 import tempfile
@@ -92,6 +94,15 @@ def _exchange(a: Path, b: Path) -> None:
     os.replace(b, aside)
     os.replace(a, b)
     os.replace(aside, a)
+
+
+def csv_text(rows: list[dict], fields: list[str]) -> str:
+    """`rows` as CSV text with a header of `fields` (missing cells empty), formula-like cells neutralised."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", restval="")
+    writer.writeheader()
+    writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in rows)
+    return buffer.getvalue()
 
 
 def spreadsheet_safe(value: object) -> object:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ..data import write_text_atomic
-from ..outputs import check_output, spreadsheet_safe, staged_folder
+from ..outputs import check_output, csv_text, staged_folder
 from .options import (Parents, UsageError, batch_size, bundle_weights, check_split, config_from_args, count,
                       device_of, load_data, positive, print_problems)
 
@@ -123,15 +123,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _records_text(records: list[dict], suffix: str) -> str:
     if suffix == ".json":
         return json.dumps(records, indent=2) + "\n"
-    import csv
-    import io
-
-    buffer = io.StringIO()
-    if records:
-        writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: spreadsheet_safe(v) for k, v in r.items()} for r in records)
-    return buffer.getvalue()
+    return csv_text(records, list(records[0])) if records else ""
 
 
 def _evaluate(args: argparse.Namespace) -> int:

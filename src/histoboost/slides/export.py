@@ -10,10 +10,8 @@ probabilities.
 
 from __future__ import annotations
 
-import csv
 import gzip
 import html
-import io
 import json
 import math
 import os
@@ -21,10 +19,10 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ..data import ClassScheme
-from ..outputs import spreadsheet_safe
+from ..outputs import csv_text
 from .score import TileScores
 from .tiles import TileGrid
 from .tissue import polygonal
@@ -70,11 +68,7 @@ def tile_rows(grid: TileGrid, scores: TileScores, scheme: ClassScheme) -> list[d
 def write_tiles_csv(path: Path, rows: list[dict], scheme: ClassScheme) -> None:
     fields = ["x", "y", "width", "height", "row", "col", "tissue_fraction", *(f"p_{c}" for c in scheme.classes),
               "p_carcinoma", "class", "group", "agreement", "confirmed", "refer"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in rows)
-    path.write_text(buffer.getvalue(), encoding="utf-8")
+    path.write_text(csv_text(rows, fields), encoding="utf-8")
 
 
 def write_heatmap_npz(path: Path, grid: TileGrid, scores: TileScores, scheme: ClassScheme, mpp: float) -> None:
@@ -115,13 +109,9 @@ def write_mask_outline_png(path: Path, thumb: np.ndarray, mask: np.ndarray) -> N
 def footprints(grid: TileGrid, factor: float, shape: tuple[int, int]) -> list[tuple[int, int, int, int]]:
     """Each tile's cell on a picture with `factor` full-resolution px per pixel: the stride-sized square at the
     tile's centre (the tile itself when tiles do not overlap), clipped to the picture."""
-    half = grid.stride_px / 2
-    cells = []
-    for x0, y0, x1, y1 in grid.boxes.tolist():
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        cells.append((max(0, round((cx - half) / factor)), max(0, round((cy - half) / factor)),
-                      min(shape[1], round((cx + half) / factor)), min(shape[0], round((cy + half) / factor))))
-    return cells
+    cells = (_cell(box, grid.stride_px) for box in grid.boxes.tolist())
+    return [(max(0, round(x0 / factor)), max(0, round(y0 / factor)), min(shape[1], round(x1 / factor)),
+             min(shape[0], round(y1 / factor))) for x0, y0, x1, y1 in cells]
 
 
 def write_heatmap_png(path: Path, thumb: np.ndarray, factor: float, grid: TileGrid, scores: TileScores,
@@ -200,6 +190,7 @@ def tissue_mm2(region, tissue, mpp: float) -> float:
 
 
 def _cell(box: list[int], stride: float) -> tuple[float, float, float, float]:
+    """A tile's cell in full-resolution pixels: the stride-sized square at the tile's centre."""
     cx, cy, half = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, stride / 2
     return cx - half, cy - half, cx + half, cy + half
 

@@ -8,8 +8,6 @@ summary.json and hashed into the tile cache's key.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 import warnings
@@ -21,12 +19,12 @@ import numpy as np
 from .. import __version__
 from ..config import HistoboostError
 from ..data import write_text_atomic
-from ..outputs import spreadsheet_safe, staged_folder
+from ..outputs import csv_text, staged_folder
 from . import export
 from .reader import Slide, SlideError, open_slide
 from .score import Geometry, TileCache, TileScores, cache_key, score_tiles
 from .tiles import TileGrid, tile_grid
-from .tissue import MASK_MPP, mask_from_geojson, mask_from_png, mask_outline, tissue_mask
+from .tissue import MASK_MPP, mask_area_mm2, mask_from_geojson, mask_from_png, mask_outline, tissue_mask
 
 BACH_MPP = 0.42  # µm/px of BACH's microscopy images (Aresta et al. 2019): assumed for bundles that do not know
 BACH_FIELD_PX = 1536  # shorter side of the shared BACH copies: with 0.42 µm/px a 645 µm field
@@ -57,6 +55,20 @@ class SlideSettings:
     def scoring(self) -> dict:
         """The settings that change tile results (the cache key's part)."""
         return {"augmentations": self.augmentations, "stain_fit": self.stain_fit}
+
+
+@dataclass
+class TissueTiles:
+    """Where a slide's tissue is and how it is tiled: the thumbnail the mask was made on (`factor` full-resolution
+    px per pixel), the mask and how it was made, its area, the whole grid and the tiles kept for scoring."""
+
+    thumb: np.ndarray
+    factor: float
+    mask: np.ndarray
+    mask_source: str
+    tissue_mm2: float
+    grid: TileGrid
+    kept: TileGrid
 
 
 @dataclass
@@ -107,25 +119,30 @@ def predict_slide(bundle, path: str | Path, out: str | Path, settings: SlideSett
     slide = open_slide(path, settings.mpp)
     try:
         _check_out(out, slide)
-        thumb, factor = slide.thumbnail(max(MASK_MPP, slide.mpp))
-        mask, mask_source = _mask(slide, thumb, factor, settings)
-        tile_px, stride_px = geometry.tile_um / slide.mpp, geometry.stride_um / slide.mpp
-        grid = tile_grid(mask, factor, slide.size, tile_px, stride_px)
-        kept = grid.subset(grid.tissue >= settings.min_tissue)
+        layout = tissue_tiles(slide, geometry, settings)
+        kept = layout.kept
         if len(kept) == 0:
             raise SlideError(f"{path}: no tile of {geometry.tile_um:.0f} µm is {settings.min_tissue:.0%} tissue "
-                             f"(tissue found: {mask.sum() * (factor * slide.mpp)**2 / 1e6:.2f} mm²): a blank slide? Give the "
+                             f"(tissue found: {layout.tissue_mm2:.2f} mm²): a blank slide? Give the "
                              "tissue with --tissue-mask or --roi, or lower --min-tissue")
         key = cache_key(slide, bundle.sha256, kept, geometry, settings.scoring())
         cache = TileCache(Path(cache_dir or default_cache_dir()) / "slides" / key[:32])
         scores = score_tiles(bundle, slide, kept, geometry, settings.augmentations, settings.confirm_top,
                              settings.stain_fit, device, batch_size, threads, cache, progress)
         with staged_folder(out, force=True) as staging:
-            result = _write(staging, bundle, slide, thumb, factor, mask, mask_source, grid, kept, scores, geometry,
-                            settings, started, cache.reused)
+            result = _write(staging, bundle, slide, layout, scores, geometry, settings, started, cache.reused)
         return SlideResult(path, out, result[0], result[1], kept, scores)
     finally:
         slide.close()
+
+
+def tissue_tiles(slide: Slide, geometry: Geometry, settings: SlideSettings) -> TissueTiles:
+    """The tissue mask on an 8 µm/px thumbnail (or the user's) and the tile grid over it."""
+    thumb, factor = slide.thumbnail(max(MASK_MPP, slide.mpp))
+    mask, mask_source = _mask(slide, thumb, factor, settings)
+    grid = tile_grid(mask, factor, slide.size, geometry.tile_um / slide.mpp, geometry.stride_um / slide.mpp)
+    return TissueTiles(thumb, factor, mask, mask_source, mask_area_mm2(mask, factor * slide.mpp), grid,
+                       grid.subset(grid.tissue >= settings.min_tissue))
 
 
 def _mask(slide: Slide, thumb: np.ndarray, factor: float, settings: SlideSettings) -> tuple[np.ndarray, str]:
@@ -159,9 +176,9 @@ def _check_out(out: Path, slide: Slide) -> None:
         raise SlideError(f"{out} holds files that are not a histoboost slide result: give another --out")
 
 
-def _write(folder: Path, bundle, slide: Slide, thumb: np.ndarray, factor: float, mask: np.ndarray, mask_source: str,
-           grid: TileGrid, kept: TileGrid, scores: TileScores, geometry: Geometry, settings: SlideSettings,
-           started: float, reused: int) -> tuple[dict, list[dict]]:
+def _write(folder: Path, bundle, slide: Slide, layout: TissueTiles, scores: TileScores, geometry: Geometry,
+           settings: SlideSettings, started: float, reused: int) -> tuple[dict, list[dict]]:
+    thumb, factor, mask, grid, kept = layout.thumb, layout.factor, layout.mask, layout.grid, layout.kept
     scheme = bundle.classes
     mpp = slide.mpp
     rows = export.tile_rows(kept, scores, scheme)
@@ -196,7 +213,7 @@ def _write(folder: Path, bundle, slide: Slide, thumb: np.ndarray, factor: float,
         "settings": asdict(settings),
         "geometry": {**asdict(geometry), "notes": list(geometry.notes), "tile_px": geometry.tile_size(),
                      "tile_px_full_resolution": round(kept.tile_px, 3), "grid": list(grid.shape)},
-        "tissue": {"area_mm2": round(float(mask.sum() * (factor * mpp) ** 2 / 1e6), 4), "mask": mask_source,
+        "tissue": {"area_mm2": round(layout.tissue_mm2, 4), "mask": layout.mask_source,
                    "mask_mpp": round(factor * mpp, 4)},
         "tiles": {"in_grid": len(grid), "scored": len(kept), "below_min_tissue": len(grid) - len(kept),
                   "confirmed": int(scores.confirmed.sum()), "referred": sum(bool(r) for r in scores.refer)},
@@ -207,7 +224,7 @@ def _write(folder: Path, bundle, slide: Slide, thumb: np.ndarray, factor: float,
                               "regions": [{"area_mm2": round(a, 4), "class": c, "bounds": [round(b) for b in r.bounds]}
                                           for r, c, a in zip(regions, region_classes, region_mm2)]},
         "call": _call(scores, scheme),
-        "refer": _referral(float(mask.sum() * (factor * mpp) ** 2 / 1e6), scores),
+        "refer": _referral(layout.tissue_mm2, scores),
         "top_tiles": [{k: rows[i][k] for k in ("x", "y", "width", "height", "class", "p_carcinoma", "confirmed")}
                       for i in top],
         "files": {"tiles": "tiles.csv", "heatmap": "heatmap.png", "grid": "heatmap.npz", "mask": "mask.png",
@@ -295,10 +312,5 @@ def predict_slides(bundle, paths: list[str | Path], out: str | Path, settings: S
         rows.append(row)
         if on_result is not None:
             on_result(row)
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", restval="")
-    writer.writeheader()
-    writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in rows)
-    write_text_atomic(out / "slides.csv", buffer.getvalue())
+    write_text_atomic(out / "slides.csv", csv_text(rows, list(dict.fromkeys(k for row in rows for k in row))))
     return rows

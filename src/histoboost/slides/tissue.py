@@ -46,6 +46,11 @@ def tissue_mask(rgb: np.ndarray, mpp: float, floor: int = SATURATION_FLOOR) -> n
     return ~_drop_small(~tissue, MAX_HOLE_UM2 / mpp**2, keep_border=True)
 
 
+def mask_area_mm2(mask: np.ndarray, mpp: float) -> float:
+    """The area a mask marks, in mm², when its pixels are `mpp` µm wide."""
+    return float(mask.sum()) * mpp**2 / 1e6
+
+
 def mask_from_png(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     """A user's mask image (non-zero = tissue; e.g. HistoQC's *_mask_use.png), stretched over the slide's
     thumbnail of `shape` (h, w): it must cover the whole slide."""
