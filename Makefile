@@ -13,7 +13,7 @@ export MALLOC_TRIM_THRESHOLD_ := 68719476736
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,dask]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -148,7 +148,7 @@ def test_sigkill_during_extraction_then_resume_equals_uninterrupted(small_folder
     assert 2 <= done_before < 8, "the kill must land mid-run"
     resumed = run_cli("extract", small_folder, *flags, "--cache-dir", cache, "--out", tmp_path / "r2")
     assert f"{8 - done_before} extracted" in resumed.stdout and f"{done_before} reused" in resumed.stdout
-    assert not list(cache.glob("features/*/.*.tmp.npz"))  # the killed run's temporary file is cleared
+    assert not list(cache.glob("features/*/.*.tmp"))  # the killed run's temporary file is cleared
     ours, theirs = _store_arrays(cache), _store_arrays(tmp_path / "ref")
     assert ours.keys() == theirs.keys() and len(ours) == 8
     for name in ours:

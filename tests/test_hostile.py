@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import SMALL
+from histoboost import storage
 from histoboost.bundle import META_FILE, Bundle, BundleError, _meta_digest, inventory, train_bundle
 from histoboost.config import preset
 
@@ -331,7 +332,6 @@ def test_cli_refuses_existing_outputs_before_any_work(trained, small_folder, tmp
 # -- 8. cache prune touches only stores, never a live writer's file; a read-only store reads -----------------
 
 def test_prune_touches_only_stores_and_dead_temporaries(tmp_path, monkeypatch):
-    from histoboost import features
     from histoboost.features import prune_stores
 
     base = tmp_path / "features"
@@ -346,10 +346,10 @@ def test_prune_touches_only_stores_and_dead_temporaries(tmp_path, monkeypatch):
     store = base / key
     store.mkdir()
     (store / "index.json").write_text(json.dumps({"key": key}))
-    host = features._host()
-    live = store / f".img.{os.getpid()}.{host}.tmp.npz"
-    other_machine = store / ".img.1.another-host.tmp.npz"
-    dead = store / f".img.999999999.{host}.tmp.npz"
+    host = storage.host()
+    live = store / f".img.npz.{host}.{os.getppid()}.0123abcd.tmp"  # the test runner's parent: alive
+    other_machine = store / ".img.npz.another-host.1.0123abcd.tmp"
+    dead = store / f".img.npz.{host}.999999999.0123abcd.tmp"
     for tmp in (live, other_machine, dead):
         tmp.write_bytes(b"")
     assert prune_stores(tmp_path, keys=["none"]) == []
@@ -464,11 +464,10 @@ def test_full_disk_keeps_what_was_stored_and_leaves_no_temporary(tmp_path, monke
     features = ImageFeatures(np.ones((2, 4), np.float32), np.zeros((2, 4), np.float32))
     store.save("kept", features)
 
-    def full(file, **arrays):
-        Path(file).write_bytes(b"partial")
+    def full(fd):  # the temporary holds part of the file when the disk fills up
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np, "savez", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(FeatureStoreError, match="No space left on device.*rerun to resume"):
         store.save("new", features)
     assert store.has("kept") and sorted(p.name for p in tmp_path.iterdir()) == ["kept.npz"]
@@ -498,10 +497,10 @@ def test_damaged_run_files_and_index_are_one_line(tmp_path, small_folder):
 def test_a_full_disk_names_the_file_the_user_asked_for(tmp_path, monkeypatch):
     from histoboost.data import write_text_atomic
 
-    def full(self, *args, **kwargs):
+    def full(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError) as err:
         write_text_atomic(tmp_path / "preds.csv", "x")
     assert err.value.filename == str(tmp_path / "preds.csv") and not list(tmp_path.iterdir())
@@ -620,9 +619,7 @@ def test_force_replaces_only_run_folders_and_finished_work_is_never_deleted(tmp_
 
 
 def test_temporaries_of_entries_with_dots_are_cleared(tmp_path):
-    from histoboost import features
-
-    dead = tmp_path / f".abc-at-0.5.999999999.{features._host()}.tmp.npz"
+    dead = tmp_path / f".abc-at-0.5.npz.{storage.host()}.999999999.0123abcd.tmp"
     dead.write_bytes(b"")
-    features.clear_stale_temporaries(tmp_path)
+    storage.clear_abandoned(tmp_path)
     assert not dead.exists()

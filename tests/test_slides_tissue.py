@@ -96,6 +96,16 @@ def test_a_qupath_roi_is_rasterised_in_thumbnail_pixels(tmp_path):
         mask_from_geojson(tmp_path / "broken.geojson", (10, 10), 1.0)
 
 
+def test_a_huge_roi_file_is_refused_before_it_is_read(tmp_path):
+    from histoboost.slides.tissue import MAX_ROI_BYTES
+
+    huge = tmp_path / "huge.geojson"
+    with open(huge, "wb") as handle:  # sparse: no disk used
+        handle.truncate(MAX_ROI_BYTES + 1)
+    with pytest.raises(SlideError, match=r"huge.geojson: --roi is not a readable GeoJSON file \(larger than 64 MiB"):
+        mask_from_geojson(huge, (10, 10), 1.0)
+
+
 def test_the_outline_is_a_valid_polygon_of_the_mask_in_full_resolution_pixels():
     mpp, factor = 8.0, 16.0
     mask = tissue_mask(scene(mpp), mpp)

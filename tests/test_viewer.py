@@ -172,6 +172,22 @@ def test_a_result_that_cannot_be_shown_is_one_line(tmp_path, capsys):
     assert "holds no slide result" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_huge_or_incomplete_slide_result_is_one_line(tmp_path, results, capsys):
+    from histoboost.viewer.results import MAX_JSON_BYTES
+
+    huge = shutil.copytree(results / "slides" / "mosaic", tmp_path / "huge")
+    with open(huge / "summary.json", "r+b") as handle:  # sparse: no disk used
+        handle.truncate(MAX_JSON_BYTES + 1)
+    assert main(["view", str(huge)]) == 2
+    err = capsys.readouterr().err
+    assert "summary.json: not readable JSON (larger than 64 MiB)" in err and len(err.strip().splitlines()) == 1
+    incomplete = shutil.copytree(results / "slides" / "mosaic", tmp_path / "incomplete")
+    (incomplete / "heatmap.npz").unlink()
+    assert main(["view", str(incomplete)]) == 2
+    err = capsys.readouterr().err
+    assert "not a complete slide result" in err and len(err.strip().splitlines()) == 1
+
+
 # -- in the browser --------------------------------------------------------------------------------------
 
 

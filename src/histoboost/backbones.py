@@ -457,10 +457,9 @@ def keep_freed_memory() -> str:
     (those variables, or another allocator through LD_PRELOAD) and where libc is not glibc.
     Returns what was done: "set", "user's choice" or "not glibc".
     """
-    from .allocator import M_MMAP_MAX, M_TRIM_THRESHOLD, mallopt
+    from .allocator import KEEP_FREED, mallopt
 
-    # mallopt takes an int: 2 GiB is the largest trim threshold it accepts (the variable allows more).
-    return mallopt({M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1})
+    return mallopt(KEEP_FREED)
 
 
 def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:

@@ -376,10 +376,11 @@ class Bundle:
 
 
 def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | None = None, device: str = "cpu",
-                 batch_size: int = 8, progress: bool = True, image_mpp: float | None = None) -> Bundle:
+                 batch_size: int = 8, progress: bool = True, image_mpp: float | None = None, engine=None) -> Bundle:
     """Train the classifier on every image of the manifest (features from the store, extracted where
-    missing) and return the bundle, ready to save. `image_mpp` states the µm/px of images whose file and
-    manifest state none (BACH's JPEGs: 0.42): recorded for whole slides, it changes no feature."""
+    missing, on `engine`'s workers when given) and return the bundle, ready to save. `image_mpp` states the
+    µm/px of images whose file and manifest state none (BACH's JPEGs: 0.42): recorded for whole slides, it
+    changes no feature."""
     from .classifier import fit_decision_rule, make_classifier
     from .evaluate import split_units
     from .features import describe_dataset, library_versions
@@ -387,7 +388,7 @@ def train_bundle(manifest: Manifest, config: Config, cache_dir: str | Path | Non
     unseen = None  # with fine-tuning: the images it did not train on, where the decision rule is chosen
     if config.finetune.enabled:
         config, unseen = _finetuned_config(manifest, config, cache_dir, device, progress)
-    described = describe_dataset(manifest, config, cache_dir, device, batch_size, progress)
+    described = describe_dataset(manifest, config, cache_dir, device, batch_size, progress, engine)
     backbones, owners = [d.backbone for d in described], described[0].owners
     scheme = class_scheme(config.classifier.classes)
     try:
@@ -429,11 +430,11 @@ def training_geometry(manifest: Manifest, config: Config, image_mpp: float | Non
     """What a whole slide needs to be tiled like the training images: their median shorter side in pixels,
     their µm/px (the file's, else the manifest's `mpp` column, else `image_mpp`) and the µm/px the classifier
     saw after the working scale (medians; None where any image's is unknown)."""
-    from .data import working_scale
+    from .data import plausible_mpp, working_scale
 
     physical, working = [], []
     for record in manifest:
-        mpp = record.mpp or _positive(record.extra.get("mpp")) or image_mpp
+        mpp = record.mpp or plausible_mpp(record.extra.get("mpp")) or image_mpp
         if mpp is None:
             physical = working = []
             break
@@ -444,14 +445,6 @@ def training_geometry(manifest: Manifest, config: Config, image_mpp: float | Non
             "working_mpp": float(np.median(working)) if working else None}
 
 
-def _positive(text: str | None) -> float | None:
-    try:
-        value = float(text) if text else None
-    except ValueError:
-        return None
-    return value if value is not None and 0 < value < 100 else None
-
-
 def _finetuned_config(manifest: Manifest, config: Config, cache_dir: str | Path | None, device: str,
                       progress: bool) -> tuple[Config, np.ndarray]:
     """The config with each backbone's weights fine-tuned on these images (cached by key), and which
@@ -459,12 +452,14 @@ def _finetuned_config(manifest: Manifest, config: Config, cache_dir: str | Path 
     from .evaluate import split_units
     from .features import default_cache_dir
     from .finetune import finetune_cached, prepare_training_images
+    from .storage import local_folder
 
+    cache_dir = local_folder(cache_dir or default_cache_dir(), "fine-tuned weights")  # refused before any work
     _, units = split_units(manifest, config.evaluate.split_by)
     images = prepare_training_images(manifest, config, units, progress=progress)
     weights, trained_on = [], set()
     for name in config.features.backbones:
-        result = finetune_cached(images, config, name, cache_dir or default_cache_dir(), config.weights_for(name),
+        result = finetune_cached(images, config, name, cache_dir, config.weights_for(name),
                                  device, progress)
         weights.append(f"{name}={result.weights}")
         trained_on |= set(result.card["data"]["train_images"])

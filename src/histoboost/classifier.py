@@ -195,11 +195,12 @@ class LogisticModel:
         return model
 
 
-def make_classifier(config: ClassifierConfig, seed: int = 0, device: str = "cpu") -> BoostedTrees | LogisticModel:
-    """The configured classifier, unfitted."""
+def make_classifier(config: ClassifierConfig, seed: int = 0, device: str = "cpu", threads: int | None = None
+                    ) -> BoostedTrees | LogisticModel:
+    """The configured classifier, unfitted; XGBoost on `threads` threads (default: all cores)."""
     if config.kind == "logistic":
         return LogisticModel(config, seed)
-    return BoostedTrees(config, seed, device)
+    return BoostedTrees(config, seed, device, threads)
 
 
 def load_classifier(data: bytes, config: ClassifierConfig, best_iteration: int | None = None,
@@ -306,7 +307,8 @@ class DecisionRule:
 
 
 def fit_decision_rule(X: np.ndarray, y: np.ndarray, owners: np.ndarray, units: np.ndarray, config: ClassifierConfig,
-                      seed: int = 0, device: str = "cpu", held_out: np.ndarray | None = None) -> DecisionRule:
+                      seed: int = 0, device: str = "cpu", held_out: np.ndarray | None = None,
+                      threads: int | None = None) -> DecisionRule:
     """Choose the temperature and threshold from out-of-fold predictions on the training rows only.
 
     Rows `X` (n, d) with class indices `y`, their image `owners` and split `units` (per row). Inner folds
@@ -345,7 +347,7 @@ def fit_decision_rule(X: np.ndarray, y: np.ndarray, owners: np.ndarray, units: n
     scored = np.zeros(len(images), dtype=bool)
     for train, valid in splits:
         rows = np.isin(owners, images[train])
-        model = make_classifier(config, seed, device).fit(X[rows], y[rows], groups=units[rows])
+        model = make_classifier(config, seed, device, threads).fit(X[rows], y[rows], groups=units[rows])
         for i in valid:
             oof[i] = model.predict_proba(X[owners == images[i]])
         scored[valid] = True

@@ -420,21 +420,11 @@ def tissue_problem(rgb: np.ndarray) -> str | None:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a UTF-8 text file via a temporary file and a rename, so readers never see half a file.
+    """Write a UTF-8 text file all at once (`storage.write_bytes`: temporary, fsync, rename), so readers never see
+    half a file. File names that are not UTF-8 (surrogate escapes) are written as their original bytes."""
+    from .storage import write_bytes
 
-    File names that are not UTF-8 (surrogate escapes) are written as their original bytes; on any
-    failure (a full disk) the temporary file is removed and the error raised."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
-        os.replace(tmp, path)
-    except OSError as err:  # named after the file the user asked for, not the temporary one
-        tmp.unlink(missing_ok=True)
-        raise OSError(err.errno, err.strerror, str(path)) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes(Path(path), text.encode("utf-8", errors="surrogateescape"))
 
 
 def parse_label_map(text: str) -> dict[str, int]:
@@ -699,10 +689,16 @@ def stated_mpp(image: Image.Image) -> float | None:
             candidates.append(25400.0 / float(dpi[0]))
     except (TypeError, ValueError, ZeroDivisionError, IndexError):
         return None
-    for mpp in candidates:
-        if _MPP_RANGE[0] <= mpp <= _MPP_RANGE[1]:
-            return mpp
-    return None
+    return next((mpp for mpp in candidates if plausible_mpp(mpp)), None)
+
+
+def plausible_mpp(value: float | str | None) -> float | None:
+    """`value` as µm/px when it is a plausible microscopy resolution (0.05-20), else None (a default 72 dpi, junk)."""
+    try:
+        mpp = float(value)
+    except (TypeError, ValueError):
+        return None
+    return mpp if _MPP_RANGE[0] <= mpp <= _MPP_RANGE[1] else None
 
 
 # -- labels and duplicates -----------------------------------------------------------------------

@@ -23,6 +23,7 @@ from .classifier import (DecisionRule, fit_decision_rule, group_probs, majority_
                          n_classes, vote_counts)
 from .config import Config, HistoboostError
 from .data import CLASS_SCHEMES, GROUPS, ClassScheme, DataError, Manifest, class_scheme
+from .storage import local_folder
 
 BINARY_TASKS = {  # name -> (negative groups, positive groups)
     "carcinoma": ((0,), (1, 2)),
@@ -160,13 +161,17 @@ def split_units(manifest: Manifest, split_by: str | None) -> tuple[str, np.ndarr
 
 def cross_validate_features(X: np.ndarray | list[np.ndarray], owners: np.ndarray, manifest: Manifest, plan: FoldPlan,
                             config: Config, model: str, device: str = "cpu", progress: bool = False,
-                            unseen: list[np.ndarray] | None = None) -> CVResult:
+                            unseen: list[np.ndarray] | None = None, engine=None) -> CVResult:
     """Train on the training folds' augmented images, predict each held-out image's augmentations.
     `X` is one matrix for all folds, or one per fold (features of a backbone fine-tuned in that fold);
     `unseen` then marks, per fold, the training images its fine-tuning did not train on (per image), on
-    which the decision rule is chosen."""
+    which the decision rule is chosen. Each fold is one `fit_fold` task of `engine` (default: this process):
+    the same call with the same threads wherever it runs, so local and Dask folds are byte-identical."""
     from tqdm.auto import tqdm
 
+    from .engine import LocalEngine, TaskLost
+
+    engine = engine or LocalEngine()
     scheme = class_scheme(config.classifier.classes)
     try:
         truth = scheme.targets(manifest)
@@ -177,30 +182,46 @@ def cross_validate_features(X: np.ndarray | list[np.ndarray], owners: np.ndarray
         raise EvaluationError("every image needs the same number of augmentations")
     probs = np.zeros((len(manifest), n_aug[0], n_classes(config.classifier)))
     decision, agreement = np.zeros(len(manifest), dtype=np.int64), np.zeros(len(manifest))
-    rules = []
+    rules: list = [None] * plan.n_folds
     row_fold = plan.folds[owners]
     row_units = plan.units[owners]
-    for k in tqdm(range(plan.n_folds), desc=f"{model} folds", disable=not progress, leave=False):
-        train, test = row_fold != k, row_fold == k
-        Xk = X[k] if isinstance(X, list) else X
-        clf = make_classifier(config.classifier, seed=config.seed, device=device)
-        clf.fit(Xk[train], truth[owners[train]], groups=row_units[train])
-        try:
-            rule = fit_decision_rule(Xk[train], truth[owners[train]], owners[train], row_units[train],
-                                     config.classifier, config.seed, device,
-                                     None if unseen is None else unseen[k][owners[train]])
-        except ValueError as err:
-            raise EvaluationError(f"fold {k + 1}: {err}; use fewer --folds or --inner-folds, or split by a finer unit")
+    row_y = truth[owners]
+    matrices = [engine.share(x) for x in X] if isinstance(X, list) else [engine.share(X)] * plan.n_folds
+    tasks = [(matrices[k], owners, row_y, row_fold, row_units, k, config, device,
+              None if unseen is None else unseen[k][owners], engine.threads) for k in range(plan.n_folds)]
+    bar = tqdm(total=plan.n_folds, desc=f"{model} folds", disable=not progress, leave=False)
+    for task, outcome in engine.map(fit_fold, tasks):
+        k = task[5]
+        if isinstance(outcome, TaskLost):
+            raise EvaluationError(f"fold {k + 1}: {outcome.reason}: give the workers more memory (--memory-limit) "
+                                  "and rerun (stored features are reused)")
+        rule, p = outcome
         test_images = np.flatnonzero(plan.folds == k)
-        p = clf.predict_proba(Xk[test])
-        order = owners[test]
+        order = owners[row_fold == k]
         for i in test_images:
             probs[i] = p[order == i]
         decision[test_images], agreement[test_images] = rule.decide(probs[test_images])
-        rules.append(rule)
+        rules[k] = rule
+        bar.update(1)
+    bar.close()
     if not config.classifier.decides_by_rule:
         return CVResult(model, probs, truth, plan, classes=scheme)  # the seed study's majority vote only
     return CVResult(model, probs, truth, plan, rules=rules, decision=decision, agreement=agreement, classes=scheme)
+
+
+def fit_fold(X: np.ndarray, owners: np.ndarray, y: np.ndarray, row_fold: np.ndarray, row_units: np.ndarray, k: int,
+             config: Config, device: str, unseen: np.ndarray | None, threads: int):
+    """Outer fold `k` (pure; one engine task): fit the classifier and the decision rule on the other folds' rows
+    with XGBoost on `threads` threads, and return (rule, probabilities of fold k's rows in row order)."""
+    train, test = row_fold != k, row_fold == k
+    clf = make_classifier(config.classifier, seed=config.seed, device=device, threads=threads)
+    clf.fit(X[train], y[train], groups=row_units[train])
+    try:
+        rule = fit_decision_rule(X[train], y[train], owners[train], row_units[train], config.classifier, config.seed,
+                                 device, None if unseen is None else unseen[train], threads)
+    except ValueError as err:
+        raise EvaluationError(f"fold {k + 1}: {err}; use fewer --folds or --inner-folds, or split by a finer unit")
+    return rule, clf.predict_proba(X[test])
 
 
 def combine_mean(results: list[CVResult], name: str) -> CVResult:
@@ -299,14 +320,18 @@ class CVRun:
 
 
 def cross_validate(manifest: Manifest, config: Config, cache_dir: str | Path | None = None, device: str = "cpu",
-                   batch_size: int = 8, progress: bool = True, compare_split: str | None = None) -> CVRun:
+                   batch_size: int = 8, progress: bool = True, compare_split: str | None = None, engine=None) -> CVRun:
     """The seed study's protocol end to end: extract what the feature store lacks, split, train and
     predict each fold for each backbone and their combinations (concatenated features; averaged
     probabilities), all on the same folds, then compute the metrics. With `compare_split` (a unit, or
     "auto": see `default_comparison_split`), each backbone is also cross-validated split by that unit,
     for the report's side-by-side table. With `config.finetune.enabled`, each backbone is fine-tuned inside
-    every outer fold on that fold's training images only (`finetuned_features`)."""
+    every outer fold on that fold's training images only (`finetuned_features`). Extraction and folds run on
+    `engine` (default: this process)."""
+    from .engine import LocalEngine
     from .features import describe_dataset
+
+    engine = engine or LocalEngine()
 
     scheme = class_scheme(config.classifier.classes)
     plan = make_folds(manifest, config.evaluate.split_by, config.evaluate.folds, config.seed, scheme)
@@ -320,17 +345,18 @@ def cross_validate(manifest: Manifest, config: Config, cache_dir: str | Path | N
     finetuned: list[dict[str, Any]] = []
     unseen = None
     if config.finetune.enabled:
-        per_fold, unseen = finetuned_features(manifest, config, plan, cache_dir, device, batch_size, progress, finetuned)
+        per_fold, unseen = finetuned_features(manifest, config, plan, cache_dir, device, batch_size, progress, finetuned,
+                                              engine)
     else:
-        per_fold = [describe_dataset(manifest, config, cache_dir, device, batch_size, progress)] * plan.n_folds
+        per_fold = [describe_dataset(manifest, config, cache_dir, device, batch_size, progress, engine)] * plan.n_folds
     described = per_fold[0]
     names = [d.backbone.name for d in described]
     results = [cross_validate_features([fold[b].X for fold in per_fold], d.owners, manifest, plan, config, d.backbone.name,
-                                       device, progress, unseen) for b, d in enumerate(described)]
+                                       device, progress, unseen, engine) for b, d in enumerate(described)]
     if len(described) > 1:
         X = [np.concatenate([d.X for d in fold], axis=1) for fold in per_fold]
         results.append(cross_validate_features(X, described[0].owners, manifest, plan, config,
-                                               f"{' + '.join(names)} (concat)", device, progress, unseen))
+                                               f"{' + '.join(names)} (concat)", device, progress, unseen, engine))
         results.append(combine_mean(results[:len(described)], f"{' + '.join(names)} (mean prob)"))
     extraction = ({d.backbone.name: d.provenance for d in described} if not finetuned else
                   {name: [fold[b].provenance for fold in per_fold] for b, name in enumerate(names)})
@@ -341,14 +367,15 @@ def cross_validate(manifest: Manifest, config: Config, cache_dir: str | Path | N
     run.split_comparison = [split_summary(r, config.seed) for r in results[:len(described)]]
     if other is not None:
         for d in described:
-            result = cross_validate_features(d.X, d.owners, manifest, other, config, d.backbone.name, device, progress)
+            result = cross_validate_features(d.X, d.owners, manifest, other, config, d.backbone.name, device, progress,
+                                             engine=engine)
             evaluate_result(result, config.seed)
             run.split_comparison.append(split_summary(result, config.seed))
     return run
 
 
 def finetuned_features(manifest: Manifest, config: Config, plan: FoldPlan, cache_dir: str | Path | None, device: str,
-                       batch_size: int, progress: bool, records: list[dict[str, Any]]
+                       batch_size: int, progress: bool, records: list[dict[str, Any]], engine=None
                        ) -> tuple[list[list], list[np.ndarray]]:
     """Per outer fold: each backbone fine-tuned on that fold's training images only (its own validation
     part split off from them by unit), then every image described with it. Returns each fold's
@@ -358,7 +385,7 @@ def finetuned_features(manifest: Manifest, config: Config, plan: FoldPlan, cache
     from .features import default_cache_dir, describe_dataset
     from .finetune import finetune_cached, prepare_training_images
 
-    cache_dir = Path(cache_dir or default_cache_dir())
+    cache_dir = local_folder(cache_dir or default_cache_dir(), "fine-tuned weights")
     images = prepare_training_images(manifest, config, plan.units, progress=progress)
     ids = np.array([r.image_id for r in manifest])
     per_fold, unseen = [], []
@@ -385,7 +412,7 @@ def finetuned_features(manifest: Manifest, config: Config, plan: FoldPlan, cache
                                                       if h["epoch"] == result.card["best_epoch"]), default=None),
                             "seconds": round(sum(h["seconds"] for h in result.card["history"]), 1)})
         fold_config = config.merged({"features.weights": weights})
-        per_fold.append(describe_dataset(manifest, fold_config, cache_dir, device, batch_size, progress))
+        per_fold.append(describe_dataset(manifest, fold_config, cache_dir, device, batch_size, progress, engine))
         unseen.append(~np.isin(ids, list(trained_on)))
     return per_fold, unseen
 

@@ -18,6 +18,7 @@ import platform
 import re
 import shutil
 import time
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -30,11 +31,11 @@ import numpy as np
 import torch
 from torchvision.ops import roi_align
 
-from . import __version__
+from . import __version__, storage
 from .augment import AugmentPlan, augment_batch, plan_augmentations
 from .backbones import Backbone
 from .config import Config, HistoboostError, PreprocessConfig
-from .data import ImageRecord, Manifest, Problem, read_image, working_scale, write_text_atomic
+from .data import ImageRecord, Manifest, Problem, read_image, working_scale
 from .foundation import settings_problem
 from .stain import STAIN_FAILURE_FIX, StainError, StainFit, StainQC, fit_macenko, normalize_safely
 
@@ -188,10 +189,10 @@ def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
 # -- the feature store ---------------------------------------------------------------------------
 
 
-def default_cache_dir() -> Path:
-    """$HISTOBOOST_CACHE, else $XDG_CACHE_HOME/histoboost, else ~/.cache/histoboost."""
+def default_cache_dir() -> Path | str:
+    """$HISTOBOOST_CACHE (a folder or an fsspec URL), else $XDG_CACHE_HOME/histoboost, else ~/.cache/histoboost."""
     if os.environ.get("HISTOBOOST_CACHE"):
-        return Path(os.environ["HISTOBOOST_CACHE"])
+        return storage.location(os.environ["HISTOBOOST_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "histoboost"
 
 
@@ -212,110 +213,101 @@ class FeatureStore:
 
     @property
     def key(self) -> str:
-        return self.root.name
+        return storage.name_of(self.root)
 
     @classmethod
     def open(cls, cache_dir: str | Path, config: Config, backbone: Backbone) -> FeatureStore:
-        """The store for these settings, created if new; refuses one whose index disagrees."""
+        """The store for these settings, created if new; refuses one whose index disagrees. `cache_dir` may be an
+        fsspec URL (`s3://bucket/cache`): then each image's features are one object, put once."""
         import timm
 
         settings = {"format": STORE_FORMAT, "backbone": backbone.identity, "timm": timm.__version__,
                     "settings": config.stage_settings("features")}
         key = _hash(settings)
-        root = Path(cache_dir) / "features" / f"{backbone.name}-{key}"
-        index = root / "index.json"
-        if index.is_file():
+        root = storage.join(storage.location(cache_dir), "features", f"{backbone.name}-{key}")
+        index = storage.join(root, "index.json")
+        if storage.exists(index):
             found = read_index(index)
             if {k: found.get(k) for k in settings} != settings:
                 raise FeatureStoreError(f"{root} holds features made with other settings than its name says: "
-                                        f"delete it (histoboost cache prune --key {root.name}) to re-extract")
-            try:
-                os.utime(index)  # "last used", for `cache list` and `cache prune --older-than`
-            except OSError:  # a read-only store (shared, mounted) is still good for reading
-                pass
+                                        f"delete it (histoboost cache prune --key {storage.name_of(root)}) to re-extract")
+            if not storage.is_url(index):
+                try:
+                    os.utime(index)  # "last used", for `cache list` and `cache prune --older-than`
+                except OSError:  # a read-only store (shared, mounted) is still good for reading
+                    pass
             return cls(root, found, config.preprocess)
-        meta = {**settings, "key": root.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        meta = {**settings, "key": storage.name_of(root), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "versions": library_versions()}
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(index, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            storage.make_folder(root)
+            storage.write_bytes(index, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
         except OSError as err:
-            raise FeatureStoreError(f"{root}: cannot create the feature store ({err.strerror}): give a writable "
-                                    "--cache-dir") from None
+            raise FeatureStoreError(f"{root}: cannot create the feature store ({err.strerror or err}): give a "
+                                    "writable --cache-dir") from None
         return cls(root, meta, config.preprocess)
 
-    def path(self, image_id: str) -> Path:
-        return self.root / f"{image_id}.npz"
+    def path(self, image_id: str) -> Path | str:
+        return storage.join(self.root, f"{image_id}.npz")
 
     def load(self, image_id: str) -> ImageFeatures | None:
         """The stored features, or None when absent, truncated or with any bit flipped (then they are
         recomputed): every member's CRC is checked, since np.load alone may stop short of it."""
         try:
-            raw = io.BytesIO(self.path(image_id).read_bytes())
+            data = storage.read_bytes(self.path(image_id))
+            if data is None:
+                return None
+            raw = io.BytesIO(data)
             with zipfile.ZipFile(raw) as archive:
                 if archive.testzip() is not None:
                     return None
             raw.seek(0)
-            with np.load(raw) as data:
-                crops = data["crops"] if "crops" in data else None
-                boxes = data["boxes"] if "boxes" in data else None
-                fallback = str(data["stain_fallback"]) if "stain_fallback" in data else ""
-                return ImageFeatures(data["pooled"], data["whole"], crops, boxes, fallback)
+            with np.load(raw) as arrays:
+                crops = arrays["crops"] if "crops" in arrays else None
+                boxes = arrays["boxes"] if "boxes" in arrays else None
+                fallback = str(arrays["stain_fallback"]) if "stain_fallback" in arrays else ""
+                return ImageFeatures(arrays["pooled"], arrays["whole"], crops, boxes, fallback)
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):  # damaged: recompute
             return None
 
     def has(self, image_id: str, need_crops: bool = False) -> bool:
         """Whether usable features are stored (a damaged file counts as absent)."""
-        if not self.path(image_id).is_file():
+        if not storage.exists(self.path(image_id)):
             return False
         stored = self.load(image_id)
         return stored is not None and (stored.crops is not None or not need_crops)
 
     def save(self, image_id: str, features: ImageFeatures) -> None:
-        """Write atomically: a temporary file in the same folder, then a rename."""
+        """Publish one image's features at once (`storage.write_bytes`): readers on any machine see the whole
+        file or none."""
         arrays = {"pooled": features.pooled, "whole": features.whole,
                   "stain_fallback": np.array(features.stain_fallback)}
         if features.crops is not None:
             arrays.update(crops=features.crops, boxes=features.boxes)
-        tmp = self.root / f".{image_id}.{os.getpid()}.{_host()}.tmp.npz"
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
         try:
-            np.savez(tmp, **arrays)
-            os.replace(tmp, self.path(image_id))
+            storage.write_bytes(self.path(image_id), buffer.getvalue())
         except OSError as err:  # disk full, read-only: what was stored before stays
-            tmp.unlink(missing_ok=True)
-            raise FeatureStoreError(f"{self.root}: cannot store features ({err.strerror}): free space or give a "
-                                    "writable --cache-dir; rerun to resume") from None
+            raise FeatureStoreError(f"{self.root}: cannot store features ({err.strerror or err}): free space or give "
+                                    "a writable --cache-dir; rerun to resume") from None
 
 
-def read_index(index: Path) -> dict:
+def read_index(index: Path | str) -> dict:
     """A store's index.json; one clear line when it is damaged."""
     try:
-        found = json.loads(index.read_text())
+        found = json.loads(storage.read_bytes(index) or b"")
     except (ValueError, OSError):  # not JSON, not UTF-8, unreadable
         found = None
     if not isinstance(found, dict):
-        raise FeatureStoreError(f"{index}: damaged index; delete the folder {index.parent} to re-extract")
+        raise FeatureStoreError(f"{index}: damaged index; delete its folder to re-extract")
     return found
-
-
-def clear_stale_temporaries(root: Path) -> None:
-    """Temporary files `.ID.PID.HOST.tmp.npz` whose writer is gone. Those of live processes, and of
-    other machines sharing the folder (whose processes cannot be seen from here), are left alone."""
-    host = _host()
-    for tmp in root.glob(".*.tmp.npz"):
-        parts = tmp.name[1:].rsplit(".", 4)  # ENTRY.PID.HOST.tmp.npz (an entry may hold dots)
-        pid, writer_host = (parts[1], parts[2]) if len(parts) == 5 else ("", "")
-        if pid.isdigit() and writer_host == host and not _process_alive(int(pid)):
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:  # a read-only store
-                pass
 
 
 def _stores(cache_dir: str | Path) -> list[Path]:
     """The feature stores under a cache: folders under features/ named `<backbone>-<16 hex digits>` that
     hold an index.json; nothing else there is ever listed or touched."""
-    base = Path(cache_dir) / "features"
+    base = storage.local_folder(cache_dir, "cache list and prune") / "features"
     if not base.is_dir():
         return []
     return sorted(p for p in base.iterdir() if _STORE_NAME.match(p.name) and p.is_dir() and (p / "index.json").is_file())
@@ -351,13 +343,18 @@ def list_stores(cache_dir: str | Path) -> list[dict]:
 def prune_stores(cache_dir: str | Path, keys: Iterable[str] = (), older_than_days: float | None = None,
                  everything: bool = False) -> list[str]:
     """Delete the named stores, those unused for `older_than_days`, or all, and clear temporary files
-    of dead writers. Only histoboost's stores (see `_stores` and `_is_ours`) are ever touched: a store
+    of dead writers; a store that a live run holds a lease on is kept. Only histoboost's stores (see `_stores` and `_is_ours`) are ever touched: a store
     whose index is damaged or not histoboost's is left for the user to delete. Returns what was removed."""
     removed = []
     now = time.time()
     keys = set(keys)
     for root in filter(_is_ours, _stores(cache_dir)):
-        clear_stale_temporaries(root)
+        storage.clear_abandoned(root)
+        if storage.foreign_lease(root):  # a run here or on another machine is writing into it now
+            if everything or root.name in keys:
+                warnings.warn(f"{root}: kept: a run is writing into it (a fresh lease); prune it when that run ends",
+                              stacklevel=2)
+            continue
         last = max(f.stat().st_mtime for f in [root / "index.json", *root.glob("*.npz")])
         stale = older_than_days is not None and now - last > older_than_days * 86400
         if everything or root.name in keys or stale:
@@ -387,41 +384,126 @@ class ExtractResult:
 
 def extract_features(manifest: Manifest, config: Config, backbone: Backbone, cache_dir: str | Path,
                      device: str | torch.device = "cpu", batch_size: int = 8, keep_crops: bool = False,
-                     progress: bool = True) -> ExtractResult:
-    """Describe every image of the manifest not yet in the store; each result is saved as soon as it
-    is computed, so an interrupted run resumes where it stopped."""
+                     progress: bool = True, engine=None, shard: tuple[int, int] | None = None) -> ExtractResult:
+    """Describe every image of the manifest (or of its `shard` K of N) not yet in the store; each result is saved
+    as soon as it is computed, so an interrupted run resumes where it stopped. On a Dask `engine`, chunks of
+    images are tasks: workers read the files by path and write into the store, and return only small records."""
     from tqdm.auto import tqdm
 
-    store = FeatureStore.open(cache_dir, config, backbone)
-    clear_stale_temporaries(store.root)
-    result = ExtractResult(store)
-    todo = [r for r in manifest if not store.has(store.entry(r), keep_crops)]
-    result.reused = len(manifest) - len(todo)
+    from .engine import shard_of
 
-    def prepare(record: ImageRecord) -> tuple[ImageRecord, PreparedImage | StainError]:
-        """In a thread, while the CNN runs on the previous image."""
+    store = FeatureStore.open(cache_dir, config, backbone)
+    storage.clear_abandoned(store.root)
+    result = ExtractResult(store)
+    records = shard_of(manifest.records, shard, lambda r: r.image_id) if shard else list(manifest.records)
+    todo = [r for r in records if not store.has(store.entry(r), keep_crops)]
+    result.reused = len(records) - len(todo)
+
+    def tally(outcome: ImageOutcome) -> None:
+        if outcome.problem is not None:
+            result.problems.append(outcome.problem)
+        else:
+            result.computed += 1
+            if outcome.qc is not None:
+                result.stain_qc[outcome.image_id] = outcome.qc
+        bar.update(1)
+
+    start = time.perf_counter()
+    bar = tqdm(total=len(todo), desc=f"{backbone.name} features", unit="img", disable=not progress,
+               dynamic_ncols=True)
+    with storage.Lease(store.root):  # for the whole run: prune elsewhere keeps the store while workers write
+        _extract(todo, config, backbone, store, device, batch_size, keep_crops, engine, tally)
+    bar.close()
+    storage.clear_abandoned(store.root)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _extract(todo: list[ImageRecord], config: Config, backbone: Backbone, store: FeatureStore, device, batch_size: int,
+             keep_crops: bool, engine, tally: Callable[[ImageOutcome], None]) -> None:
+    """`extract_features`' work: in this process, or as chunks of images on the engine's workers."""
+    from .engine import TaskLost
+
+    if engine is None or engine.kind == "local":
+        extract_records(todo, config, backbone, store, device, batch_size, keep_crops, on_outcome=tally)
+    else:
+        # Workers may run elsewhere, in another folder: every path they get is absolute.
+        weights = config.weights_for(backbone.name)
+        weights = Path(weights).absolute() if isinstance(weights, (str, Path)) else weights
+        root = store.root if storage.is_url(store.root) else Path(store.root).absolute()
+        todo = [replace(r, path=Path(r.path).absolute()) for r in todo]
+        size = max(1, min(16, -(-len(todo) // (4 * max(1, engine.workers)))))
+        tasks = [(chunk, config, backbone.name, weights, root, store.meta, str(device), batch_size, keep_crops,
+                  engine.threads) for chunk in _chunks(todo, size)]
+        for task, outcomes in engine.map(extract_task, tasks, split=_one_image_per_task):
+            if isinstance(outcomes, TaskLost):  # only ever a one-image task: the image kills its workers
+                outcomes = [ImageOutcome(r.image_id, problem=Problem(r.path, f"not described: {outcomes.reason}",
+                                                                     POISON_FIX)) for r in task[0]]
+            for outcome in outcomes:
+                tally(outcome)
+
+
+POISON_FIX = "check the file (histoboost inspect), convert it, or leave it out of the data set"
+
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    """What one image's extraction came to: small enough to return from a worker instead of its features."""
+
+    image_id: str
+    problem: Problem | None = None
+    qc: StainQC | None = None
+
+
+def extract_records(records: list[ImageRecord], config: Config, backbone: Backbone, store: FeatureStore,
+                    device: str | torch.device = "cpu", batch_size: int = 8, keep_crops: bool = False,
+                    on_outcome: Callable[[ImageOutcome], None] | None = None) -> list[ImageOutcome]:
+    """Describe `records` into `store`, saving each image as soon as it is done; an image already stored is
+    skipped, so a task run twice (a worker died) does nothing twice. Decoding runs a thread ahead of the network."""
+
+    def prepare(record: ImageRecord) -> tuple[ImageRecord, PreparedImage | StainError | None]:
+        """In a thread, while the CNN runs on the previous image; None when the image is already stored."""
+        if store.has(store.entry(record), keep_crops):
+            return record, None
         try:
             return record, prepare_image(record.path, record.image_id, record.mpp, config)
         except StainError as err:
             return record, err
 
-    start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc=f"{backbone.name} features", unit="img", disable=not progress,
-               dynamic_ncols=True)
-    for record, prepared in prefetch(prepare, todo):
-        if isinstance(prepared, StainError):
-            result.problems.append(Problem(record.path, str(prepared), STAIN_FAILURE_FIX))
-        else:
-            if prepared.qc is not None:
-                result.stain_qc[record.image_id] = prepared.qc
-            features = describe_image(prepared.rgb, prepared.plans, backbone, config, device, batch_size,
-                                      prepared.stain_fit, keep_crops)
-            store.save(store.entry(record), replace(features, stain_fallback=prepared.stain_fallback))
-            result.computed += 1
-        bar.update(1)
-    bar.close()
-    result.seconds = time.perf_counter() - start
-    return result
+    outcomes = []
+    with storage.Lease(store.root):
+        for record, prepared in prefetch(prepare, records):
+            if isinstance(prepared, StainError):
+                outcome = ImageOutcome(record.image_id, Problem(record.path, str(prepared), STAIN_FAILURE_FIX))
+            elif prepared is None:
+                outcome = ImageOutcome(record.image_id)
+            else:
+                features = describe_image(prepared.rgb, prepared.plans, backbone, config, device, batch_size,
+                                          prepared.stain_fit, keep_crops)
+                store.save(store.entry(record), replace(features, stain_fallback=prepared.stain_fallback))
+                outcome = ImageOutcome(record.image_id, qc=prepared.qc)
+            outcomes.append(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
+    return outcomes
+
+
+def extract_task(records: list[ImageRecord], config: Config, backbone_name: str, weights, store_root, store_meta: dict,
+                 device: str, batch_size: int, keep_crops: bool, threads: int) -> list[ImageOutcome]:
+    """One engine task: a chunk of images described on a worker into the store opened by the client. The worker's
+    backbone is built once per process; the threads are checked, since the features' bytes depend on them."""
+    from .backbones import create_backbone
+    from .engine import check_threads, process_resource
+
+    check_threads(threads)
+    backbone = process_resource(("backbone", backbone_name, str(weights), device),
+                                lambda: create_backbone(backbone_name, weights, device))
+    store = FeatureStore(store_root, store_meta, config.preprocess)
+    return extract_records(records, config, backbone, store, device, batch_size, keep_crops)
+
+
+def _one_image_per_task(task: tuple) -> list[tuple]:
+    return [([record], *task[1:]) for record in task[0]] if len(task[0]) > 1 else []
 
 
 @dataclass
@@ -442,7 +524,7 @@ class DatasetFeatures:
 
 
 def describe_dataset(manifest: Manifest, config: Config, cache_dir: str | Path | None = None,
-                     device: str | torch.device = "cpu", batch_size: int = 8, progress: bool = True
+                     device: str | torch.device = "cpu", batch_size: int = 8, progress: bool = True, engine=None
                      ) -> list[DatasetFeatures]:
     """Each configured backbone's features for every image, extracting only what the store lacks.
     Raises DataError listing the images that could not be described."""
@@ -453,7 +535,7 @@ def describe_dataset(manifest: Manifest, config: Config, cache_dir: str | Path |
     for name in config.features.backbones:
         backbone = create_backbone(name, config.weights_for(name), device)
         result = extract_features(manifest, config, backbone, cache_dir or default_cache_dir(), device, batch_size,
-                                  progress=progress)
+                                  progress=progress, engine=engine)
         if result.problems:
             raise DataError(f"{len(result.problems)} image(s) could not be described with {name}",
                             tuple(result.problems))
@@ -492,21 +574,6 @@ def prefetch(fn: Callable[[T], R], items: list[T], depth: int = 2, threads: int 
             pending.append(pool.submit(fn, nxt))
         for future in pending:
             yield future.result()
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _host() -> str:
-    """This machine's name as it can appear inside a file name (dots and separators dropped)."""
-    return "".join(c for c in platform.node() if c.isalnum() or c in "-_") or "localhost"
 
 
 def _hash(obj: dict) -> str:

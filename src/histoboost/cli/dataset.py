@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+from .. import storage
 from ..config import Config
 from ..data import DataError, load_manifest, write_text_atomic
 from ..outputs import check_output, staged_folder
 from ..stain import check_images
-from .options import (Parents, UsageError, batch_size, config_from_args, device_of, label_map, load_data, non_negative,
-                      print_problems)
+from .options import (Parents, UsageError, batch_size, config_from_args, device_of, engine_of, label_map, load_data,
+                      non_negative, print_problems, shard)
 
 
 def add_commands(commands, p: Parents) -> None:
@@ -29,7 +32,7 @@ def add_commands(commands, p: Parents) -> None:
     inspect.set_defaults(run=_inspect)
 
     extract = commands.add_parser(
-        "extract", parents=[p.common, p.protocol, p.features], help="compute and cache CNN features",
+        "extract", parents=[p.common, p.protocol, p.features, p.engine], help="compute and cache CNN features",
         description="Describe every image's augmented crops with each backbone and keep them in the feature store "
         "(one file per image; interrupted runs resume; nothing already computed is recomputed).",
     )
@@ -38,11 +41,15 @@ def add_commands(commands, p: Parents) -> None:
                          "(default: runs/extract-DATE-TIME)")
     extract.add_argument("--force", action="store_true", help="replace --out if it exists")
     extract.add_argument("--keep-crops", action="store_true", help="also store per-crop descriptors (float16)")
+    extract.add_argument("--shard", type=shard, metavar="K/N", help="only share K of N of the images (by content), "
+                         "for job arrays: N jobs with K = 1..N together extract everything once")
     extract.set_defaults(run=_extract)
 
     cache = commands.add_parser("cache", parents=[p.common], help="list or prune the feature store")
     cache.add_argument("action", choices=["list", "prune"])
-    cache.add_argument("--cache-dir", type=Path, help="feature store (default: $HISTOBOOST_CACHE or ~/.cache/histoboost)")
+    cache.add_argument("--cache-dir", type=storage.location,
+                       help="feature store (default: $HISTOBOOST_CACHE or ~/.cache/histoboost); a folder: at a URL, "
+                       "use the object store's own tools")
     cache.add_argument("--key", action="append", default=[], help="prune: this store (repeatable)")
     cache.add_argument("--older-than", type=non_negative, metavar="DAYS", help="prune: stores unused for DAYS days")
     cache.add_argument("--all", action="store_true", help="prune: every store")
@@ -87,21 +94,26 @@ def _extract(args: argparse.Namespace) -> int:
     manifest = load_data(args, config)
     cache_dir = args.cache_dir or default_cache_dir()
     report: dict[str, Any] = {"data": str(args.data), "images": len(manifest), "cache_dir": str(cache_dir),
-                              "backbones": {}}
+                              "shard": "/".join(map(str, args.shard)) if args.shard else None, "backbones": {}}
     failed = False
-    for name in config.features.backbones:
-        backbone = create_backbone(name, config.weights_for(name), device)
-        result = extract_features(manifest, config, backbone, cache_dir, device, batch_size(args, device),
-                                  args.keep_crops, progress=not args.quiet)
-        print_problems(result.problems)
-        failed |= bool(result.problems)
-        rate = f" at {result.images_per_second:.2f} img/s" if result.computed else ""
-        print(f"{name}: {len(manifest)} images: {result.computed} extracted{rate}, {result.reused} reused, "
-              f"{len(result.problems)} failed -> {result.store.root}")
-        report["backbones"][name] = {**backbone.identity, "store": str(result.store.root),
-                                     "computed": result.computed, "reused": result.reused,
-                                     "failed": [str(p) for p in result.problems], "seconds": round(result.seconds, 2),
-                                     "stain_flagged": sum(1 for qc in result.stain_qc.values() if not qc.ok)}
+    of_shard = f" (shard {args.shard[0]}/{args.shard[1]})" if args.shard else ""
+    with engine_of(args) as engine:
+        report["engine"] = engine.describe()
+        for name in config.features.backbones:
+            backbone = create_backbone(name, config.weights_for(name), device)
+            result = extract_features(manifest, config, backbone, cache_dir, device, batch_size(args, device),
+                                      args.keep_crops, progress=not args.quiet, engine=engine, shard=args.shard)
+            print_problems(result.problems)
+            failed |= bool(result.problems)
+            rate = f" at {result.images_per_second:.2f} img/s" if result.computed else ""
+            done = result.computed + result.reused + len(result.problems)
+            print(f"{name}: {done} images{of_shard}: {result.computed} extracted{rate}, {result.reused} reused, "
+                  f"{len(result.problems)} failed -> {result.store.root}")
+            report["backbones"][name] = {**backbone.identity, "store": str(result.store.root),
+                                         "computed": result.computed, "reused": result.reused,
+                                         "failed": [str(p) for p in result.problems],
+                                         "seconds": round(result.seconds, 2),
+                                         "stain_flagged": sum(1 for qc in result.stain_qc.values() if not qc.ok)}
     provenance = {"backbones": {n: {k: b[k] for k in ("weights_sha256", "weights_source", "store")}
                                 for n, b in report["backbones"].items()}}
     with staged_folder(run, args.force) as staging:
@@ -128,7 +140,11 @@ def _cache(args: argparse.Namespace) -> int:
         return 0
     if not (args.key or args.older_than is not None or args.all):
         raise UsageError("cache prune needs --key KEY, --older-than DAYS or --all")
-    removed = prune_stores(cache_dir, args.key, args.older_than, args.all)
+    with warnings.catch_warnings(record=True) as kept:
+        warnings.simplefilter("always")
+        removed = prune_stores(cache_dir, args.key, args.older_than, args.all)
+    for warning in kept:
+        print(f"histoboost: warning: {warning.message}", file=sys.stderr)
     print(f"removed {len(removed)} feature store(s){': ' + ', '.join(removed) if removed else ''}")
     return 0
 

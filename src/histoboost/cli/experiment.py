@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import Config, ConfigError, build_config
 from ..data import load_manifest
 from ..outputs import check_output, staged_folder
-from .options import (Parents, UsageError, batch_size, check_split, config_from_args, device_of, load_data, mkdir,
+from .options import (Parents, UsageError, batch_size, check_split, config_from_args, device_of, engine_of, load_data, mkdir,
                       print_problems)
 
 
@@ -37,7 +37,7 @@ def add_commands(commands, p: Parents) -> None:
     finetune.set_defaults(run=_finetune)
 
     cv = commands.add_parser(
-        "cv", parents=[p.common, p.protocol, p.features, p.evaluation, p.tuning], help="cross-validate and write a report",
+        "cv", parents=[p.common, p.protocol, p.features, p.evaluation, p.tuning, p.engine], help="cross-validate and write a report",
         description="Extract what the feature store lacks, cross-validate each backbone and their combinations on "
         "the same grouped folds, and write metrics.json, predictions.csv and report.html.",
     )
@@ -109,8 +109,10 @@ def _run_cv(manifest, config: Config, out: Path, args: argparse.Namespace) -> in
     from ..report import accuracy_table, write_outputs
 
     device = device_of(getattr(args, "device", "cpu"))
-    run = cross_validate(manifest, config, args.cache_dir, device, batch_size(args, device),
-                         progress=not args.quiet, compare_split=getattr(args, "compare_split", "auto"))
+    with engine_of(args) as engine:
+        run = cross_validate(manifest, config, args.cache_dir, device, batch_size(args, device),
+                             progress=not args.quiet, compare_split=getattr(args, "compare_split", "auto"),
+                             engine=engine)
     for note in run.plan.warnings:
         print(f"warning: {note}", file=sys.stderr)
     provenance = {"backbones": run.extraction, "data": str(manifest.root)}

@@ -12,12 +12,12 @@ from pathlib import Path
 from ..data import write_text_atomic
 from ..outputs import check_output, csv_text, staged_folder
 from .options import (Parents, UsageError, batch_size, bundle_weights, check_split, config_from_args, count,
-                      device_of, load_data, positive, print_problems)
+                      device_of, engine_of, load_data, positive, print_problems)
 
 
 def add_commands(commands, p: Parents) -> None:
     train = commands.add_parser(
-        "train", parents=[p.common, p.protocol, p.features, p.evaluation, p.tuning], help="train on all images and save a bundle",
+        "train", parents=[p.common, p.protocol, p.features, p.evaluation, p.tuning, p.engine], help="train on all images and save a bundle",
         description="Train the classifier on every image (features from the store, extracted where missing) and "
         "write a portable bundle: XGBoost's native model, bundle.json with config and checksums. No pickle.",
     )
@@ -79,8 +79,9 @@ def _train(args: argparse.Namespace) -> int:
     manifest = load_data(args, config)
     check_split(manifest, config)
     device = device_of(args.device)
-    bundle = train_bundle(manifest, config, args.cache_dir, device, batch_size(args, device), progress=not args.quiet,
-                          image_mpp=args.image_mpp)
+    with engine_of(args) as engine:
+        bundle = train_bundle(manifest, config, args.cache_dir, device, batch_size(args, device),
+                              progress=not args.quiet, image_mpp=args.image_mpp, engine=engine)
     path = bundle.save(args.out)
     counts = ", ".join(f"{k} {v}" for k, v in bundle.meta["training_data"]["per_group"].items())
     print(f"trained on {len(manifest)} images ({counts}) with {', '.join(config.features.backbones)}: {path}")

@@ -8,10 +8,12 @@ import hashlib
 import json
 import math
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import storage
 from ..config import PRESETS, Config, ConfigError, HistoboostError, build_config
 from ..data import DataError, Problem, load_manifest, parse_label_map, read_image
 from ..foundation import FOUNDATION, settings_problem
@@ -62,6 +64,14 @@ def sha256(text: str) -> str:
     return text.lower()
 
 
+def shard(text: str) -> tuple[int, int]:
+    """argparse type: K/N, share K (from 1) of N."""
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N with 1 <= K <= N, e.g. 3/16")
+    return int(k), int(n)
+
+
 @dataclass(frozen=True)
 class Parents:
     """The flag groups commands share (argparse parents)."""
@@ -72,6 +82,7 @@ class Parents:
     evaluation: argparse.ArgumentParser
     tuning: argparse.ArgumentParser
     trust: argparse.ArgumentParser
+    engine: argparse.ArgumentParser
 
 
 def parents() -> Parents:
@@ -116,7 +127,9 @@ def parents() -> Parents:
     group.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     group.add_argument("--batch-size", type=count(1),
                        help="augmentations (or crops) per CNN batch (default: 8 on CPU, 48 on CUDA)")
-    group.add_argument("--cache-dir", type=Path, help="feature store (default: $HISTOBOOST_CACHE or ~/.cache/histoboost)")
+    group.add_argument("--cache-dir", type=storage.location, metavar="DIR|URL",
+                       help="feature store: a folder or an fsspec URL such as s3://bucket/cache (default: "
+                       "$HISTOBOOST_CACHE or ~/.cache/histoboost)")
 
     evaluation = argparse.ArgumentParser(add_help=False)
     group = evaluation.add_argument_group("evaluation")
@@ -164,7 +177,69 @@ def parents() -> Parents:
     group.add_argument("--weights", action="append", metavar="NAME=PATH", dest="bundle_weights",
                        help="your own file of a foundation model the bundle names but may not carry (gated or "
                        "non-commercial weights); its sha256 must be the one the bundle was trained with")
-    return Parents(common, protocol, features, evaluation, tuning, trust)
+    engine = argparse.ArgumentParser(add_help=False)
+    group = engine.add_argument_group("engine (docs/scale.md)")
+    group.add_argument("--engine", choices=["local", "dask"], default="local",
+                       help="local: in this process (default); dask: on Dask workers (pip install 'histoboost[dask]')")
+    group.add_argument("--scheduler", metavar="ADDRESS",
+                       help="Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: $HISTOBOOST_SCHEDULER); with no "
+                       "scheduler, --engine dask starts a local cluster of cores / --threads workers")
+    group.add_argument("--scheduler-file", type=Path, metavar="FILE", help="the scheduler's JSON file (dask scheduler "
+                       "--scheduler-file, dask-jobqueue, dask-mpi)")
+    group.add_argument("--workers", type=count(1, 4096), help="local cluster: worker processes (default: cores / threads)")
+    group.add_argument("--memory-limit", metavar="SIZE", help="local cluster: memory per worker, e.g. 4GiB (default: "
+                       "memory / workers); Dask restarts a worker above 95%% of it")
+    return Parents(common, protocol, features, evaluation, tuning, trust, engine)
+
+
+def _check_scheduler_file(path: Path) -> None:
+    """A scheduler file is Dask's JSON with the scheduler's "address"; anything else is one line, not Dask's traceback."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"--scheduler-file {path}: no such file (start the scheduler with --scheduler-file first)") \
+            from None
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--scheduler-file {path}: not a Dask scheduler file ({err})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("address"), str):
+        raise UsageError(f"--scheduler-file {path}: not a Dask scheduler file (no \"address\"): give the file that "
+                         "dask scheduler --scheduler-file wrote")
+
+
+def _check_memory_limit(text: str) -> None:
+    try:
+        from dask.utils import parse_bytes
+    except ImportError:
+        raise UsageError("--engine dask needs Dask.distributed: pip install 'histoboost[dask]'") from None
+
+    try:
+        parse_bytes(text)
+    except (ValueError, TypeError):
+        raise UsageError(f"--memory-limit {text!r} is not a size: give e.g. 4GiB or 6GB") from None
+
+
+@contextmanager
+def engine_of(args: argparse.Namespace):
+    """The engine the flags ask for, said on stderr (workers, threads, dashboard) and closed at the end."""
+    from ..engine import EngineSpec, open_engine
+
+    kind, scheduler, scheduler_file, workers, memory = (getattr(args, name, None) for name in (
+        "engine", "scheduler", "scheduler_file", "workers", "memory_limit"))  # commands without engine flags: local
+    if kind != "dask" and (scheduler or scheduler_file or workers or memory):
+        raise UsageError("--scheduler, --scheduler-file, --workers and --memory-limit need --engine dask")
+    if scheduler_file is not None:
+        _check_scheduler_file(scheduler_file)
+    if memory:
+        _check_memory_limit(memory)
+    spec = EngineSpec(kind or "local", scheduler, str(scheduler_file) if scheduler_file else None, workers,
+                      args.threads, memory)
+    with open_engine(spec) as engine:
+        if engine.kind != "local":
+            info = engine.describe()
+            dashboard = f"; dashboard: {info['dashboard']}" if info["dashboard"] else ""
+            print(f"dask: {info['workers']} worker(s) x {info['threads_per_worker']} thread(s) at "
+                  f"{info['scheduler']}{dashboard}", file=sys.stderr)
+        yield engine
 
 
 def bundle_weights(args: argparse.Namespace) -> dict[str, str]:

@@ -8,12 +8,13 @@ import sys
 import warnings
 from pathlib import Path
 
-from .options import Parents, UsageError, batch_size, bundle_weights, count, device_of, positive, share
+from .. import storage
+from .options import Parents, UsageError, batch_size, bundle_weights, count, device_of, engine_of, positive, shard, share
 
 
 def add_commands(commands, p: Parents) -> None:
     slide = commands.add_parser(
-        "slide", parents=[p.common, p.trust], help="score whole-slide images (SVS, NDPI, MRXS, TIFF, ...) with a bundle",
+        "slide", parents=[p.common, p.trust, p.engine], help="score whole-slide images (SVS, NDPI, MRXS, TIFF, ...) with a bundle",
         description="Find the tissue, tile it at the bundle's training field of view and µm/px, score every tile with "
         "the bundle's own features and decision rule, and write OUT/<slide>/ (tiles.csv, heatmap.png, heatmap.npz, "
         "mask.png, <slide>.geojson.gz for QuPath, summary.json, report.html) and OUT/slides.csv. A slide that fails "
@@ -44,7 +45,9 @@ def add_commands(commands, p: Parents) -> None:
     group.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     group.add_argument("--batch-size", type=count(1), help="tiles per network batch (default: 8 on CPU, 48 on CUDA)")
     group.add_argument("--readers", type=count(1, 64), default=2, help="tile-reading threads (default 2)")
-    group.add_argument("--cache-dir", type=Path, help="where finished tiles are kept so an interrupted slide resumes "
+    group.add_argument("--shard", type=shard, metavar="K/N", help="only share K of N of the slides (by file name), "
+                       "for job arrays; writes OUT/slides-K-of-N.csv")
+    group.add_argument("--cache-dir", type=storage.location, help="where finished tiles are kept so an interrupted slide resumes "
                        "(default: $HISTOBOOST_CACHE or ~/.cache/histoboost)")
     slide.set_defaults(run=_slide)
 
@@ -65,6 +68,8 @@ def _slide(args: argparse.Namespace) -> int:
     for name, path in (("--tissue-mask", args.tissue_mask), ("--roi", args.roi)):
         if path is not None and not path.is_file():
             raise UsageError(f"{name} {path}: no such file")
+    if args.cache_dir is not None:
+        storage.local_folder(args.cache_dir, "slide tile caches")
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file: give a folder")
     device = device_of(args.device)
@@ -85,8 +90,11 @@ def _slide(args: argparse.Namespace) -> int:
         print(f"histoboost: warning: {note}", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the notes above, said once rather than per slide
-        rows = predict_slides(bundle, slides, args.out, settings, device, batch_size(args, device), args.readers,
-                              args.cache_dir, progress=not args.quiet, on_result=report)
-    print(f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} slide(s) scored -> {args.out / 'slides.csv'} "
+        with engine_of(args) as engine:
+            rows = predict_slides(bundle, slides, args.out, settings, device, batch_size(args, device), args.readers,
+                                  args.cache_dir, progress=not args.quiet, on_result=report, engine=engine,
+                                  shard=args.shard, bundle_path=args.model, bundle_weights=bundle_weights(args))
+    table = f"slides-{args.shard[0]}-of-{args.shard[1]}.csv" if args.shard else "slides.csv"
+    print(f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} slide(s) scored -> {args.out / table} "
           "(research use only)")
     return 1 if any(r["status"] != "ok" for r in rows) else 0

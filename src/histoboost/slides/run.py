@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, storage
 from ..config import HistoboostError
 from ..data import write_text_atomic
 from ..outputs import csv_text, staged_folder
@@ -126,7 +126,8 @@ def predict_slide(bundle, path: str | Path, out: str | Path, settings: SlideSett
                              f"(tissue found: {layout.tissue_mm2:.2f} mm²): a blank slide? Give the "
                              "tissue with --tissue-mask or --roi, or lower --min-tissue")
         key = cache_key(slide, bundle.sha256, kept, geometry, settings.scoring())
-        cache = TileCache(Path(cache_dir or default_cache_dir()) / "slides" / key[:32])
+        cache = TileCache(storage.local_folder(cache_dir or default_cache_dir(), "slide tile caches") / "slides"
+                          / key[:32])
         scores = score_tiles(bundle, slide, kept, geometry, settings.augmentations, settings.confirm_top,
                              settings.stain_fit, device, batch_size, threads, cache, progress)
         with staged_folder(out, force=True) as staging:
@@ -289,28 +290,86 @@ def find_slides(paths: list[str | Path]) -> list[Path]:
 
 def predict_slides(bundle, paths: list[str | Path], out: str | Path, settings: SlideSettings = SlideSettings(),
                    device: str = "cpu", batch_size: int = 8, threads: int = 2, cache_dir: str | Path | None = None,
-                   progress: bool = False, on_result=None) -> list[dict]:
-    """Every slide into OUT/<stem>/; one bad slide does not stop the others. Writes OUT/slides.csv (one row per
-    slide: call, areas, refer, status or error) and returns its rows."""
+                   progress: bool = False, on_result=None, engine=None, shard: tuple[int, int] | None = None,
+                   bundle_path: str | Path | None = None, bundle_weights: dict | None = None) -> list[dict]:
+    """Every slide (or share `shard` K of N of them, by file name) into OUT/<stem>/; one bad slide does not stop
+    the others. Writes OUT/slides.csv (OUT/slides-K-of-N.csv for a shard; one row per slide: call, areas, refer,
+    status or error) and returns its rows. On a Dask `engine` each slide is a task: a worker loads the bundle
+    from `bundle_path` (checked to be this very bundle by its sha256) and writes the slide's folder itself."""
+    from ..engine import TaskLost, shard_of
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for path in find_slides(paths):
-        row = {"slide": str(path), "status": "ok", "call": "", "tissue_mm2": "", "carcinoma_regions": "",
-               "largest_region_mm2": "", "refer": "", "out": "", "error": ""}
-        try:
-            result = predict_slide(bundle, path, out / path.stem, settings, device, batch_size, threads, cache_dir,
-                                   progress)
-        except (HistoboostError, OSError, ValueError) as err:
-            row.update(status="error", error=str(err).splitlines()[0] if str(err) else type(err).__name__)
-        else:
-            s = result.summary
-            row.update(call=s["call"]["group"], tissue_mm2=s["tissue"]["area_mm2"],
-                       carcinoma_regions=s["carcinoma_regions"]["count"],
-                       largest_region_mm2=s["carcinoma_regions"]["largest_mm2"], refer="; ".join(s["refer"]),
-                       out=str(result.out), **{f"area_{c}_mm2": a for c, a in s["area_mm2"].items()})
-        rows.append(row)
+    slides = find_slides(paths)
+    if shard:
+        slides = shard_of(slides, shard, lambda p: p.name)
+    rows: dict[Path, dict] = {}
+    if engine is None or engine.kind == "local":
+        results = ((path, slide_row(bundle, path, out, settings, device, batch_size, threads, cache_dir, progress))
+                   for path in slides)
+    else:
+        if bundle_path is None:
+            raise SlideError("scoring slides on Dask workers needs the bundle's path (workers load it themselves)")
+        # Workers may run elsewhere, in another folder: every path they get is absolute.
+        source = (str(Path(bundle_path).absolute()), bundle.sha256,
+                  {name: str(Path(file).absolute()) for name, file in (bundle_weights or {}).items()})
+        local = replace(settings, **{k: str(Path(v).absolute()) for k in ("tissue_mask", "roi")
+                                     if (v := getattr(settings, k))})
+        cache = None if cache_dir is None else storage.local_folder(cache_dir, "slide tile caches").absolute()
+        tasks = [(source, path.absolute(), out.absolute(), local, device, batch_size, threads, cache, engine.threads)
+                 for path in slides]
+        results = ((task[1], _lost_row(task[1], row) if isinstance(row, TaskLost) else row)
+                   for task, row in engine.map(slide_task, tasks))
+    for path, row in results:
+        rows[Path(path).absolute()] = row
         if on_result is not None:
             on_result(row)
-    write_text_atomic(out / "slides.csv", csv_text(rows, list(dict.fromkeys(k for row in rows for k in row))))
-    return rows
+    ordered = [rows[p.absolute()] for p in slides]
+    name = f"slides-{shard[0]}-of-{shard[1]}.csv" if shard else "slides.csv"
+    write_text_atomic(out / name, csv_text(ordered, list(dict.fromkeys(k for row in ordered for k in row))))
+    return ordered
+
+
+def slide_row(bundle, path: Path, out: Path, settings: SlideSettings, device: str, batch_size: int, threads: int,
+              cache_dir, progress: bool = False) -> dict:
+    """Score one slide into OUT/<stem>/ and say how it went as one slides.csv row (errors become the row's)."""
+    row = _row(path)
+    try:
+        result = predict_slide(bundle, path, out / path.stem, settings, device, batch_size, threads, cache_dir,
+                               progress)
+    except (HistoboostError, OSError, ValueError) as err:
+        row.update(status="error", error=str(err).splitlines()[0] if str(err) else type(err).__name__)
+    else:
+        s = result.summary
+        row.update(call=s["call"]["group"], tissue_mm2=s["tissue"]["area_mm2"],
+                   carcinoma_regions=s["carcinoma_regions"]["count"],
+                   largest_region_mm2=s["carcinoma_regions"]["largest_mm2"], refer="; ".join(s["refer"]),
+                   out=str(result.out), **{f"area_{c}_mm2": a for c, a in s["area_mm2"].items()})
+    return row
+
+
+def slide_task(source: tuple, path: Path, out: Path, settings: SlideSettings, device: str, batch_size: int,
+               threads: int, cache_dir, torch_threads: int) -> dict:
+    """One engine task: a worker scores one slide with the bundle at `source` (path, sha256, weights), loaded once
+    per worker process and refused unless it is the client's bundle."""
+    from ..bundle import Bundle
+    from ..engine import check_threads, process_resource
+
+    check_threads(torch_threads)
+    bundle_path, sha256, weights = source
+    bundle = process_resource(("bundle", bundle_path, sha256, device),
+                              lambda: Bundle.load(bundle_path, device, sha256, weights=weights))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the client said the geometry notes once
+        return slide_row(bundle, path, out, settings, device, batch_size, threads, cache_dir)
+
+
+def _row(path: Path, **fields) -> dict:
+    """A slides.csv row: the slide, then what is known (an error row leaves the results empty)."""
+    return {"slide": str(path), "status": "ok", "call": "", "tissue_mm2": "", "carcinoma_regions": "",
+            "largest_region_mm2": "", "refer": "", "out": "", "error": "", **fields}
+
+
+def _lost_row(path: Path, lost) -> dict:
+    return _row(path, status="error",
+                error=f"{path}: not scored: {lost.reason}; check the file with openslide-show-properties")

@@ -11,13 +11,14 @@ are stored in chunks as they are finished, so an interrupted slide resumes where
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from .. import storage
 from ..augment import plan_augmentation, plan_augmentations
 from ..config import HistoboostError
 from ..stain import (FALLBACK_NOTES, Normalizer, StainError, StainFit, fit_macenko, macenko_normalize,
@@ -67,6 +68,7 @@ class TileCache:
         self.reused = 0
         if root is not None:
             root.mkdir(parents=True, exist_ok=True)
+            storage.clear_abandoned(root)
 
     def load(self, name: str) -> dict[str, np.ndarray] | None:
         if self.root is None or not (self.root / f"{name}.npz").is_file():
@@ -82,9 +84,9 @@ class TileCache:
     def save(self, name: str, arrays: dict[str, np.ndarray]) -> None:
         if self.root is None:
             return
-        tmp = self.root / f".{name}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self.root / f"{name}.npz")
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        storage.write_bytes(self.root / f"{name}.npz", buffer.getvalue())
 
 
 def cache_key(slide: Slide, bundle_sha256: str, grid: TileGrid, geometry: Geometry, settings: dict) -> str:

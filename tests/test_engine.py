@@ -1,0 +1,276 @@
+"""The Dask engine against `--engine local`: same bytes, a killed worker or client loses nothing, a poison image is
+one problem, an unreachable scheduler one line. One LocalCluster of 2 worker processes serves the whole module; the
+caller's environment is checked to come back unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_cli import run_cli
+
+distributed = pytest.importorskip("distributed")
+
+FLAGS = ["--preset", "quick", "--scale", "0.25", "--crop-size", "192", "-A", "3", "-C", "3",
+         "--backbone", "efficientnet_lite0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """histoboost's own LocalCluster start (2 workers x 1 thread), its scheduler address, and the environment it
+    must leave as it found it."""
+    from histoboost.engine import EngineSpec, open_engine
+
+    before = dict(os.environ)
+    with open_engine(EngineSpec("dask", workers=2, threads=1)) as engine:
+        assert dict(os.environ) == before  # Dask's nanny variables did not stay in the caller
+        yield engine
+    assert dict(os.environ) == before
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, bach):
+    """Eight real BACH images extracted locally with 1 thread: the bytes every Dask run must reproduce."""
+    from conftest import copy_eight
+
+    root = tmp_path_factory.mktemp("engine")
+    data = copy_eight(bach, root / "data")
+    result = run_cli("extract", data, *FLAGS, "--threads", "1", "--cache-dir", root / "ref", "--out", root / "run")
+    assert result.returncode == 0, result.stderr
+    return data, root / "ref"
+
+
+def _store(cache: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in cache.glob("features/*/[!.]*.npz")}
+
+
+def _dask(cluster, *args) -> subprocess.CompletedProcess:
+    return run_cli(*args, "--engine", "dask", "--scheduler", cluster.client.scheduler.address)
+
+
+def _with_plugin(cluster, plugin, name: str):
+    """Register a test-only worker plugin (it breaks workers on purpose) and remove it afterwards."""
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cluster.client.register_plugin(plugin, name=name)
+
+
+def test_workers_keep_histoboosts_threads_and_allocator(cluster):
+    def settings():
+        import torch
+
+        return (torch.get_num_threads(), os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS"),
+                os.environ.get("MALLOC_ARENA_MAX"))
+
+    for threads, trim, omp, arenas in cluster.client.run(settings).values():
+        assert threads == 1 and omp == "1"
+        assert trim != "65536"  # Dask's own value would make glibc hand freed memory back after every batch
+        assert arenas == "1"  # tasks run in a worker thread: its own arena would do the same
+
+
+def test_dask_features_are_byte_identical_to_local(cluster, reference, tmp_path):
+    data, ref = reference
+    result = _dask(cluster, "extract", data, *FLAGS, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert "8 extracted" in result.stdout and "dask: 2 worker(s) x 1 thread(s)" in result.stderr
+    ours = _store(tmp_path / "cache")
+    assert len(ours) == 8 and ours == _store(ref)
+    report = json.loads((tmp_path / "run" / "extract.json").read_text())
+    assert report["engine"]["engine"] == "dask" and report["engine"]["threads_per_worker"] == 1
+    again = _dask(cluster, "extract", data, *FLAGS, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run2")
+    assert "0 extracted" in again.stdout and "8 reused" in again.stdout  # a finished image is never recomputed
+
+
+def test_cv_on_dask_is_identical_to_local(cluster, reference, tmp_path):
+    data, ref = reference
+    flags = [*FLAGS, "--rounds", "20", "--folds", "2", "--split-by", "image", "--compare-split", "none",
+             "--cache-dir", ref]
+    local = run_cli("cv", data, *flags, "--threads", "1", "--out", tmp_path / "local")
+    assert local.returncode == 0, local.stderr
+    dask = _dask(cluster, "cv", data, *flags, "--out", tmp_path / "dask")
+    assert dask.returncode == 0, dask.stderr
+    with np.load(tmp_path / "local" / "cv_results.npz") as a, np.load(tmp_path / "dask" / "cv_results.npz") as b:
+        assert a.files == b.files
+        for name in a.files:
+            assert np.array_equal(a[name], b[name]), name
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text())["models"] for run in ("local", "dask")]
+    assert metrics[0] == metrics[1]
+
+
+class _DieOnce(distributed.WorkerPlugin):
+    """Kills its worker the first time a feature file is about to be published (after its temporary is written)."""
+
+    idempotent = True
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def setup(self, worker=None):
+        from histoboost import storage
+
+        original = storage._commit
+
+        def commit(tmp, target):
+            if not os.path.exists(self.marker):
+                Path(self.marker).write_text(str(tmp))
+                os._exit(1)
+            original(tmp, target)
+
+        storage._commit = commit
+
+
+def test_a_worker_killed_mid_extraction_loses_nothing(cluster, reference, tmp_path):
+    data, ref = reference
+    marker = tmp_path / "killed"
+    _with_plugin(cluster, _DieOnce(str(marker)), "die-once")
+    try:
+        result = _dask(cluster, "extract", data, *FLAGS, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run")
+    finally:
+        cluster.client.unregister_worker_plugin("die-once")
+        cluster.client.restart()  # workers without the test's patch
+    assert marker.exists(), "a worker must have died"
+    assert result.returncode == 0, result.stderr
+    assert _store(tmp_path / "cache") == _store(ref)  # all eight, none corrupt
+    assert not list((tmp_path / "cache").glob("features/*/.*.tmp")) and not list(
+        (tmp_path / "cache").glob("features/*/.lease.*"))
+
+
+class _Poison(distributed.WorkerPlugin):
+    """Kills its worker whenever it prepares the image whose name holds `name`: a file that crashes a decoder."""
+
+    idempotent = True
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def setup(self, worker=None):
+        from histoboost import features
+
+        original = features.prepare_image
+
+        def prepare(path, *args, **kwargs):
+            if self.name in str(path):
+                os._exit(1)
+            return original(path, *args, **kwargs)
+
+        features.prepare_image = prepare
+
+
+def test_a_poison_image_is_one_problem_and_the_others_are_done(cluster, reference, tmp_path):
+    data, ref = reference
+    _with_plugin(cluster, _Poison("is001"), "poison")
+    try:
+        result = _dask(cluster, "extract", data, *FLAGS, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run")
+    finally:
+        cluster.client.unregister_worker_plugin("poison")
+        cluster.client.restart()
+    assert result.returncode == 1
+    assert "7 extracted" in result.stdout and "1 failed" in result.stdout
+    problem = [line for line in result.stderr.splitlines() if "is001" in line]
+    assert len(problem) == 1 and "its worker died every time it ran" in problem[0]
+    ours, theirs = _store(tmp_path / "cache"), _store(ref)
+    assert len(ours) == 7 and all(ours[name] == theirs[name] for name in ours)
+
+
+def test_a_killed_client_resumes_without_recomputing(cluster, reference, tmp_path):
+    data, ref = reference
+    cache = tmp_path / "cache"
+    env = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+    args = [sys.executable, "-m", "histoboost.cli", "extract", str(data), *FLAGS, "--cache-dir", str(cache),
+            "--engine", "dask", "--scheduler", cluster.client.scheduler.address]
+    proc = subprocess.Popen([*args, "--out", str(tmp_path / "r1")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(_store(cache)) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(_store(cache))
+    assert 2 <= done_before < 8, "the kill must land mid-run"
+    resumed = subprocess.run([*args, "--out", str(tmp_path / "r2")], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((tmp_path / "r2" / "extract.json").read_text())["backbones"]["efficientnet_lite0"]
+    # Tasks of the killed client that were running may still finish: they are never done twice on purpose.
+    assert report["computed"] + report["reused"] == 8 and report["reused"] >= done_before
+    assert _store(cache) == _store(ref)
+
+
+def test_an_unreachable_scheduler_is_one_line(reference, tmp_path, monkeypatch):
+    data, _ = reference
+    monkeypatch.setenv("DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT", "2s")
+    result = run_cli("extract", data, *FLAGS, "--engine", "dask", "--scheduler", "tcp://127.0.0.1:9",
+                     "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith("histoboost: error: cannot reach the Dask scheduler at tcp://127.0.0.1:9")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("HISTOBOOST_SCHEDULER", "tcp://127.0.0.1:9")  # the address from the environment
+    result = run_cli("extract", data, *FLAGS, "--engine", "dask", "--cache-dir", tmp_path / "cache", "--out",
+                     tmp_path / "run")
+    assert result.returncode == 2 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in result.stderr
+    local = run_cli("extract", data, *FLAGS, "--scheduler", "tcp://127.0.0.1:9", "--out", tmp_path / "run")
+    assert local.returncode == 2 and "need --engine dask" in local.stderr
+    (tmp_path / "sched.json").write_text('{"type": "not a scheduler"}')
+    for flags, message in ((["--scheduler-file", tmp_path / "sched.json"], "not a Dask scheduler file"),
+                           (["--memory-limit", "lots"], "is not a size")):
+        result = run_cli("extract", data, *FLAGS, "--engine", "dask", *flags, "--out", tmp_path / "run")
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_machines_writing_one_store_lose_nothing(reference, tmp_path):
+    """Two local runs at once with different host names (two "machines") on one shared cache."""
+    data, ref = reference
+    env = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+    runs = [subprocess.Popen([sys.executable, "-m", "histoboost.cli", "extract", str(data), *FLAGS, "--threads", "1",
+                              "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / f"run-{host}")],
+                             env={**env, "HISTOBOOST_HOSTNAME": host}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for host in ("machine-a", "machine-b")]
+    for run in runs:
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err
+    assert _store(tmp_path / "cache") == _store(ref)
+    assert not list((tmp_path / "cache").glob("features/*/.*.tmp")) and not list(
+        (tmp_path / "cache").glob("features/*/.lease.*"))
+
+
+def test_shards_split_the_images_once(reference, tmp_path):
+    data, ref = reference
+    counts = []
+    for k in (1, 2, 3):
+        result = run_cli("extract", data, *FLAGS, "--threads", "1", "--shard", f"{k}/3", "--cache-dir",
+                         tmp_path / "cache", "--out", tmp_path / f"run{k}")
+        assert result.returncode == 0, result.stderr
+        counts.append(json.loads((tmp_path / f"run{k}" / "extract.json").read_text())
+                      ["backbones"]["efficientnet_lite0"]["computed"])
+    assert sum(counts) == 8 and _store(tmp_path / "cache") == _store(ref)
+    bad = run_cli("extract", data, *FLAGS, "--shard", "4/3", "--out", tmp_path / "bad")
+    assert bad.returncode == 2 and "is not K/N" in bad.stderr
+
+
+def test_slides_on_dask_match_local(cluster, trained, tmp_path):
+    from conftest import CMU
+
+    bundle, _, _ = trained
+    model = bundle.save(tmp_path / "model")
+    flags = ["--stride-um", "161.25", "--confirm-top", "2", "--quiet"]
+    local = run_cli("slide", model, CMU, *flags, "--threads", "1", "--out", tmp_path / "local",
+                    "--cache-dir", tmp_path / "c1")
+    assert local.returncode == 0, local.stderr
+    dask = _dask(cluster, "slide", model, CMU, *flags, "--out", tmp_path / "dask", "--cache-dir", tmp_path / "c2")
+    assert dask.returncode == 0, dask.stderr
+    stem = CMU.stem
+    for name in ("tiles.csv", "heatmap.npz"):
+        assert (tmp_path / "local" / stem / name).read_bytes() == (tmp_path / "dask" / stem / name).read_bytes(), name
+    with zipfile.ZipFile(tmp_path / "dask" / stem / "heatmap.npz") as archive:
+        assert archive.testzip() is None
