@@ -107,6 +107,18 @@ def test_cv_on_dask_is_identical_to_local(cluster, reference, tmp_path):
     assert metrics[0] == metrics[1]
 
 
+def test_train_on_dask_extracts_on_the_workers_and_fits_the_same_model(cluster, reference, tmp_path):
+    data, ref = reference
+    flags = [*FLAGS, "--rounds", "20", "--split-by", "image"]
+    dask = _dask(cluster, "train", data, *flags, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "dask.zip")
+    assert dask.returncode == 0, dask.stderr
+    assert "dask: 2 worker(s)" in dask.stderr and _store(tmp_path / "cache") == _store(ref)
+    local = run_cli("train", data, *flags, "--threads", "1", "--cache-dir", ref, "--out", tmp_path / "local.zip")
+    assert local.returncode == 0, local.stderr
+    models = [zipfile.ZipFile(tmp_path / f"{run}.zip").read("model.ubj") for run in ("dask", "local")]
+    assert models[0] == models[1]
+
+
 class _DieOnce(distributed.WorkerPlugin):
     """Kills its worker the first time a feature file is about to be published (after its temporary is written)."""
 

@@ -209,7 +209,9 @@ def browser():
 def page(browser):
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     page.errors = []
-    page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
+    # A page without an icon of its own makes Chromium ask for /favicon.ico (a 404): every page states one.
+    page.on("console", lambda m: page.errors.append(f"{m.text} ({m.location.get('url')})") if m.type == "error"
+            else None)
     page.on("pageerror", lambda e: page.errors.append(str(e)))
     yield page
     page.close()

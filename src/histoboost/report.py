@@ -157,7 +157,8 @@ def write_report(run: CVRun, out: Path) -> Path:
                "in both training and test, so this estimates accuracy on new patients"
                + (" (id_block is a proxy for patients)." if run.plan.split_by == "id_block" else "."))
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>histoboost cross-validation</title>",
+        "<!doctype html><html><head><meta charset='utf-8'><link rel='icon' href='data:,'>"
+        "<title>histoboost cross-validation</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>histoboost cross-validation report</h1>",
         "<p class='warn'>Research use only; not for diagnosis.</p>",

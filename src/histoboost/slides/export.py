@@ -282,7 +282,7 @@ def write_report(path: Path, summary: dict, rows: list[dict], top: list[int], pi
         f"{' (confirmed)' if rows[i]['confirmed'] else ''}</figcaption></figure>"
         for n, (i, pic) in enumerate(zip(top, pictures), start=1))
     text = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>histoboost slide: {e(summary['slide']['name'])}</title>
+<html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,"><title>histoboost slide: {e(summary['slide']['name'])}</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}} th{{text-align:left;padding-right:1em}}
 figure{{display:inline-block;margin:4px;font-size:12px}} img{{max-width:100%}} .warn{{background:#fff3cd;padding:.5em}}</style>
 </head><body>

@@ -216,7 +216,7 @@ def _index_html(slides: list[SlideResult], images: list[ImageResults]) -> str:
              f'({html.escape(str(s.summary["call"]["group"]))})</li>' for i, s in enumerate(slides)]
     items += [f'<li><a href="/images/{i}/">{html.escape(r.name)}</a> ({len(r.records)} images)</li>'
               for i, r in enumerate(images)]
-    return ("<!doctype html><html lang=en><meta charset=utf-8><title>histoboost view</title>"
+    return ("<!doctype html><html lang=en><meta charset=utf-8><link rel=icon href='data:,'><title>histoboost view</title>"
             '<link rel=stylesheet href="/static/style.css"><main><h1>histoboost results</h1>'
             "<p class=ruo>Research use only; not for diagnosis.</p><ul>" + "".join(items) + "</ul></main></html>")
 
