@@ -13,12 +13,12 @@ from histoboost.config import preset
 from histoboost.report import OVERLAY_LEGEND_HEIGHT
 
 
-def test_save_load_predict_equals_in_memory(trained):
-    bundle, manifest, root = trained
+def test_save_load_predict_equals_in_memory(trained, tmp_path):
+    bundle, manifest, _ = trained
     paths = [r.path for r in manifest][:3]
     in_memory, problems = bundle.predict(paths)
     assert problems == []
-    for out in (root / "model", root / "model.zip"):
+    for out in (tmp_path / "model", tmp_path / "model.zip"):  # not the shared root: the `model` fixture saves there
         bundle.save(out)
         loaded = Bundle.load(out)
         again, _ = loaded.predict(paths)

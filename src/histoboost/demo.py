@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import write_text_atomic
+from .storage import write_bytes
 
 DEMO_VERSION = 2
 SIZE = 1024
@@ -153,6 +154,6 @@ def _smooth_noise(rng: np.random.Generator, sigma: float) -> np.ndarray:
 def _save_jpeg(rgb: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(rgb).save(tmp, "JPEG", quality=92)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "JPEG", quality=92)
+    write_bytes(path, buffer.getvalue())

@@ -186,7 +186,11 @@ def cross_validate_features(X: np.ndarray | list[np.ndarray], owners: np.ndarray
     row_fold = plan.folds[owners]
     row_units = plan.units[owners]
     row_y = truth[owners]
-    matrices = [engine.share(x) for x in X] if isinstance(X, list) else [engine.share(X)] * plan.n_folds
+    shared: dict[int, Any] = {}
+    for x in X if isinstance(X, list) else [X]:
+        if id(x) not in shared:
+            shared[id(x)] = engine.share(x)
+    matrices = [shared[id(x)] for x in X] if isinstance(X, list) else [shared[id(X)]] * plan.n_folds
     tasks = [(matrices[k], owners, row_y, row_fold, row_units, k, config, device,
               None if unseen is None else unseen[k][owners], engine.threads) for k in range(plan.n_folds)]
     bar = tqdm(total=plan.n_folds, desc=f"{model} folds", disable=not progress, leave=False)
@@ -263,25 +267,22 @@ class CVRun:
 
     def save(self, path: str | Path) -> None:
         """Everything `histoboost report` needs to rebuild metrics and report, as one .npz (atomic)."""
-        import os
+        from .storage import write_npz
 
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
         arrays = {f"probs__{r.model}": r.aug_probs for r in self.results}
         for r in self.results:
             if r.rules is not None:
                 arrays.update({f"decision__{r.model}": r.decision, f"agreement__{r.model}": r.agreement,
                                f"rules__{r.model}": np.array(json.dumps([rule.to_dict() for rule in r.rules]))})
-        np.savez_compressed(
-            tmp, image_ids=self.image_ids.astype(str), names=self.names.astype(str), paths=self.paths.astype(str),
+        write_npz(Path(path), dict(
+            image_ids=self.image_ids.astype(str), names=self.names.astype(str), paths=self.paths.astype(str),
             patients=self.patients.astype(str), truth=self.truth, folds=self.plan.folds,
             units=self.plan.units.astype(str), split_by=np.array(self.plan.split_by),
             stain_fallbacks=self.stain_fallbacks.astype(str),
             split_comparison=np.array(json.dumps(self.split_comparison)),
             finetuned=np.array(json.dumps(self.finetuned)),
             warnings=np.array(self.plan.warnings, dtype=str), models=np.array([r.model for r in self.results]),
-            **arrays)
-        os.replace(tmp, path)
+            **arrays), compressed=True)
 
     @classmethod
     def load(cls, path: str | Path, config: Config) -> CVRun:
@@ -328,10 +329,8 @@ def cross_validate(manifest: Manifest, config: Config, cache_dir: str | Path | N
     for the report's side-by-side table. With `config.finetune.enabled`, each backbone is fine-tuned inside
     every outer fold on that fold's training images only (`finetuned_features`). Extraction and folds run on
     `engine` (default: this process)."""
-    from .engine import LocalEngine
     from .features import describe_dataset
 
-    engine = engine or LocalEngine()
 
     scheme = class_scheme(config.classifier.classes)
     plan = make_folds(manifest, config.evaluate.split_by, config.evaluate.folds, config.seed, scheme)
@@ -354,7 +353,8 @@ def cross_validate(manifest: Manifest, config: Config, cache_dir: str | Path | N
     results = [cross_validate_features([fold[b].X for fold in per_fold], d.owners, manifest, plan, config, d.backbone.name,
                                        device, progress, unseen, engine) for b, d in enumerate(described)]
     if len(described) > 1:
-        X = [np.concatenate([d.X for d in fold], axis=1) for fold in per_fold]
+        joined = {id(fold): np.concatenate([d.X for d in fold], axis=1) for fold in per_fold}  # once per distinct fold
+        X = [joined[id(fold)] for fold in per_fold]
         results.append(cross_validate_features(X, described[0].owners, manifest, plan, config,
                                                f"{' + '.join(names)} (concat)", device, progress, unseen, engine))
         results.append(combine_mean(results[:len(described)], f"{' + '.join(names)} (mean prob)"))

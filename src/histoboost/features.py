@@ -271,9 +271,7 @@ class FeatureStore:
             return None
 
     def has(self, image_id: str, need_crops: bool = False) -> bool:
-        """Whether usable features are stored (a damaged file counts as absent)."""
-        if not storage.exists(self.path(image_id)):
-            return False
+        """Whether usable features are stored (a missing or damaged file counts as absent)."""
         stored = self.load(image_id)
         return stored is not None and (stored.crops is not None or not need_crops)
 
@@ -284,10 +282,8 @@ class FeatureStore:
                   "stain_fallback": np.array(features.stain_fallback)}
         if features.crops is not None:
             arrays.update(crops=features.crops, boxes=features.boxes)
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
         try:
-            storage.write_bytes(self.path(image_id), buffer.getvalue())
+            storage.write_npz(self.path(image_id), arrays)
         except OSError as err:  # disk full, read-only: what was stored before stays
             raise FeatureStoreError(f"{self.root}: cannot store features ({err.strerror or err}): free space or give "
                                     "a writable --cache-dir; rerun to resume") from None
@@ -458,13 +454,11 @@ class ImageOutcome:
 def extract_records(records: list[ImageRecord], config: Config, backbone: Backbone, store: FeatureStore,
                     device: str | torch.device = "cpu", batch_size: int = 8, keep_crops: bool = False,
                     on_outcome: Callable[[ImageOutcome], None] | None = None) -> list[ImageOutcome]:
-    """Describe `records` into `store`, saving each image as soon as it is done; an image already stored is
-    skipped, so a task run twice (a worker died) does nothing twice. Decoding runs a thread ahead of the network."""
+    """Describe `records` into `store`, saving each image as soon as it is done. Decoding runs a thread ahead of
+    the network."""
 
-    def prepare(record: ImageRecord) -> tuple[ImageRecord, PreparedImage | StainError | None]:
-        """In a thread, while the CNN runs on the previous image; None when the image is already stored."""
-        if store.has(store.entry(record), keep_crops):
-            return record, None
+    def prepare(record: ImageRecord) -> tuple[ImageRecord, PreparedImage | StainError]:
+        """In a thread, while the CNN runs on the previous image."""
         try:
             return record, prepare_image(record.path, record.image_id, record.mpp, config)
         except StainError as err:
@@ -475,8 +469,6 @@ def extract_records(records: list[ImageRecord], config: Config, backbone: Backbo
         for record, prepared in prefetch(prepare, records):
             if isinstance(prepared, StainError):
                 outcome = ImageOutcome(record.image_id, Problem(record.path, str(prepared), STAIN_FAILURE_FIX))
-            elif prepared is None:
-                outcome = ImageOutcome(record.image_id)
             else:
                 features = describe_image(prepared.rgb, prepared.plans, backbone, config, device, batch_size,
                                           prepared.stain_fit, keep_crops)
@@ -499,7 +491,10 @@ def extract_task(records: list[ImageRecord], config: Config, backbone_name: str,
     backbone = process_resource(("backbone", backbone_name, str(weights), device),
                                 lambda: create_backbone(backbone_name, weights, device))
     store = FeatureStore(store_root, store_meta, config.preprocess)
-    return extract_records(records, config, backbone, store, device, batch_size, keep_crops)
+    # A task run again (its worker died) skips what its first run stored: nothing is done twice.
+    todo = [r for r in records if not store.has(store.entry(r), keep_crops)]
+    done = [ImageOutcome(r.image_id) for r in records if r not in todo]
+    return done + extract_records(todo, config, backbone, store, device, batch_size, keep_crops)
 
 
 def _one_image_per_task(task: tuple) -> list[tuple]:

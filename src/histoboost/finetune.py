@@ -35,7 +35,6 @@ from .backbones import Backbone, create_backbone, file_sha256
 from .config import Config, FinetuneConfig, HistoboostError
 from .data import GROUP_NAMES, DataError, Manifest, Problem, read_image, working_scale, write_text_atomic
 from .stain import StainError, StainFit, fit_macenko, normalize_safely
-from .storage import local_folder
 
 CARD_FORMAT = 1
 
@@ -304,14 +303,14 @@ def _optimizer(model: nn.Module, ft: FinetuneConfig) -> torch.optim.Optimizer:
     ])
 
 
-def finetune_cached(images: list[TrainingImage], config: Config, backbone_name: str, cache_dir: str | Path,
+def finetune_cached(images: list[TrainingImage], config: Config, backbone_name: str, cache_dir: Path,
                     base_weights: str | Path | None = None, device: str = "cpu", progress: bool = True
                     ) -> FinetuneResult:
     """`finetune` into the cache (`<cache>/finetune/<backbone>-<key>/`), so that cross-validation reruns
     and resumes reuse the weights of every fold already fine-tuned."""
     base = create_backbone(backbone_name, base_weights, "cpu").identity
     key = finetune_key(config, base["weights_sha256"], data_fingerprint(images))
-    out = local_folder(cache_dir, "fine-tuned weights") / "finetune" / f"{backbone_name}-{key}" / "weights.safetensors"
+    out = Path(cache_dir) / "finetune" / f"{backbone_name}-{key}" / "weights.safetensors"
     return finetune(images, config, backbone_name, out, base_weights, device, progress)
 
 

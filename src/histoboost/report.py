@@ -8,7 +8,6 @@ import csv
 import html
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from .data import GROUP_NAMES, write_text_atomic
 from .evaluate import BINARY_TASKS, CVRun, carcinoma_roc
 from .outputs import spreadsheet_safe
 from .stain import FALLBACK_NOTES
+from .storage import write_bytes
 
 TASK_TITLES = {"carcinoma": "carcinoma (1+2) vs non-carcinoma (0)", "0v1": "normal/benign (0) vs in situ (1)",
                "0v2": "normal/benign (0) vs invasive (2)", "1v2": "in situ (1) vs invasive (2)"}
@@ -515,7 +515,7 @@ def write_overlay(image_path: str | Path, grid: np.ndarray, predicted: int, out:
               "per feature-map cell over tissue", fill="black")
     draw.text((220, h + 24), "EXPLORATORY: the classifier was trained on vectors pooled over crops,", fill="black")
     draw.text((220, h + 40), "not on single cells. Research use only; not for diagnosis.", fill="black")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    canvas.save(tmp, "PNG")
-    tmp.replace(out)
+    buffer = io.BytesIO()
+    canvas.save(buffer, "PNG")
+    write_bytes(out, buffer.getvalue())
     return out

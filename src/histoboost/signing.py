@@ -64,10 +64,10 @@ def private_key(path: str | Path):
 
 def sign(message: bytes, key, signature_out: str | Path) -> Path:
     """Sign `message` with an Ed25519 private key (`private_key`) and write the detached signature atomically."""
+    from .storage import write_bytes
+
     signature_out = Path(signature_out)
-    tmp = signature_out.with_name(f".{signature_out.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(key.sign(message))
-    os.replace(tmp, signature_out)
+    write_bytes(signature_out, key.sign(message))
     return signature_out
 
 

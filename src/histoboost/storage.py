@@ -136,6 +136,17 @@ def write_bytes(target: Location, data: bytes) -> None:
         raise
 
 
+def write_npz(target: Location, arrays: dict, compressed: bool = False) -> None:
+    """numpy arrays as one .npz, published at once (`write_bytes`)."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
+    write_bytes(target, buffer.getvalue())
+
+
 def temporary_for(target: Path) -> Path:
     """`.NAME.HOST.PID.RANDOM.tmp` beside `target` (a long NAME is shortened to a digest: the temporary's name must
     fit where the target's does)."""

@@ -14,7 +14,6 @@ import gzip
 import html
 import json
 import math
-import os
 import uuid
 from pathlib import Path
 
@@ -225,13 +224,11 @@ def write_geojson(path: Path, rows: list[dict], scheme: ClassScheme, size: tuple
             "objectType": "annotation", "name": f"carcinoma region {n} ({area:.2f} mm² of tissue, mostly {name})",
             "classification": {"name": f"Carcinoma region {name}", "color": list(REGION_COLOR)},
             "measurements": {"tissue_area_mm2": round(area, 4)}}))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as out:
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as out:
         out.write(b'{"type": "FeatureCollection", "features": [\n')
         for n, feature in enumerate(features):
             out.write((",\n" if n else "").encode() + json.dumps(feature, allow_nan=False).encode())
         out.write(b"\n]}\n")
-    os.replace(tmp, path)
     return len(features)
 
 

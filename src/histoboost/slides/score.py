@@ -11,7 +11,6 @@ are stored in chunks as they are finished, so an interrupted slide resumes where
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -84,9 +83,7 @@ class TileCache:
     def save(self, name: str, arrays: dict[str, np.ndarray]) -> None:
         if self.root is None:
             return
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        storage.write_bytes(self.root / f"{name}.npz", buffer.getvalue())
+        storage.write_npz(self.root / f"{name}.npz", arrays)
 
 
 def cache_key(slide: Slide, bundle_sha256: str, grid: TileGrid, geometry: Geometry, settings: dict) -> str:
@@ -163,7 +160,7 @@ def _classify(bundle, tiles: list[np.ndarray], keys: list[str], augmentations: i
     un-augmented map, or each tile's A augmentations as `predict` makes an image's."""
     import torch
 
-    from ..features import autocast, describe_image, describe_views
+    from ..features import ImageFeatures, autocast, describe_image, describe_views
 
     config = bundle.config
     kind = config.features.descriptor
@@ -177,8 +174,8 @@ def _classify(bundle, tiles: list[np.ndarray], keys: list[str], augmentations: i
             for backbone in bundle.backbones:
                 _, pooled, whole = describe_views(batch, boxes, backbone, config, batch_size)
                 pooled, whole = pooled.float().cpu().numpy(), whole.float().cpu().numpy()
-                parts.append({"crops": [pooled], "whole": [whole], "crops+whole": [pooled, whole]}[kind])
-        rows = np.concatenate([p for part in parts for p in part], axis=1)
+                parts.append(ImageFeatures(pooled, whole).descriptor(kind))
+        rows = np.concatenate(parts, axis=1)
         return bundle.classifier.predict_proba(rows)[:, None, :]
     wanted = replace(config.augment, n_augment=augmentations)
     out = []

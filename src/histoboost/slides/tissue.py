@@ -30,6 +30,7 @@ MAX_ROI_BYTES = 64 * 2**20
 def tissue_mask(rgb: np.ndarray, mpp: float, floor: int = SATURATION_FLOOR) -> np.ndarray:
     """Boolean tissue mask of an RGB uint8 thumbnail (h, w, 3) whose pixels are `mpp` µm wide."""
     from skimage.filters import threshold_otsu
+    from skimage.morphology import disk
 
     rgb16 = rgb.astype(np.int16)
     red, green, blue = rgb16[..., 0], rgb16[..., 1], rgb16[..., 2]
@@ -41,7 +42,7 @@ def tissue_mask(rgb: np.ndarray, mpp: float, floor: int = SATURATION_FLOOR) -> n
         threshold = max(floor, int(threshold_otsu(saturation)))
     tissue = (saturation > threshold) & (red > green) & (blue > green) & (high >= DARK)
     radius = max(1, round(CLOSING_UM / mpp))
-    tissue = ndimage.binary_closing(tissue, structure=_disk(radius), border_value=0)
+    tissue = ndimage.binary_closing(tissue, structure=disk(radius).astype(bool), border_value=0)
     tissue = _drop_small(tissue, MIN_TISSUE_UM2 / mpp**2)
     return ~_drop_small(~tissue, MAX_HOLE_UM2 / mpp**2, keep_border=True)
 
@@ -119,11 +120,6 @@ def polygonal(geometry):
     parts = [p for g in getattr(geometry, "geoms", [geometry]) for p in getattr(g, "geoms", [g])
              if p.geom_type == "Polygon" and not p.is_empty]
     return parts[0] if len(parts) == 1 else shapely.MultiPolygon(parts)
-
-
-def _disk(radius: int) -> np.ndarray:
-    y, x = np.ogrid[-radius:radius + 1, -radius:radius + 1]
-    return x * x + y * y <= radius * radius
 
 
 def _drop_small(mask: np.ndarray, min_pixels: float, keep_border: bool = False) -> np.ndarray:
