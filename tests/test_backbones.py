@@ -1,4 +1,6 @@
+import argparse
 import os
+import re
 import subprocess
 import sys
 
@@ -9,7 +11,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from skimage import data as skdata
 
-from histoboost.backbones import REGISTRY, BackboneError, create_backbone, file_sha256
+from histoboost.backbones import REGISTRY, BackboneError, check_file, create_backbone, file_sha256, read_weights
 
 
 def _imagenet_input(image: np.ndarray, size: int) -> torch.Tensor:
@@ -65,6 +67,46 @@ def test_bad_weights_are_refused(tmp_path):
     save_file({"fc.weight": torch.zeros(3, 3)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(BackboneError, match="do not fit"):
         create_backbone("efficientnet_lite0", weights=tmp_path / "other.safetensors")
+
+
+def test_a_pickle_of_objects_is_refused_in_one_line_without_torchs_advice_to_unpickle_it(tmp_path):
+    # dummy tensors (zeros), not real weights: only the file format is under test
+    state = {"model": {"fc.weight": torch.zeros(2, 2)}, "args": argparse.Namespace(lr=0.1)}
+    torch.save(state, tmp_path / "zip.pth")
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    (tmp_path / "junk.pth").write_bytes(b"not weights")
+    for name in ("zip.pth", "legacy.pth", "junk.pth"):
+        for read in (read_weights, check_file):
+            with pytest.raises(BackboneError) as caught:
+                read(tmp_path / name)
+            message = str(caught.value)
+            assert message.startswith(f"{tmp_path / name}: ") and "\n" not in message and "\x1b" not in message
+            assert not re.search(r"weights_only|trust|unsafe|safe_globals|arbitrary code", message, re.IGNORECASE)
+            if name == "junk.pth":
+                assert "not a readable safetensors or torch weights file" in message
+            else:
+                assert "holds pickled argparse.Namespace objects" in message
+                assert "histoboost never unpickles; convert it to safetensors" in message
+
+
+def test_a_hugging_face_download_folder_names_the_weights_file_inside_it(tmp_path):
+    snapshot = tmp_path / "models--owner--net" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "training_args.bin").write_bytes(b"")
+    save_file({"w": torch.zeros(1)}, str(snapshot / "model.safetensors"))  # a dummy tensor, not real weights
+    torch.save({"w": torch.zeros(1)}, snapshot / "pytorch_model.bin")
+    folder = tmp_path / "models--owner--net"
+    with pytest.raises(BackboneError) as caught:
+        create_backbone("efficientnet_lite0", weights=folder)
+    assert str(caught.value) == (f"{folder} is a folder: pass the weights file inside it, --weights efficientnet_lite0="
+                                 f"{snapshot / 'model.safetensors'} (or {snapshot / 'pytorch_model.bin'}, "
+                                 f"{snapshot / 'training_args.bin'})")
+    with pytest.raises(BackboneError, match=f"inside it, {re.escape(str(snapshot / 'model.safetensors'))} "):
+        check_file(folder)  # `histoboost backbones --check`: no backbone name to suggest
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BackboneError, match="is a folder with no weights file .* pass the weights file itself"):
+        read_weights(tmp_path / "empty")
 
 
 def test_unknown_backbone():

@@ -140,7 +140,9 @@ def test_threshold_is_chosen_on_inner_folds_to_reach_the_target_sensitivity():
     sensitivity = (decision[carcinoma] > 0).mean()
     assert sensitivity >= 0.85  # chosen out of fold, applied in sample: near the 0.95 target
     assert sensitivity > (DecisionRule().decide(p)[0][carcinoma] > 0).mean()  # above the majority vote's
-    assert fit_decision_rule(X, image_y[owners], owners, units, ClassifierConfig()) == DecisionRule()
+    argmax = ClassifierConfig(target_sensitivity=None)  # `--decision argmax`: nothing to fit
+    assert fit_decision_rule(X, image_y[owners], owners, units, argmax) == DecisionRule()
+    assert ClassifierConfig().target_sensitivity == 0.95  # the default decision: the carcinoma operating point
     with pytest.raises(ValueError, match="2 split units"):
         fit_decision_rule(X, image_y[owners], owners, np.zeros(len(owners)).astype(str), config)
 

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -231,6 +232,9 @@ def test_train_predict_evaluate_and_tamper(small_folder, tmp_path, bach):
     trained = run_cli("train", small_folder, *flags, "--out", model)
     assert trained.returncode == 0, trained.stderr
     assert "trained on 8 images" in trained.stdout and model.is_file()
+    # The default decision of every preset: the threshold for 95% carcinoma sensitivity on inner folds.
+    assert "decision: operating point: carcinoma when mean p(carcinoma) >= " in trained.stdout
+    assert "(chosen for 95% sensitivity on inner folds)" in trained.stdout
     identity = trained.stdout.split("bundle sha256: ")[1].split()[0]
     new = tmp_path / "new"
     new.mkdir()
@@ -248,6 +252,13 @@ def test_train_predict_evaluate_and_tamper(small_folder, tmp_path, bach):
                       tmp_path / "one.json", "--quiet")
     record = json.loads((tmp_path / "one.json").read_text())[0]
     assert as_json.returncode == 0 and record["bundle_format"] == FORMAT_VERSION and record["bundle_sha256"] == identity
+    assert record["decision_rule"].startswith("operating point: carcinoma when mean p(carcinoma) >= ")
+    argmax = run_cli("train", small_folder, *flags, "--decision", "argmax", "--out", tmp_path / "argmax.zip")
+    assert argmax.returncode == 0 and "decision: argmax (majority vote over augmentations)" in argmax.stdout
+    assert json.loads(zipfile.ZipFile(tmp_path / "argmax.zip").read("bundle.json"))["decision_rule"]["threshold"] is None
+    both = run_cli("train", small_folder, *flags, "--decision", "argmax", "--target-sensitivity", "0.9", "--out",
+                   tmp_path / "both.zip")
+    assert both.returncode == 2 and "takes no --target-sensitivity" in both.stderr and not (tmp_path / "both.zip").exists()
     refused = run_cli("evaluate", model, small_folder, "--out", tmp_path / "eval", "--quiet")
     assert refused.returncode == 2 and "in the bundle's training set" in refused.stderr
     held_out = tmp_path / "held_out"
@@ -268,8 +279,6 @@ def test_train_predict_evaluate_and_tamper(small_folder, tmp_path, bach):
 
 @pytest.mark.heavy
 def test_finetune_command_resumes_nothing_twice_and_its_weights_travel(demo_data, tmp_path):
-    import zipfile
-
     out = tmp_path / "lite0-demo.safetensors"
     tiny = ("--preset", "quick", "--scale", "0.125", "--crop-size", "64", "--epochs", "1", "--crops-per-image", "1",
             "--finetune-batch-size", "8", "--quiet")
@@ -342,12 +351,12 @@ def test_foundation_model_from_local_weights_end_to_end(small_folder, tmp_path, 
     shared = run_cli("extract", small_folder, *weights, *flags, "--mode", "shared", "--out", tmp_path / "run2")
     assert shared.returncode == 2 and "is a ViT" in shared.stderr and len(shared.stderr.splitlines()) == 1
     assert not (tmp_path / "run2").exists()  # refused before any work
-    cv = run_cli("cv", small_folder, *weights, *flags, "--folds", "2", "--rounds", "10", "--out", tmp_path / "cv")
+    # 2 folds of 8 images leave 1 in-situ image to train on: too few to choose an operating point
+    cv = run_cli("cv", small_folder, *weights, *flags, "--folds", "2", "--rounds", "10", "--decision", "argmax",
+                 "--out", tmp_path / "cv")
     assert cv.returncode == 0, cv.stderr
     model = tmp_path / "model.zip"
     assert run_cli("train", small_folder, *weights, *flags, "--rounds", "10", "--out", model).returncode == 0
-    import zipfile
-
     assert sorted(zipfile.ZipFile(model).namelist()) == ["bundle.json", "model.ubj"]  # non-commercial: not carried
     image = next(small_folder.rglob("*.jpeg"))
     refused = run_cli("predict", model, image)
@@ -357,6 +366,25 @@ def test_foundation_model_from_local_weights_end_to_end(small_folder, tmp_path, 
     assert predicted.stdout.count("\n") == 2
     checked = run_cli("backbones", "--check", kaiko_random)
     assert "fits: kaiko-vits16 or lunit-vits16" in checked.stdout and "no publisher states a checksum" in checked.stdout
+
+
+def test_the_decision_flag_sets_the_operating_point_or_argmax(tmp_path):
+    """Every preset decides by the 95% operating point; `--decision argmax` turns it off, and `--decision
+    operating-point` turns it back on over a config file that has it off (a 0.6 run's config.json)."""
+    from histoboost.cli import build_parser
+    from histoboost.cli.options import config_from_args
+
+    def parse(*flags):
+        return config_from_args(build_parser().parse_args(["train", "DATA", "--out", "m.zip", *map(str, flags)]))
+
+    for name in ("paper", "quick", "accurate"):
+        assert parse("--preset", name).classifier.target_sensitivity == 0.95
+    assert parse("--decision", "argmax").classifier.target_sensitivity is None
+    assert parse("--target-sensitivity", "0.9").classifier.target_sensitivity == 0.9
+    old = tmp_path / "config.json"
+    old.write_text(json.dumps({"classifier": {"target_sensitivity": None}}))
+    assert parse("--config", old).classifier.target_sensitivity is None
+    assert parse("--config", old, "--decision", "operating-point").classifier.target_sensitivity == 0.95
 
 
 def test_weights_flag_alone_picks_foundation_models_and_their_preset_only():
@@ -380,8 +408,6 @@ def test_weights_flag_alone_picks_foundation_models_and_their_preset_only():
 def test_accurate_preset_trains_at_1_68_um_per_px_and_decides_by_its_carcinoma_threshold(small_folder, tmp_path):
     """The `accurate` preset end to end at its real geometry (8 real BACH images, 2 per class): logistic regression
     on EfficientNet-Lite0 at 1.68 µm/px, a carcinoma threshold chosen on inner folds, split votes referred."""
-    import zipfile
-
     model = tmp_path / "accurate.zip"
     trained = run_cli("train", small_folder, "--preset", "accurate", "--quiet", "--cache-dir", tmp_path / "cache",
                       "--out", model)

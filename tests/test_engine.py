@@ -1,6 +1,8 @@
 """The Dask engine against `--engine local`: same bytes, a killed worker or client loses nothing, a poison image is
-one problem, an unreachable scheduler one line. One LocalCluster of 2 worker processes serves the whole module; the
-caller's environment is checked to come back unchanged."""
+one problem, an unreachable scheduler one line. One LocalCluster of 2 worker processes serves the tests that leave
+their workers whole; a test that kills workers gets its own cluster and closes it (no `client.restart()`, whose fixed
+wait for the workers to come back a busy machine missed). The caller's environment is checked to come back
+unchanged."""
 
 from __future__ import annotations
 
@@ -24,8 +26,7 @@ FLAGS = ["--preset", "quick", "--scale", "0.25", "--crop-size", "192", "-A", "3"
          "--backbone", "efficientnet_lite0", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def _own_cluster():
     """histoboost's own LocalCluster start (2 workers x 1 thread), its scheduler address, and the environment it
     must leave as it found it."""
     from histoboost.engine import EngineSpec, open_engine
@@ -35,6 +36,11 @@ def cluster():
         assert dict(os.environ) == before  # Dask's nanny variables did not stay in the caller
         yield engine
     assert dict(os.environ) == before
+
+
+cluster = pytest.fixture(scope="module")(_own_cluster)
+# For a test whose plugin kills workers: thrown away afterwards, so later tests never wait for workers to come back.
+doomed_cluster = pytest.fixture(scope="function")(_own_cluster)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +99,7 @@ def test_dask_features_are_byte_identical_to_local(cluster, reference, tmp_path)
 
 def test_cv_on_dask_is_identical_to_local(cluster, reference, tmp_path):
     data, ref = reference
-    flags = [*FLAGS, "--rounds", "20", "--folds", "2", "--split-by", "image", "--compare-split", "none",
+    flags = [*FLAGS, "--rounds", "20", "--folds", "2", "--split-by", "image", "--compare-split", "none", "--decision", "argmax",
              "--cache-dir", ref]
     local = run_cli("cv", data, *flags, "--threads", "1", "--out", tmp_path / "local")
     assert local.returncode == 0, local.stderr
@@ -141,15 +147,11 @@ class _DieOnce(distributed.WorkerPlugin):
         storage._commit = commit
 
 
-def test_a_worker_killed_mid_extraction_loses_nothing(cluster, reference, tmp_path):
+def test_a_worker_killed_mid_extraction_loses_nothing(doomed_cluster, reference, tmp_path):
     data, ref = reference
     marker = tmp_path / "killed"
-    _with_plugin(cluster, _DieOnce(str(marker)), "die-once")
-    try:
-        result = _dask(cluster, "extract", data, *FLAGS, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run")
-    finally:
-        cluster.client.unregister_worker_plugin("die-once")
-        cluster.client.restart()  # workers without the test's patch
+    _with_plugin(doomed_cluster, _DieOnce(str(marker)), "die-once")
+    result = _dask(doomed_cluster, "extract", data, *FLAGS, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run")
     assert marker.exists(), "a worker must have died"
     assert result.returncode == 0, result.stderr
     assert _store(tmp_path / "cache") == _store(ref)  # all eight, none corrupt
@@ -178,14 +180,10 @@ class _Poison(distributed.WorkerPlugin):
         features.prepare_image = prepare
 
 
-def test_a_poison_image_is_one_problem_and_the_others_are_done(cluster, reference, tmp_path):
+def test_a_poison_image_is_one_problem_and_the_others_are_done(doomed_cluster, reference, tmp_path):
     data, ref = reference
-    _with_plugin(cluster, _Poison("is001"), "poison")
-    try:
-        result = _dask(cluster, "extract", data, *FLAGS, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run")
-    finally:
-        cluster.client.unregister_worker_plugin("poison")
-        cluster.client.restart()
+    _with_plugin(doomed_cluster, _Poison("is001"), "poison")
+    result = _dask(doomed_cluster, "extract", data, *FLAGS, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run")
     assert result.returncode == 1
     assert "7 extracted" in result.stdout and "1 failed" in result.stdout
     problem = [line for line in result.stderr.splitlines() if "is001" in line]
@@ -238,6 +236,47 @@ def test_an_unreachable_scheduler_is_one_line(reference, tmp_path, monkeypatch):
                            (["--memory-limit", "lots"], "is not a size")):
         result = run_cli("extract", data, *FLAGS, "--engine", "dask", *flags, "--out", tmp_path / "run")
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_scheduler_address_histoboost_cannot_use_is_one_line(reference, tmp_path, monkeypatch):
+    """Other transports, tls:// without Dask's TLS settings, and a service that is not a Dask scheduler (a web
+    server: Dask would read its reply as a frame length and try to allocate exabytes) are refused before Dask
+    connects."""
+    import http.server
+    import threading
+
+    data, _ = reference
+    monkeypatch.setenv("DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT", "3s")
+    web = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        cases = {"ucx://127.0.0.1:8786": "the ucx:// transport is not supported",
+                 "tls://127.0.0.1:8786": "tls:// needs Dask's TLS settings",
+                 f"tcp://127.0.0.1:{web.server_port}": "does not answer like a Dask scheduler"}
+        for address, message in cases.items():
+            result = run_cli("extract", data, *FLAGS, "--engine", "dask", "--scheduler", address,
+                             "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run")
+            assert result.returncode == 2, (address, result.stderr)
+            assert message in result.stderr and result.stderr.strip().count("\n") == 0, (address, result.stderr)
+            assert not (tmp_path / "run").exists()
+    finally:
+        web.shutdown()
+
+
+def test_workers_without_the_memory_they_need_say_so(reference, tmp_path):
+    """Every worker dies on every task when its memory limit is below what extraction needs: the one message names
+    the limit, not each image."""
+    data, _ = reference
+    two = tmp_path / "data"
+    for path in sorted(data.rglob("*.jpeg"))[:3:2]:  # one image of two classes
+        (two / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (two / path.parent.name / path.name).write_bytes(path.read_bytes())
+    result = run_cli("extract", two, *FLAGS, "--engine", "dask", "--workers", "1", "--memory-limit", "900MiB",
+                     "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("histoboost: error: every task's worker died (2 images)"), result.stderr[-2000:]
+    assert "memory limit (0.88 GiB per worker)" in last and "check the file" not in result.stderr
 
 
 def test_two_machines_writing_one_store_lose_nothing(reference, tmp_path):

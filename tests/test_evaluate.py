@@ -121,9 +121,9 @@ def test_operating_point_is_chosen_inside_each_fold_and_survives_save_and_load(t
     plan = make_folds(manifest, "patient", 3, seed=0)
     config = preset("quick").merged({"classifier.kind": "logistic", "classifier.C": 1.0, "classifier.inner_folds": 3,
                                      "classifier.target_sensitivity": 0.95, "classifier.refer_below_agreement": 0.9})
-    plain = cross_validate_features(X, owners, manifest, plan, preset("quick").merged({"classifier.kind": "logistic"}),
-                                    "plain")
-    assert plain.rules is None
+    argmax = preset("quick").merged({"classifier.kind": "logistic", "classifier.target_sensitivity": None})
+    plain = cross_validate_features(X, owners, manifest, plan, argmax, "plain")
+    assert plain.rules is None  # `--decision argmax`: the seed study's vote, no rule fitted
     result = cross_validate_features(X, owners, manifest, plan, config, "op")
     assert len(result.rules) == 3 and all(r.threshold is not None for r in result.rules)
     carcinoma = result.truth > 0

@@ -157,6 +157,17 @@ def test_another_models_file_a_truncated_file_and_another_grid_are_one_clear_lin
         create_backbone(small, tmp_path / "uni.bin")
 
 
+def test_a_download_folder_given_as_weights_names_the_file_inside_it(tmp_path):
+    snapshot = tmp_path / "models--MahmoodLab--UNI" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "pytorch_model.bin").write_bytes(b"")  # named only: the folder is refused before any read
+    with pytest.raises(BackboneError) as caught:
+        create_backbone("uni", tmp_path / "models--MahmoodLab--UNI")
+    assert str(caught.value).endswith(f"is a folder: pass the weights file inside it, --weights uni="
+                                      f"{snapshot / 'pytorch_model.bin'}")
+
+
 def test_no_weights_says_where_to_get_them_and_never_downloads(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(BackboneError, match=r"uni needs its weights .*huggingface\.co/MahmoodLab/UNI.*--weights uni="):

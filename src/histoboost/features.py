@@ -418,7 +418,7 @@ def extract_features(manifest: Manifest, config: Config, backbone: Backbone, cac
 def _extract(todo: list[ImageRecord], config: Config, backbone: Backbone, store: FeatureStore, device, batch_size: int,
              keep_crops: bool, engine, tally: Callable[[ImageOutcome], None]) -> None:
     """`extract_features`' work: in this process, or as chunks of images on the engine's workers."""
-    from .engine import TaskLost
+    from .engine import EngineError, TaskLost
 
     if engine is None or engine.kind == "local":
         extract_records(todo, config, backbone, store, device, batch_size, keep_crops, on_outcome=tally)
@@ -431,12 +431,19 @@ def _extract(todo: list[ImageRecord], config: Config, backbone: Backbone, store:
         size = max(1, min(16, -(-len(todo) // (4 * max(1, engine.workers)))))
         tasks = [(chunk, config, backbone.name, weights, root, store.meta, str(device), batch_size, keep_crops,
                   engine.threads) for chunk in _chunks(todo, size)]
+        lost, finished = [], 0
         for task, outcomes in engine.map(extract_task, tasks, split=_one_image_per_task):
             if isinstance(outcomes, TaskLost):  # only ever a one-image task: the image kills its workers
-                outcomes = [ImageOutcome(r.image_id, problem=Problem(r.path, f"not described: {outcomes.reason}",
-                                                                     POISON_FIX)) for r in task[0]]
+                lost += [ImageOutcome(r.image_id, problem=Problem(r.path, f"not described: {outcomes.reason}",
+                                                                  POISON_FIX)) for r in task[0]]
+                continue
+            finished += 1
             for outcome in outcomes:
                 tally(outcome)
+        if len(lost) > 1 and not finished:  # not every image is poison: the workers cannot hold the work
+            raise EngineError(f"every task's worker died ({len(lost)} images): {engine.memory_note()}")
+        for outcome in lost:
+            tally(outcome)
 
 
 POISON_FIX = "check the file (histoboost inspect), convert it, or leave it out of the data set"

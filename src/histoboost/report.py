@@ -206,7 +206,9 @@ def _classifier_text(c) -> str:
                                                        if k.early_stopping_rounds else "")
             + f", depth {k.max_depth}, eta {k.learning_rate}")
     if k.target_sensitivity is not None:
-        text += f"; carcinoma threshold for sensitivity {k.target_sensitivity} on {k.inner_folds} inner folds"
+        text += f"; decision: carcinoma threshold for sensitivity {k.target_sensitivity} on {k.inner_folds} inner folds"
+    else:
+        text += "; decision: argmax (majority vote over augmentations)"
     if k.calibrate:
         text += "; temperature-calibrated"
     return text

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -267,10 +268,13 @@ def foreign_lease(folder: Path) -> bool:
     return now is not None and bool(live_leases(folder, now) - {writer_id()})
 
 
-def clear_abandoned(folder: Location, abandoned_after: float = ABANDONED_AFTER_SECONDS) -> list[str]:
-    """Remove temporaries whose writer is gone, and stale leases. A temporary is abandoned when its writer ran on
-    this machine and its process is dead, or when its writer holds no fresh lease and the file is older than
-    `abandoned_after` on the file server's clock. Returns the names removed (none for URLs or read-only folders)."""
+def clear_abandoned(folder: Location, abandoned_after: float = ABANDONED_AFTER_SECONDS,
+                    pattern: str | None = None) -> list[str]:
+    """Remove temporaries (files, or folders such as staged run folders) whose writer is gone, and stale leases. A
+    temporary is abandoned when its writer ran on this machine and its process is dead, or when its writer holds
+    no fresh lease and it is older than `abandoned_after` on the file server's clock. `pattern`: only the
+    temporaries matching this glob (default: every one). Returns the names removed (none for URLs or read-only
+    folders)."""
     if is_url(folder) or not Path(folder).is_dir():
         return []
     folder = Path(folder)
@@ -280,9 +284,9 @@ def clear_abandoned(folder: Location, abandoned_after: float = ABANDONED_AFTER_S
     leases = live_leases(folder, now)
     removed = []
     # `.*.tmp.npz`: temporaries named before writers were (histoboost < 0.6): removed by age alone
-    for tmp in [*folder.glob(f".*{_TEMP_SUFFIX}"), *folder.glob(".*.tmp.npz")]:
+    for tmp in folder.glob(pattern) if pattern else [*folder.glob(f".*{_TEMP_SUFFIX}"), *folder.glob(".*.tmp.npz")]:
         writer = _writer_of(tmp.name)
-        if writer == writer_id():
+        if writer == writer_id() or (pattern and not writer):  # a pattern's match without a writer is not ours
             continue
         try:
             age = now - tmp.stat().st_mtime
@@ -298,9 +302,13 @@ def clear_abandoned(folder: Location, abandoned_after: float = ABANDONED_AFTER_S
 
 
 def _remove(path: Path) -> bool:
-    """Unlink; False where that is not allowed (another user's file in a shared folder): left, not an error."""
+    """Unlink (a folder: remove its tree); False where that is not allowed (another user's file in a shared
+    folder): left, not an error."""
     try:
-        path.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     except OSError:
         return False
     return True

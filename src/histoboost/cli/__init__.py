@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         where = f"{err.filename}: " if err.filename else ""
-        print(f"histoboost: error: {where}{err.strerror or err} (fix it and rerun: features already stored are "
-              "reused; --debug shows the traceback)", file=sys.stderr)
+        print(f"histoboost: error: {where}{err.strerror or err} (fix it and rerun: finished work is reused; --debug "
+              "shows the traceback)", file=sys.stderr)
         return 1
     except DataError as err:
         print_problems(err.problems)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import Config, ConfigError, build_config
 from ..data import load_manifest
-from ..outputs import check_output, staged_folder
+from ..outputs import check_output, check_writable, staged_folder
 from .options import (Parents, UsageError, batch_size, check_split, config_from_args, device_of, engine_of, load_data, mkdir,
                       print_problems)
 
@@ -78,6 +78,7 @@ def _finetune(args: argparse.Namespace) -> int:
     device = device_of(args.device)
     if args.out.suffix != ".safetensors":
         raise UsageError(f"--out {args.out}: give a .safetensors file name")
+    check_writable(args.out.parent)
     manifest = load_data(args, config)
     split_by, units = split_units(manifest, config.evaluate.split_by)
     if config.evaluate.split_by is None and not manifest.has_patients:
@@ -140,6 +141,7 @@ def _report(args: argparse.Namespace) -> int:
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ConfigError) as err:
         raise UsageError(f"{config_file}: damaged or not written by histoboost ({str(err)[:120]}); rerun "
                          "histoboost cv") from None
+    check_writable(args.run_dir.parent)  # the report is rebuilt beside the run, then swapped in
     run = CVRun.load(results, config)
     run.evaluate()
     # Rebuilt beside the run, then swapped in: an interrupted rebuild leaves the run as it was.

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ..data import write_text_atomic
-from ..outputs import check_output, csv_text, staged_folder
+from ..outputs import check_output, check_writable, csv_text, staged_folder
 from .options import (Parents, UsageError, batch_size, bundle_weights, check_split, config_from_args, count,
                       device_of, engine_of, load_data, positive, print_problems)
 
@@ -85,6 +85,7 @@ def _train(args: argparse.Namespace) -> int:
     path = bundle.save(args.out)
     counts = ", ".join(f"{k} {v}" for k, v in bundle.meta["training_data"]["per_group"].items())
     print(f"trained on {len(manifest)} images ({counts}) with {', '.join(config.features.backbones)}: {path}")
+    print(f"decision: {bundle.rule_text}")
     print(f"bundle sha256: {bundle.sha256}  (its identity: check it with predict --expect-sha256)")
     if key is not None:
         from ..bundle import META_FILE, read_members
@@ -105,6 +106,8 @@ def _predict(args: argparse.Namespace) -> int:
         if any(args.overlay.iterdir()) and not args.force:
             raise UsageError(f"--overlay {args.overlay} holds files: choose an empty folder, or pass --force to "
                              "write over overlays of the same names")
+    if args.overlay is not None:
+        check_writable(args.overlay)
     bundle = Bundle.load(args.model, device, args.expect_sha256, args.trusted_key, bundle_weights(args))
     records, problems = bundle.predict(args.images, device, batch_size(args, device), progress=not args.quiet,
                                        overlay_dir=args.overlay)

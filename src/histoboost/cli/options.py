@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import storage
-from ..config import PRESETS, Config, ConfigError, HistoboostError, build_config
+from ..config import PRESETS, ClassifierConfig, Config, ConfigError, HistoboostError, build_config
 from ..data import DataError, Problem, load_manifest, parse_label_map, read_image
 from ..foundation import FOUNDATION, settings_problem
 from ..stain import StainError, fit_reference
@@ -146,9 +146,12 @@ def parents() -> Parents:
                        "(Normal, Benign, InSitu, Invasive); the 3-group results come from the same predictions")
     group.add_argument("--classifier", choices=["xgboost", "logistic"],
                        help="XGBoost (the seed study's, default) or standardised logistic regression")
+    group.add_argument("--decision", choices=["operating-point", "argmax"],
+                       help="operating-point (default): carcinoma above the mean p(carcinoma) threshold chosen on "
+                       "inner folds of the training data for --target-sensitivity; argmax: the most probable class "
+                       "(majority vote over augmentations, the seed study's), which misses more carcinomas")
     group.add_argument("--target-sensitivity", type=share, metavar="S",
-                       help="call carcinoma above the mean p(carcinoma) threshold that reaches sensitivity S on "
-                       "inner folds of the training data, e.g. 0.95 (default: majority vote)")
+                       help="the carcinoma sensitivity the operating point aims at on inner folds (default 0.95)")
     group.add_argument("--calibrate", action="store_true", default=None,
                        help="temperature-scale the probabilities, fitted on inner folds of the training data")
     group.add_argument("--inner-folds", type=count(2), help="inner folds for the threshold and calibration (default 4)")
@@ -312,6 +315,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise ConfigError(f"{source}{err}") from None
     if args.stain_reference is not None:
         config = _with_stain_reference(config, args.stain_reference)
+    decision = getattr(args, "decision", None)
+    if decision == "argmax":
+        if args.target_sensitivity is not None:
+            raise UsageError("--decision argmax takes no --target-sensitivity: give one or the other")
+        config = config.merged({"classifier.target_sensitivity": None})
+    elif decision == "operating-point" and config.classifier.target_sensitivity is None:  # e.g. an older config.json
+        config = config.merged({"classifier.target_sensitivity": ClassifierConfig().target_sensitivity})
     feat = config.features
     problem = settings_problem(feat.backbones, feat.mode, feat.crop_pooling, feat.stages)
     if problem:  # before any work

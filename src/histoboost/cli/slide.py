@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from .. import storage
+from ..slides.reader import MAX_PIXELS
 from .options import Parents, UsageError, batch_size, bundle_weights, count, device_of, engine_of, positive, shard, share
 
 
@@ -35,6 +36,9 @@ def add_commands(commands, p: Parents) -> None:
                        "covering the whole slide, instead of the automatic one (one slide only)")
     group.add_argument("--roi", type=Path, metavar="GEOJSON",
                        help="only tissue inside these polygons (a QuPath annotation export; one slide only)")
+    group.add_argument("--max-pixels", type=positive, default=MAX_PIXELS, metavar="N",
+                       help="refuse, from its header, a slide of more full-resolution pixels (default 2e10: 200,000 x "
+                       "100,000); a slide without a pyramid must also fit a thumbnail (docs/slides.md)")
     group = slide.add_argument_group("scoring")
     group.add_argument("--slide-augmentations", type=count(0, 1000), default=0, metavar="A",
                        help="augmented views per tile for the map (default 0: one un-augmented view)")
@@ -55,7 +59,7 @@ def add_commands(commands, p: Parents) -> None:
 def _slide(args: argparse.Namespace) -> int:
     from ..bundle import Bundle
     from ..slides import SlideSettings
-    from ..slides.run import find_slides, predict_slides, slide_geometry
+    from ..slides.run import check_slides_out, find_slides, predict_slides, slide_geometry, table_name
 
     missing = [str(p) for p in args.slides if not p.exists()]
     if missing:
@@ -70,13 +74,13 @@ def _slide(args: argparse.Namespace) -> int:
             raise UsageError(f"{name} {path}: no such file")
     if args.cache_dir is not None:
         storage.local_folder(args.cache_dir, "slide tile caches")
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out} is a file: give a folder")
+    check_slides_out(args.out, args.shard)  # before any work
     device = device_of(args.device)
     bundle = Bundle.load(args.model, device, args.expect_sha256, args.trusted_key, bundle_weights(args))
     settings = SlideSettings(args.mpp, args.train_mpp, args.tile_um, args.stride_um, args.min_tissue,
                              args.slide_augmentations, args.confirm_top, args.stain_fit,
-                             str(args.tissue_mask) if args.tissue_mask else None, str(args.roi) if args.roi else None)
+                             str(args.tissue_mask) if args.tissue_mask else None, str(args.roi) if args.roi else None,
+                             args.max_pixels)
 
     def report(row: dict) -> None:
         if row["status"] == "ok":
@@ -94,7 +98,6 @@ def _slide(args: argparse.Namespace) -> int:
             rows = predict_slides(bundle, slides, args.out, settings, device, batch_size(args, device), args.readers,
                                   args.cache_dir, progress=not args.quiet, on_result=report, engine=engine,
                                   shard=args.shard, bundle_path=args.model, bundle_weights=bundle_weights(args))
-    table = f"slides-{args.shard[0]}-of-{args.shard[1]}.csv" if args.shard else "slides.csv"
-    print(f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} slide(s) scored -> {args.out / table} "
-          "(research use only)")
+    print(f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} slide(s) scored -> "
+          f"{args.out / table_name(args.shard)} (research use only)")
     return 1 if any(r["status"] != "ok" for r in rows) else 0

@@ -22,6 +22,15 @@ from . import SCHEDULER_ENV, EngineError, EngineSpec, TaskLost
 
 PLUGIN_NAME = "histoboost"
 WORKER_WAIT_SECONDS = 300.0  # batch-queued workers may take minutes to join
+SCHEMES = ("tcp", "tls", "inproc")  # Dask's own transports; ucx and websockets need packages histoboost never tests
+# A Dask server speaks first: its handshake, one frame whose 8-byte length is a few hundred bytes. Another service
+# (a web server, ssh) says nothing or something else, and Dask's client would take its first 8 bytes as a frame
+# length and try to allocate it (an HTTP reply asked for 3 EiB). So the address is probed before Dask connects,
+# waiting for the greeting at most Dask's connect timeout (distributed.comm.timeouts.connect) or GREETING_SECONDS.
+MAX_HANDSHAKE_BYTES = 2**20
+GREETING_SECONDS = 10.0
+# Measured: peak RSS of `histoboost extract --preset quick --threads 1` on 4 BACH images (docs/scale.md).
+WORKER_PEAK_GIB = 2.9
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -81,6 +90,8 @@ class DaskEngine:
         self.caller_environment = caller_environment
         where = address or spec.scheduler_file
         try:
+            if where:
+                check_scheduler(address or _address_in(spec.scheduler_file), where)
             with dask.config.set(settings):
                 if where:
                     # timeout: Dask's distributed.comm.timeouts.connect (30 s unless configured)
@@ -106,7 +117,9 @@ class DaskEngine:
                               f"or fix --scheduler, --scheduler-file or ${SCHEDULER_ENV}") from None
         finally:
             _restore(caller_environment)
-        self.workers = len(self.client.scheduler_info()["workers"])
+        workers = self.client.scheduler_info()["workers"].values()
+        self.workers = len(workers)
+        self.memory_limit = min((w["memory_limit"] for w in workers if w.get("memory_limit")), default=0)  # 0: none
         self.dashboard = self.client.dashboard_link if _has_dashboard() else None
 
     def _wait_for_workers(self, where: str | None) -> None:
@@ -148,6 +161,13 @@ class DaskEngine:
                 future.release()
             yield task, result
 
+    def memory_note(self) -> str:
+        """Why every task's worker may have died, and the fix: the workers' memory limit against what one needs."""
+        limit = f"{self.memory_limit / 2**30:.2f} GiB per worker" if self.memory_limit else "none set"
+        return (f"the workers' memory limit ({limit}) is likely below what one needs (a worker extracting the quick "
+                f"preset's features peaked at {WORKER_PEAK_GIB} GiB on a 2-core test machine, more for bigger crops or "
+                "networks): raise --memory-limit, run fewer workers per machine, or read the workers' logs")
+
     def describe(self) -> dict:
         info = self.client.scheduler_info()["workers"]
         return {"engine": "dask", "scheduler": self.client.scheduler.address, "workers": len(info),
@@ -159,6 +179,67 @@ class DaskEngine:
         if self.cluster is not None:
             self.cluster.close()
         _restore(self.caller_environment)  # a nanny that restarted a worker has set its variables here again
+
+
+def check_scheduler(address: str, where: str) -> None:
+    """Refuse, in one line and before Dask reads a byte, an address of another transport, `tls://` without Dask's
+    TLS settings, and a service that does not greet like a Dask scheduler."""
+    import socket
+    import struct
+
+    from dask.utils import parse_timedelta
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(address)
+    except (ValueError, TypeError):
+        raise EngineError(f"{where}: {address!r} is not a Dask address: give e.g. tcp://HOST:8786") from None
+    if scheme not in SCHEMES:
+        raise EngineError(f"{where}: the {scheme}:// transport is not supported: use tcp://, tls:// (with Dask's TLS "
+                          "settings) or inproc://")
+    if scheme == "tls":
+        tls = dask.config.get("distributed.comm.tls", {}) or {}
+        client = tls.get("client", {}) or {}
+        if not (tls.get("ca-file") and client.get("cert")):
+            raise EngineError(f"{where}: tls:// needs Dask's TLS settings: set distributed.comm.tls.ca-file and "
+                              "distributed.comm.tls.client.cert (and .key) in Dask's config, e.g. "
+                              "DASK_DISTRIBUTED__COMM__TLS__CA_FILE=ca.pem")
+        return  # a TLS server answers only after the TLS handshake, which Dask's client makes
+    if scheme == "inproc":
+        return
+    seconds = min(GREETING_SECONDS, parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s"))
+    try:
+        host, port = parse_host_port(location, 8786)
+        sock = socket.create_connection((host, port), timeout=seconds)
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or str(err).splitlines()[0] or type(err).__name__
+        raise EngineError(f"cannot reach the Dask scheduler at {where} ({reason}): start it (dask scheduler) or fix "
+                          f"--scheduler, --scheduler-file or ${SCHEDULER_ENV}") from None
+    head = b""
+    with sock:
+        try:
+            while len(head) < 8 and (chunk := sock.recv(8 - len(head))):
+                head += chunk
+        except OSError:  # silent for Dask's connect timeout, or reset: not a Dask server
+            pass
+    if len(head) < 8 or not 0 < struct.unpack("<Q", head)[0] <= MAX_HANDSHAKE_BYTES:
+        raise EngineError(f"{where}: the service at {host}:{port} does not answer like a Dask scheduler: give the "
+                          "scheduler's address (dask scheduler prints it)")
+
+
+def _address_in(scheduler_file: str) -> str:
+    """The address a scheduler file names (its format was checked when the flags were read)."""
+    import json
+
+    try:
+        with open(scheduler_file, encoding="utf-8") as handle:
+            address = json.load(handle)["address"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise EngineError(f"{scheduler_file}: not a Dask scheduler file ({type(err).__name__}: {err}): give the file "
+                          "that dask scheduler --scheduler-file wrote") from None
+    if not isinstance(address, str):
+        raise EngineError(f"{scheduler_file}: not a Dask scheduler file (its address is not text)")
+    return address
 
 
 def _restore(environment: dict[str, str]) -> None:

@@ -20,7 +20,10 @@ from ..config import HistoboostError
 
 MPP_RANGE = (0.1, 2.0)  # µm/px of real slides: 0.11 (100x oil) to about 2 (5x); outside it a tag is wrong
 MPP_XY_TOLERANCE = 0.02  # mpp-x and mpp-y may differ by rounding, not by a real anisotropy
-MAX_PLAIN_PIXELS = 2_000_000_000  # a non-pyramidal image is decoded whole by Pillow: refuse giants
+MAX_PIXELS = 2e10  # full-resolution pixels a slide may claim (--max-pixels): 200,000 x 100,000, a large real slide
+MAX_THUMBNAIL_READ = 2**30  # pixels decoded for a thumbnail (about 10 s of JPEG): a level within it, or refused
+PYRAMID_FIX = ("make a pyramid: vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg (or bfconvert -pyramid-"
+               "resolutions 6 -pyramid-scale 2, or QuPath's OME-TIFF export)")
 _BLOCK = 2048  # level pixels per side of one read of a thumbnail (16 MiB of RGBA): memory bounded whatever the slide
 
 
@@ -51,11 +54,19 @@ class Slide:
         fine_enough = [i for i, d in enumerate(self.downsamples) if d * self.mpp <= mpp * (1 + 1e-6)]
         return max(fine_enough, key=lambda i: self.downsamples[i]) if fine_enough else 0
 
-    def read(self, box: tuple[int, int, int, int], out_size: tuple[int, int]) -> np.ndarray:
+    def thumbnail_level(self, mpp: float) -> int:
+        """The level a thumbnail at `mpp` is read from: `level_for(mpp)`, or a coarser one (then enlarged) where
+        that level holds more than MAX_THUMBNAIL_READ pixels; `open_slide` refused slides with no such level."""
+        within = [i for i, d in enumerate(self.downsamples) if self.size[0] * self.size[1] / d**2 <= MAX_THUMBNAIL_READ]
+        return max(self.level_for(mpp), min(within, default=len(self.downsamples) - 1))
+
+    def read(self, box: tuple[int, int, int, int], out_size: tuple[int, int], level: int | None = None) -> np.ndarray:
         """RGB uint8 (h, w, 3) of the image-frame box (x0, y0, x1, y1) resized to `out_size` (w, h) with
-        Lanczos filtering (as images are for `predict`); transparent or outside pixels are white."""
+        Lanczos filtering (as images are for `predict`) from `level` (default: the coarsest fine enough);
+        transparent or outside pixels are white."""
         x0, y0, x1, y1 = box
-        level = self.level_for(self.mpp * (x1 - x0) / out_size[0])
+        if level is None:
+            level = self.level_for(self.mpp * (x1 - x0) / out_size[0])
         ds = self.downsamples[level]
         w, h = max(1, round((x1 - x0) / ds)), max(1, round((y1 - y0) / ds))
         region = self.handle.read_region((x0 + self.origin[0], y0 + self.origin[1]), level, (w, h))
@@ -65,27 +76,30 @@ class Slide:
         return np.asarray(rgb, dtype=np.uint8)
 
     def thumbnail(self, mpp: float) -> tuple[np.ndarray, float]:
-        """The whole image frame at about `mpp` µm/px, read block by block from the best level (never a whole
+        """The whole image frame at about `mpp` µm/px, read block by block from `thumbnail_level` (never a whole
         level at once: each read covers at most _BLOCK x _BLOCK pixels of the level it comes from, so memory
         stays bounded whatever the slide): (RGB uint8 array, full-resolution pixels per thumbnail pixel)."""
         factor = mpp / self.mpp
         width, height = max(1, round(self.size[0] / factor)), max(1, round(self.size[1] / factor))
-        block = max(1, int(_BLOCK * self.downsamples[self.level_for(mpp)] / factor))  # thumbnail px per read
+        level = self.thumbnail_level(mpp)
+        block = max(1, int(_BLOCK * self.downsamples[level] / factor))  # thumbnail px per read
         out = np.empty((height, width, 3), dtype=np.uint8)
         for ty in range(0, height, block):
             for tx in range(0, width, block):
                 tw, th = min(block, width - tx), min(block, height - ty)
                 box = (round(tx * factor), round(ty * factor), round((tx + tw) * factor), round((ty + th) * factor))
-                out[ty:ty + th, tx:tx + tw] = self.read(box, (tw, th))
+                out[ty:ty + th, tx:tx + tw] = self.read(box, (tw, th), level)
         return out, factor
 
     def close(self) -> None:
         self.handle.close()
 
 
-def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
+def open_slide(path: str | Path, mpp: float | None = None, max_pixels: float = MAX_PIXELS) -> Slide:
     """Open a slide (or a large plain image) and settle its µm/px: the file's, else `mpp`; with neither, or
-    outside 0.1-2 µm/px, stop with one line (a scale is never guessed from the objective power)."""
+    outside 0.1-2 µm/px, stop with one line (a scale is never guessed from the objective power). A slide whose
+    header claims more than `max_pixels`, or has no level small enough for a thumbnail, is refused before any
+    pixel is decoded (a forged or damaged header would otherwise allocate or decode for hours)."""
     import openslide
 
     path = Path(path)
@@ -101,14 +115,15 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
         raise SlideError(f"{path}: a plain image too large to decode whole: convert it to a pyramidal TIFF "
                          "(e.g. vips tiffsave --tile --pyramid)") from None
     try:
-        return _describe(path, handle, mpp)
+        return _describe(path, handle, mpp, max_pixels)
     except BaseException:
         handle.close()
         raise
 
 
-def _describe(path: Path, handle, mpp: float | None) -> Slide:
+def _describe(path: Path, handle, mpp: float | None, max_pixels: float = MAX_PIXELS) -> Slide:
     props = dict(handle.properties)
+    _check_pixels(path, handle, max_pixels)
     own, source = _stated_mpp(handle, props, path)
     if own is None and mpp is None:
         raise SlideError(f"{path}: the file states no µm/px (no openslide.mpp-x/y or resolution tags): pass --mpp "
@@ -125,10 +140,27 @@ def _describe(path: Path, handle, mpp: float | None) -> Slide:
         origin, size = (bx, by), (bw, bh)
     else:
         origin, size = (0, 0), (width, height)
-    if size[0] * size[1] > MAX_PLAIN_PIXELS and handle.level_count == 1 and type(handle).__name__ == "ImageSlide":
-        raise SlideError(f"{path}: a {size[0]}x{size[1]} image without a pyramid: convert it to a pyramidal TIFF")
+    if min(size) <= 0:
+        raise SlideError(f"{path}: OpenSlide finds no image data in it (an image frame of {size[0]}x{size[1]} px): "
+                         "the file is damaged or empty; check it with openslide-show-properties")
     return Slide(path, handle, float(own), source, origin, size, slide_fingerprint(path, props),
                  props.get("openslide.vendor", "image"), props)
+
+
+def _check_pixels(path: Path, handle, max_pixels: float) -> None:
+    """Refuse, from the header alone, a slide larger than `max_pixels` or whose smallest level is more than a
+    thumbnail may decode (a single-level giant is decoded whole for its thumbnail)."""
+    width, height = handle.dimensions
+    pyramid = "" if handle.level_count > 1 else " without a pyramid"
+    if width * height > max_pixels:
+        raise SlideError(f"{path}: claims {width}x{height} px{pyramid}, over the --max-pixels budget of "
+                         f"{max_pixels:.3g}: a damaged header? If the slide is real, pass a larger --max-pixels"
+                         + (f", or {PYRAMID_FIX}" if pyramid else ""))
+    smallest = width * height / handle.level_downsamples[-1] ** 2
+    if smallest > MAX_THUMBNAIL_READ:
+        raise SlideError(f"{path}: a {width}x{height} px slide{pyramid or ' whose smallest level'} holds "
+                         f"{smallest:.3g} px, more than a thumbnail may decode ({MAX_THUMBNAIL_READ:.3g}): "
+                         f"{PYRAMID_FIX}")
 
 
 def _stated_mpp(handle, props: dict[str, str], path: Path) -> tuple[float | None, str]:

@@ -1,9 +1,10 @@
 """One slide from file to outputs, and many slides into one folder with a slides.csv.
 
 `predict_slide` opens the slide, makes (or takes) the tissue mask, lays the tile grid at the bundle's field
-of view and µm/px, scores the tiles (`score`) and writes the outputs (`export`) into OUT/<slide stem>/, staged
+of view and µm/px, scores the tiles (`score`) and writes the outputs (`export`) into OUT/<result name>/ (`result_name`), staged
 and renamed into place so a folder is whole or absent. Settings are one typed object, written into
-summary.json and hashed into the tile cache's key.
+summary.json and hashed into the tile cache's key. Whatever goes wrong with one slide (a damaged file, a
+forged header, memory, a full disk) becomes that slide's one line in slides.csv, locally and on Dask.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from openslide import OpenSlideError
+from PIL.Image import DecompressionBombError
 
 from .. import __version__, storage
 from ..config import HistoboostError
 from ..data import write_text_atomic
-from ..outputs import csv_text, staged_folder
+from ..outputs import OutputError, check_writable, csv_text, staged_folder
 from . import export
-from .reader import Slide, SlideError, open_slide
+from .reader import MAX_PIXELS, Slide, SlideError, open_slide
 from .score import Geometry, TileCache, TileScores, cache_key, score_tiles
 from .tiles import TileGrid, tile_grid
 from .tissue import MASK_MPP, mask_area_mm2, mask_from_geojson, mask_from_png, mask_outline, tissue_mask
@@ -33,6 +36,11 @@ SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mr
 MIN_TISSUE_MM2 = 1.0  # below this a slide-level call rests on too little tissue: referred
 RESEARCH_ONLY = ("Research use only; not for diagnosis. No slide-level accuracy has been measured: tile scores are "
                  "the image classifier's, applied to slide regions.")
+# What reading or writing one slide may raise (MemoryError includes numpy's _ArrayMemoryError, ValueError
+# tifffile's errors): the slide's one line, never the run's end.
+SLIDE_FAILURES = (HistoboostError, OSError, ValueError, MemoryError, OpenSlideError, DecompressionBombError)
+TABLE_FIELDS = ["slide", "status", "call", "tissue_mm2", "carcinoma_regions", "largest_region_mm2", "refer", "out",
+                "error"]  # slides.csv's first columns (then area_<class>_mm2 per class)
 CALL_RULE = ("the most severe group decided on a tile confirmed with the bundle's full augmentation vote "
              "(every scored tile when nothing was confirmed); normal/benign when none")
 
@@ -51,6 +59,7 @@ class SlideSettings:
     stain_fit: str = "slide"  # one Macenko fit per slide, or per tile as predict does per image
     tissue_mask: str | None = None  # a mask PNG instead of the automatic one
     roi: str | None = None  # a GeoJSON of regions: only tissue inside them is tiled
+    max_pixels: float = MAX_PIXELS  # a slide whose header claims more full-resolution pixels is refused
 
     def scoring(self) -> dict:
         """The settings that change tile results (the cache key's part)."""
@@ -108,7 +117,7 @@ def slide_geometry(bundle, settings: SlideSettings) -> Geometry:
 def predict_slide(bundle, path: str | Path, out: str | Path, settings: SlideSettings = SlideSettings(),
                   device: str = "cpu", batch_size: int = 8, threads: int = 2, cache_dir: str | Path | None = None,
                   progress: bool = False) -> SlideResult:
-    """Score one slide with a loaded bundle and write its outputs into `out` (OUT/<slide stem>/ for the CLI)."""
+    """Score one slide with a loaded bundle and write its outputs into `out` (OUT/<result_name>/ for the CLI)."""
     from ..features import default_cache_dir
 
     started = time.perf_counter()
@@ -116,7 +125,7 @@ def predict_slide(bundle, path: str | Path, out: str | Path, settings: SlideSett
     geometry = slide_geometry(bundle, settings)
     for note in geometry.notes:
         warnings.warn(note, stacklevel=2)
-    slide = open_slide(path, settings.mpp)
+    slide = open_slide(path, settings.mpp, settings.max_pixels)
     try:
         _check_out(out, slide)
         layout = tissue_tiles(slide, geometry, settings)
@@ -130,8 +139,12 @@ def predict_slide(bundle, path: str | Path, out: str | Path, settings: SlideSett
                           / key[:32])
         scores = score_tiles(bundle, slide, kept, geometry, settings.augmentations, settings.confirm_top,
                              settings.stain_fit, device, batch_size, threads, cache, progress)
-        with staged_folder(out, force=True) as staging:
-            result = _write(staging, bundle, slide, layout, scores, geometry, settings, started, cache.reused)
+        try:
+            with staged_folder(out, force=True) as staging:
+                result = _write(staging, bundle, slide, layout, scores, geometry, settings, started, cache.reused)
+        except OSError as err:  # a full disk, a folder gone: name the slide and the file
+            raise SlideError(f"{path}: its results could not be written to {err.filename or out} "
+                             f"({err.strerror or err}): free some space or choose another --out") from None
         return SlideResult(path, out, result[0], result[1], kept, scores)
     finally:
         slide.close()
@@ -194,7 +207,7 @@ def _write(folder: Path, bundle, slide: Slide, layout: TissueTiles, scores: Tile
     region_classes = [_region_class(region, kept, scores, scheme) for region in regions]
     tissue = mask_outline(mask, factor)
     region_mm2 = [export.tissue_mm2(region, tissue, mpp) for region in regions]
-    geojson = f"{slide.path.stem}.geojson.gz"
+    geojson = f"{result_name(slide.path)}.geojson.gz"
     ids = f"{slide.fingerprint}|{bundle.sha256}"
     cell_mm2 = (kept.stride_px * mpp) ** 2 / 1e6
     area = {c: round(float(kept.tissue[scores.decision == k].sum() * cell_mm2), 4) for k, c in enumerate(scheme.classes)}
@@ -288,6 +301,35 @@ def find_slides(paths: list[str | Path]) -> list[Path]:
     return found
 
 
+def result_name(path: Path) -> str:
+    """The name of a slide's result folder: its stem, with characters no folder name should hold (control and
+    other unprintable characters, path separators, undecodable bytes) replaced by "_", and "slide-" before a stem
+    that is empty or starts with a dot ("..svs", ".hidden.svs"): never OUT itself, outside it, or hidden."""
+    name = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in path.stem)
+    return name if name and not name.startswith(".") else f"slide-{name}"
+
+
+def table_name(shard: tuple[int, int] | None) -> str:
+    return f"slides-{shard[0]}-of-{shard[1]}.csv" if shard else "slides.csv"
+
+
+def check_slides_out(out: Path, shard: tuple[int, int] | None = None) -> None:
+    """Before any work: OUT can be written, and its slides.csv, if there is one, is an earlier run's (its header
+    is histoboost's): a file histoboost did not write is never overwritten."""
+    check_writable(out)
+    table = Path(out) / table_name(shard)
+    if not (table.exists() or table.is_symlink()):
+        return
+    try:
+        with open(table, encoding="utf-8") as handle:
+            header = handle.readline().rstrip("\n").split(",")
+    except (OSError, UnicodeDecodeError):
+        header = []
+    if header[:len(TABLE_FIELDS)] != TABLE_FIELDS:
+        raise OutputError(f"{table} exists and was not written by histoboost slide: move it away or choose another "
+                          "--out")
+
+
 def predict_slides(bundle, paths: list[str | Path], out: str | Path, settings: SlideSettings = SlideSettings(),
                    device: str = "cpu", batch_size: int = 8, threads: int = 2, cache_dir: str | Path | None = None,
                    progress: bool = False, on_result=None, engine=None, shard: tuple[int, int] | None = None,
@@ -299,6 +341,7 @@ def predict_slides(bundle, paths: list[str | Path], out: str | Path, settings: S
     from ..engine import TaskLost, shard_of
 
     out = Path(out)
+    check_slides_out(out, shard)
     out.mkdir(parents=True, exist_ok=True)
     slides = find_slides(paths)
     if shard:
@@ -325,20 +368,21 @@ def predict_slides(bundle, paths: list[str | Path], out: str | Path, settings: S
         if on_result is not None:
             on_result(row)
     ordered = [rows[p.absolute()] for p in slides]
-    name = f"slides-{shard[0]}-of-{shard[1]}.csv" if shard else "slides.csv"
-    write_text_atomic(out / name, csv_text(ordered, list(dict.fromkeys(k for row in ordered for k in row))))
+    fields = list(dict.fromkeys([*TABLE_FIELDS, *(k for row in ordered for k in row)]))  # a header even when empty
+    write_text_atomic(out / table_name(shard), csv_text(ordered, fields))
     return ordered
 
 
 def slide_row(bundle, path: Path, out: Path, settings: SlideSettings, device: str, batch_size: int, threads: int,
               cache_dir, progress: bool = False) -> dict:
-    """Score one slide into OUT/<stem>/ and say how it went as one slides.csv row (errors become the row's)."""
+    """Score one slide into OUT/<result_name>/ and say how it went as one slides.csv row (errors become the
+    row's)."""
     row = _row(path)
     try:
-        result = predict_slide(bundle, path, out / path.stem, settings, device, batch_size, threads, cache_dir,
-                               progress)
-    except (HistoboostError, OSError, ValueError) as err:
-        row.update(status="error", error=str(err).splitlines()[0] if str(err) else type(err).__name__)
+        result = predict_slide(bundle, path, out / result_name(path), settings, device, batch_size, threads,
+                               cache_dir, progress)
+    except SLIDE_FAILURES as err:
+        row.update(status="error", error=failure(path, err))
     else:
         s = result.summary
         row.update(call=s["call"]["group"], tissue_mm2=s["tissue"]["area_mm2"],
@@ -364,10 +408,23 @@ def slide_task(source: tuple, path: Path, out: Path, settings: SlideSettings, de
         return slide_row(bundle, path, out, settings, device, batch_size, threads, cache_dir)
 
 
+def failure(path: Path, err: BaseException) -> str:
+    """One line for slides.csv and the report that names the slide (and, for a system error, the file)."""
+    reason = (str(err).splitlines() or [""])[0] or type(err).__name__
+    if isinstance(err, HistoboostError):
+        return reason  # names the file and the fix already
+    if isinstance(err, MemoryError):
+        return (f"{path}: ran out of memory reading it ({reason}): a damaged header or a slide too large for this "
+                "machine; check its size with openslide-show-properties")
+    if isinstance(err, OSError) and err.filename:
+        return f"{path}: {err.strerror or reason} ({err.filename}): fix it and rerun (finished tiles are reused)"
+    return (f"{path}: could not be read ({type(err).__name__}: {reason}): the file is damaged; copy or export it "
+            "again (openslide-show-properties and openslide-write-png check it)")
+
+
 def _row(path: Path, **fields) -> dict:
     """A slides.csv row: the slide, then what is known (an error row leaves the results empty)."""
-    return {"slide": str(path), "status": "ok", "call": "", "tissue_mm2": "", "carcinoma_regions": "",
-            "largest_region_mm2": "", "refer": "", "out": "", "error": "", **fields}
+    return {**dict.fromkeys(TABLE_FIELDS, ""), "slide": str(path), "status": "ok", **fields}
 
 
 def _lost_row(path: Path, lost) -> dict:

@@ -25,6 +25,10 @@ CLOSING_UM = 25.0  # gaps narrower than this inside tissue are closed
 MIN_TISSUE_UM2 = 200.0**2  # specks smaller than this are dropped (WSInfer's default)
 MAX_HOLE_UM2 = 190.0**2  # holes smaller than this are filled (WSInfer's default)
 MAX_ROI_BYTES = 64 * 2**20
+MAX_ROI_DEPTH = 16  # GeoJSON objects inside objects (a FeatureCollection of GeometryCollections is 4): no more
+MAX_ROI_COORDINATE = 1e9  # full-resolution pixels; far beyond any slide (2e10 px in all), and exact in a float
+MASK_ASPECT_TOLERANCE = 0.02  # a --tissue-mask's height may differ this much (plus a pixel) from the slide's shape
+ROI_FIX = "export the annotations from QuPath (File > Export objects as GeoJSON)"
 
 
 def tissue_mask(rgb: np.ndarray, mpp: float, floor: int = SATURATION_FLOOR) -> np.ndarray:
@@ -53,11 +57,17 @@ def mask_area_mm2(mask: np.ndarray, mpp: float) -> float:
 
 
 def mask_from_png(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
-    """A user's mask image (non-zero = tissue; e.g. HistoQC's *_mask_use.png), stretched over the slide's
-    thumbnail of `shape` (h, w): it must cover the whole slide."""
+    """A user's mask image (non-zero = tissue; e.g. HistoQC's *_mask_use.png), resized to the slide's thumbnail of
+    `shape` (h, w): it must cover the whole slide, so its aspect must be the slide's (within 2% and a pixel)."""
     path = Path(path)
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            expected = width * shape[0] / shape[1]
+            if abs(height - expected) > MASK_ASPECT_TOLERANCE * expected + 1:
+                raise SlideError(f"{path}: --tissue-mask is {width}x{height} px, not the slide's shape ({shape[1]}:"
+                                 f"{shape[0]}), so it would be stretched: give a mask of the whole slide (e.g. "
+                                 "mask.png of an earlier run on it)")
             image.load()
             mask = image.convert("L").resize((shape[1], shape[0]), Image.Resampling.NEAREST)
     except (OSError, Image.DecompressionBombError, ValueError) as err:
@@ -68,29 +78,87 @@ def mask_from_png(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
 
 def mask_from_geojson(path: str | Path, shape: tuple[int, int], factor: float) -> np.ndarray:
     """The polygons of a GeoJSON file (a QuPath annotation export, full-resolution pixel coordinates of the
-    image frame) rasterised on a thumbnail of `shape` (h, w) with `factor` full-resolution px per pixel."""
-    from shapely.geometry import shape as to_geometry
+    image frame) rasterised on a thumbnail of `shape` (h, w) with `factor` full-resolution px per pixel, clipped
+    to the slide."""
+    import shapely
+
+    polygons = read_roi(path)
+    canvas = Image.new("1", (shape[1], shape[0]), 0)
+    draw = ImageDraw.Draw(canvas)
+    for clipped in shapely.clip_by_rect(polygons, 0, 0, shape[1] * factor, shape[0] * factor):
+        for polygon in getattr(clipped, "geoms", [clipped]):
+            if polygon.geom_type != "Polygon" or polygon.is_empty:
+                continue
+            draw.polygon([(x / factor, y / factor) for x, y in polygon.exterior.coords], fill=1)
+            for hole in polygon.interiors:
+                draw.polygon([(x / factor, y / factor) for x, y in hole.coords], fill=0)
+    mask = np.asarray(canvas, dtype=bool)
+    if not mask.any():
+        raise SlideError(f"{path}: --roi polygons lie outside the slide ({round(shape[1] * factor)}x"
+                         f"{round(shape[0] * factor)} px): give full-resolution pixel coordinates of this slide "
+                         "(as QuPath exports them)")
+    return mask
+
+
+def read_roi(path: str | Path) -> list:
+    """The polygons of a GeoJSON file, checked: at most MAX_ROI_BYTES, objects nested at most MAX_ROI_DEPTH deep,
+    only Polygon and MultiPolygon geometries (alone or in a Feature, FeatureCollection, GeometryCollection or a
+    list of them), every vertex two or three finite numbers within MAX_ROI_COORDINATE. Anything else is one line
+    naming the file."""
+    import shapely
 
     path = Path(path)
     try:
         if path.stat().st_size > MAX_ROI_BYTES:
             raise ValueError(f"larger than {MAX_ROI_BYTES // 2**20} MiB")
-        data = json.loads(path.read_text(encoding="utf-8"))
-        features = data if isinstance(data, list) else data.get("features", [data])
-        geometries = [to_geometry(f.get("geometry", f)) for f in features if isinstance(f, dict)]
-    except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:
-        raise SlideError(f"{path}: --roi is not a readable GeoJSON file ({str(err).splitlines()[0]}): export the "
-                         "annotations from QuPath (File > Export objects as GeoJSON)") from None
-    canvas = Image.new("1", (shape[1], shape[0]), 0)
-    draw = ImageDraw.Draw(canvas)
-    polygons = [p for g in geometries for p in getattr(g, "geoms", [g]) if p.geom_type == "Polygon" and not p.is_empty]
+        data = json.loads(path.read_text(encoding="utf-8"), parse_int=float)  # 4000 digits: inf, refused below
+    except RecursionError:
+        raise SlideError(f"{path}: --roi is nested deeper than any GeoJSON: {ROI_FIX}") from None
+    except (OSError, ValueError) as err:
+        raise SlideError(f"{path}: --roi is not a readable GeoJSON file ({str(err).splitlines()[0]}): {ROI_FIX}") \
+            from None
+    polygons = [p for shell, *holes in _roi_rings(path, data, 0) if not (p := shapely.Polygon(shell, holes)).is_empty]
     if not polygons:
         raise SlideError(f"{path}: --roi holds no polygon: draw the region as an area annotation in QuPath")
-    for polygon in polygons:
-        draw.polygon([(x / factor, y / factor) for x, y in polygon.exterior.coords], fill=1)
-        for hole in polygon.interiors:
-            draw.polygon([(x / factor, y / factor) for x, y in hole.coords], fill=0)
-    return np.asarray(canvas, dtype=bool)
+    return polygons
+
+
+def _roi_rings(path: Path, node, depth: int) -> list[list[np.ndarray]]:
+    """Each polygon of a GeoJSON node as its rings, (n, 2) arrays of finite floats."""
+    if depth > MAX_ROI_DEPTH:
+        raise SlideError(f"{path}: --roi nests objects more than {MAX_ROI_DEPTH} deep: {ROI_FIX}")
+    if isinstance(node, list):  # older QuPath: a list of features
+        return [ring for item in node for ring in _roi_rings(path, item, depth + 1)]
+    kind = node.get("type") if isinstance(node, dict) else None
+    if not isinstance(kind, str):
+        what = "an object without a type" if isinstance(node, dict) else f"a JSON {type(node).__name__}"
+        raise SlideError(f"{path}: --roi holds {what} where a GeoJSON object belongs: {ROI_FIX}")
+    members = {"FeatureCollection": "features", "GeometryCollection": "geometries"}
+    if kind in members and isinstance(node.get(members[kind]), list):
+        return _roi_rings(path, node[members[kind]], depth + 1)
+    if kind == "Feature":
+        return [] if node.get("geometry") is None else _roi_rings(path, node["geometry"], depth + 1)
+    if kind in ("Polygon", "MultiPolygon"):
+        polygons = [node.get("coordinates")] if kind == "Polygon" else node.get("coordinates")
+        if not isinstance(polygons, list) or not all(isinstance(p, list) and p for p in polygons):
+            raise SlideError(f"{path}: --roi has a {kind} without coordinates: {ROI_FIX}")
+        return [[_vertices(path, ring) for ring in polygon] for polygon in polygons]
+    raise SlideError(f"{path}: --roi holds a {kind[:40]!r} where a Polygon, MultiPolygon, Feature, FeatureCollection "
+                     "or GeometryCollection belongs: keep only area annotations, and " + ROI_FIX)
+
+
+def _vertices(path: Path, ring) -> np.ndarray:
+    try:
+        xy = np.asarray(ring, dtype=np.float64)
+    except (ValueError, TypeError):
+        xy = np.empty(0)
+    if xy.ndim == 2 and xy.shape[1] in (2, 3) and not (np.abs(xy) <= MAX_ROI_COORDINATE).all():  # NaN too
+        raise SlideError(f"{path}: --roi has a vertex that is not a finite number (NaN, Infinity or too large): "
+                         f"give full-resolution pixel coordinates, and {ROI_FIX}")
+    if xy.ndim != 2 or xy.shape[1] not in (2, 3) or len(np.unique(xy[:, :2], axis=0)) < 3:
+        raise SlideError(f"{path}: --roi has a ring that is not a list of at least 3 distinct [x, y] vertices: "
+                         f"{ROI_FIX}")
+    return xy[:, :2]
 
 
 def mask_outline(mask: np.ndarray, factor: float):

@@ -25,7 +25,7 @@ TILE_WORKERS = max(2, os.cpu_count() or 2)
 
 class DeepZoomSlide:
     """One slide's DZI descriptor and tiles. OpenSlide handles are thread-safe, so tiles are made
-    concurrently; `tile` is memoised by functools' LRU cache (thread-safe, bounded)."""
+    concurrently; tiles are memoised by functools' LRU cache (thread-safe, bounded)."""
 
     def __init__(self, path: Path, fingerprint: str):
         import openslide
@@ -42,19 +42,23 @@ class DeepZoomSlide:
                              "it again with histoboost slide")
         self.generator = DeepZoomGenerator(self.slide, tile_size=TILE_SIZE, overlap=OVERLAP, limit_bounds=True)
         self._transform = _srgb_transform(self.slide)
-        self.tile = functools.lru_cache(maxsize=CACHE_TILES)(self._make_tile)
+        self._tile = functools.lru_cache(maxsize=CACHE_TILES)(self._make_tile)
         self._workers = threading.BoundedSemaphore(TILE_WORKERS)
 
     def dzi(self) -> str:
         return self.generator.get_dzi("jpeg")
 
-    def _make_tile(self, level: int, col: int, row: int) -> bytes | None:
-        """The JPEG bytes of one tile, or None when the address is outside the pyramid."""
+    def tile(self, level: int, col: int, row: int) -> bytes | None:
+        """The JPEG bytes of one tile, or None when the address is outside the pyramid (checked before the
+        cache, so requests for absent tiles cannot push real ones out of it)."""
         if not (0 <= level < self.generator.level_count):
             return None
         cols, rows = self.generator.level_tiles[level]
         if not (0 <= col < cols and 0 <= row < rows):
             return None
+        return self._tile(level, col, row)
+
+    def _make_tile(self, level: int, col: int, row: int) -> bytes:
         with self._workers:
             image = self.generator.get_tile(level, (col, row))
             if self._transform is not None:
