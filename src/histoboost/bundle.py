@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, storage
 from .config import Config, ConfigError, HistoboostError
 from .data import CLASS_SCHEMES, GROUP_NAMES, GROUPS, ClassScheme, Manifest, Problem, class_scheme
 from .classifier import DecisionRule, mean_decision, vote_counts
@@ -632,12 +632,12 @@ def _schema_validator():
 def parse_meta(data: bytes, path: Path) -> dict[str, Any]:
     """bundle.json parsed and checked against the schema (depth, types, ranges, known keys, version)."""
     try:
-        meta = json.loads(data, parse_constant=_no_constant)
+        meta = storage.strict_json(data)
     except ValueError:  # not JSON, not UTF-8, NaN/Infinity, or a number of thousands of digits
         raise BundleError(f"{path}: {META_FILE} is damaged (not strict JSON): use the original bundle") from None
     except RecursionError:
         raise BundleError(f"{path}: {META_FILE} is nested too deeply: not a histoboost bundle") from None
-    if _depth(meta) > MAX_JSON_DEPTH:
+    if storage.json_depth(meta, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise BundleError(f"{path}: {META_FILE} is nested deeper than {MAX_JSON_DEPTH} levels: not a histoboost bundle")
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if not isinstance(version, int) or isinstance(version, bool):
@@ -685,23 +685,6 @@ def _checked(members: dict[str, bytes], meta: dict[str, Any], path: Path) -> dic
             raise BundleError(f"{path}: {name} does not match its checksum: the bundle was altered or damaged; "
                               "use the original bundle")
     return members
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def _depth(value: Any) -> int:
-    """Nesting depth of parsed JSON, without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        node, level = stack.pop()
-        deepest = max(deepest, level)
-        if level > MAX_JSON_DEPTH:
-            break
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-        stack.extend((child, level + 1) for child in children)
-    return deepest
 
 
 def _collect(paths: list[str | Path]) -> tuple[list[Path], list[Problem]]:

@@ -11,6 +11,7 @@ its upload completes, and have no rename to make atomic.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -322,3 +323,24 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def strict_json(data: str | bytes):
+    """JSON without NaN or Infinity (a browser's and most tools' JSON cannot read them): a ValueError names it.
+    Deep nesting still raises RecursionError; check `json_depth` of the result against the caller's bound."""
+    return json.loads(data, parse_constant=_no_constant)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def json_depth(value, limit: int) -> int:
+    """Nesting depth of parsed JSON, without recursion; stops counting once it passes `limit`."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= limit:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in
+                     (node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()))
+    return deepest

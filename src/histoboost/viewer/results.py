@@ -11,7 +11,6 @@ each resolved once inside its folder and pinned to its inode; a URL is only ever
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import HistoboostError
+from ..storage import json_depth, strict_json
 
 MAX_JSON_BYTES = 64 * 2**20  # summary.json, a predictions JSON
 MAX_JSON_DEPTH = 32  # levels, counting the values: summary.json has 6, a predictions JSON 3
@@ -362,8 +362,8 @@ def _read_json(path: Path, fix: str):
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
             raise ValueError(f"larger than {MAX_JSON_BYTES // 2**20} MiB")
-        value = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
-        if _depth(value) > MAX_JSON_DEPTH:
+        value = strict_json(path.read_text(encoding="utf-8"))
+        if json_depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
             raise RecursionError
     except RecursionError:
         raise ViewerError(f"{path}: not readable JSON (nested deeper than {MAX_JSON_DEPTH} levels): {fix}") from None
@@ -372,16 +372,3 @@ def _read_json(path: Path, fix: str):
     return value
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def _depth(value) -> int:
-    """Nesting depth of parsed JSON, without recursion (stops counting past MAX_JSON_DEPTH)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack and deepest <= MAX_JSON_DEPTH:
-        node, level = stack.pop()
-        deepest = max(deepest, level)
-        stack.extend((child, level + 1) for child in
-                     (node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()))
-    return deepest
