@@ -183,6 +183,8 @@ class _Poison(distributed.WorkerPlugin):
 def test_a_poison_image_is_one_problem_and_the_others_are_done(doomed_cluster, reference, tmp_path):
     data, ref = reference
     _with_plugin(doomed_cluster, _Poison("is001"), "poison")
+    # Only the running task is blamed for a death: a worker holds no queued task beside it.
+    assert doomed_cluster.client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION) == 1.0
     result = _dask(doomed_cluster, "extract", data, *FLAGS, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run")
     assert result.returncode == 1
     assert "7 extracted" in result.stdout and "1 failed" in result.stdout

@@ -85,6 +85,10 @@ class DaskEngine:
             **{f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in KEEP_FREED_ENVIRONMENT.items()},
             **{f"distributed.nanny.pre-spawn-environ.{name}": str(self.threads) for name in _THREAD_VARIABLES},
             "distributed.scheduler.allowed-failures": 1,  # LocalCluster: a task may kill one worker, not two
+            # A dying worker blames every task assigned to it, queued or running (Scheduler.remove_worker); with
+            # Dask's default 1.1 a 1-thread worker holds two, so an innocent image queued behind a poison one was
+            # blamed twice and lost. 1.0: a worker holds only the task it runs.
+            "distributed.scheduler.worker-saturation": 1.0,
         }
         self.client = None
         self.caller_environment = caller_environment
