@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export MALLOC_MMAP_MAX_ := 0
 export MALLOC_TRIM_THRESHOLD_ := 68719476736
 
-.PHONY: test demo bench clean
+.PHONY: test lint check demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,17 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest
 
+# Lint, format check and type check; configured in pyproject.toml ([tool.ruff], [tool.mypy]).
+LINTED := src tests benchmarks experiments
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy
+
+# The fast lane while developing: lint, then the tests not marked heavy, stopping at the first failure.
+check: $(STAMP) lint
+	$(PY) -m pytest -m "not heavy" -x -q
+
 demo: $(STAMP)
 	$(VENV)/bin/histoboost demo --out runs/demo
 
@@ -27,4 +38,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/extract_bench.py $(if $(wildcard $(BACH)/manifest.csv),--accuracy $(BACH))
 
 clean:
-	rm -rf $(VENV) .pytest_cache build src/*.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info

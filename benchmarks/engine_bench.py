@@ -46,50 +46,68 @@ def main() -> None:
     from histoboost.data import Manifest, load_manifest
     from histoboost.engine import EngineSpec, open_engine
     from histoboost.features import extract_features
+    from histoboost.runtime import Runtime
 
     config = preset("paper").merged({"features.backbones": ["efficientnet_lite0"]})
     full, _ = load_manifest(args.data / "manifest.csv", config.preprocess, config.augment.crop_size, progress=False)
-    manifest = Manifest(full.records[:args.images], full.root, full.layout)
+    manifest = Manifest(full.records[: args.images], full.root, full.layout)
     backbone = create_backbone("efficientnet_lite0")
     cores = os.cpu_count() or 1
-    results: dict = {"machine": f"{_cpu_name()}, {cores} cores",
-                     "torch": torch.__version__, "images": len(manifest), "preset": "paper",
-                     "backbone": "efficientnet_lite0", "date": time.strftime("%Y-%m-%d")}
+    results: dict = {
+        "machine": f"{_cpu_name()}, {cores} cores",
+        "torch": torch.__version__,
+        "images": len(manifest),
+        "preset": "paper",
+        "backbone": "efficientnet_lite0",
+        "date": time.strftime("%Y-%m-%d"),
+    }
     stores = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name, threads in (("local", cores), ("local-1", 1)):
             torch.set_num_threads(threads)
             with open_engine(EngineSpec("local", threads=threads)) as engine:
-                run = extract_features(manifest, config, backbone, Path(scratch) / name, engine=engine,
-                                       progress=False)
+                run = extract_features(
+                    manifest, config, backbone, Runtime(cache_dir=Path(scratch) / name, engine=engine)
+                )
             stores[name] = run.store.root
-            results[name] = {"threads": threads, "seconds": round(run.seconds, 2),
-                             "images_per_second": round(run.images_per_second, 3)}
+            results[name] = {
+                "threads": threads,
+                "seconds": round(run.seconds, 2),
+                "images_per_second": round(run.images_per_second, 3),
+            }
             print(name, results[name], flush=True)
         torch.set_num_threads(cores)
         started = time.perf_counter()
         with open_engine(EngineSpec("dask", threads=1)) as engine:
             start_s = time.perf_counter() - started
-            run = extract_features(manifest, config, backbone, Path(scratch) / "dask", engine=engine, progress=False)
+            run = extract_features(manifest, config, backbone, Runtime(cache_dir=Path(scratch) / "dask", engine=engine))
             overhead = task_overhead(engine.client)
             workers = engine.workers
             closing = time.perf_counter()
         close_s = time.perf_counter() - closing
         stores["dask"] = run.store.root
-        results["dask"] = {"workers": workers, "threads_per_worker": 1, "cluster_start_seconds": round(start_s, 2),
-                           "cluster_close_seconds": round(close_s, 2), "seconds": round(run.seconds, 2),
-                           "images_per_second": round(run.images_per_second, 3),
-                           "task_overhead_ms": round(overhead * 1000, 3)}
+        results["dask"] = {
+            "workers": workers,
+            "threads_per_worker": 1,
+            "cluster_start_seconds": round(start_s, 2),
+            "cluster_close_seconds": round(close_s, 2),
+            "seconds": round(run.seconds, 2),
+            "images_per_second": round(run.images_per_second, 3),
+            "task_overhead_ms": round(overhead * 1000, 3),
+        }
         print("dask", results["dask"], flush=True)
         results["dask_bytes_equal_local_1_thread"] = same_files(stores["dask"], stores["local-1"])
         results["local_bytes_equal_local_1_thread"] = same_files(stores["local"], stores["local-1"])
     per_worker = results["local-1"]["images_per_second"]
     images_per_task = 16  # the most extract puts in one task; fewer when there are few images per worker
     ceiling = images_per_task / overhead
-    results["projection"] = [{"workers": w, "images_per_second": round(min(w * per_worker, ceiling), 2)}
-                             for w in (1, 2, 4, 8, 16, 32, 64)]
-    results["projection_model"] = (f"min(W x {per_worker} img/s per worker (local-1, this CPU), "
-                                   f"{images_per_task} images per task / {overhead * 1000:.2f} ms per task)")
+    results["projection"] = [
+        {"workers": w, "images_per_second": round(min(w * per_worker, ceiling), 2)} for w in (1, 2, 4, 8, 16, 32, 64)
+    ]
+    results["projection_model"] = (
+        f"min(W x {per_worker} img/s per worker (local-1, this CPU), "
+        f"{images_per_task} images per task / {overhead * 1000:.2f} ms per task)"
+    )
     text = json.dumps(results, indent=2) + "\n"
     print(text)
     if args.out:
@@ -112,7 +130,8 @@ def _noop(i: int) -> int:
 def same_files(a: Path, b: Path) -> bool:
     files = sorted(p.name for p in Path(a).glob("[!.]*.npz"))
     return files == sorted(p.name for p in Path(b).glob("[!.]*.npz")) and all(
-        (Path(a) / f).read_bytes() == (Path(b) / f).read_bytes() for f in files)
+        (Path(a) / f).read_bytes() == (Path(b) / f).read_bytes() for f in files
+    )
 
 
 if __name__ == "__main__":

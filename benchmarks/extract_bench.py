@@ -50,7 +50,8 @@ def build(name: str, device: str) -> torch.nn.Module:
 
     if name == "efficientnet_lite0":
         # The offline weights, loaded without create_backbone, which would also tune the allocator.
-        from histoboost.backbones import REGISTRY, _package_weights, load_weights, read_weights
+        from histoboost.backbones import _package_weights, load_weights, read_weights
+        from histoboost.specs import REGISTRY
 
         spec = REGISTRY[name]
         model = timm.create_model(spec.architecture, pretrained=False)
@@ -102,7 +103,7 @@ def naive_worker(name: str, n_augment: int, n_crops: int, seed: int, device: str
             augmented = np.clip(image * alpha + beta, 0, 255).astype(np.uint8)
             for _ in range(n_crops):
                 y, x = rng.integers(0, HEIGHT - CROP + 1), rng.integers(0, WIDTH - CROP + 1)
-                crop = (augmented[y:y + CROP, x:x + CROP].astype(np.float32) / 255 - mean) / std
+                crop = (augmented[y : y + CROP, x : x + CROP].astype(np.float32) / 255 - mean) / std
                 tensor = torch.from_numpy(crop.transpose(2, 0, 1).copy())[None].to(device)
                 model.forward_features(tensor).mean(dim=(2, 3)).cpu()
         seconds = time.perf_counter() - start
@@ -117,8 +118,15 @@ def fast_worker(name: str, n_augment: int, n_crops: int, seed: int, device: str,
     from histoboost.features import describe_image
 
     allocator = keep_freed_memory() if tune else "glibc defaults"
-    config = preset("paper").merged({"augment.n_augment": n_augment, "augment.n_crops": n_crops,
-                                     "augment.crop_size": CROP, "features.dtype": dtype, "seed": seed})
+    config = preset("paper").merged(
+        {
+            "augment.n_augment": n_augment,
+            "augment.n_crops": n_crops,
+            "augment.crop_size": CROP,
+            "features.dtype": dtype,
+            "seed": seed,
+        }
+    )
     model = build(name, device).to(memory_format=torch.channels_last)
     half = torch.full((1, 3, 1, 1), 0.5, device=device)
     backbone = Backbone(name, name, model, half, half, model.num_features, 32, "", "benchmark")
@@ -137,9 +145,24 @@ def fast_worker(name: str, n_augment: int, n_crops: int, seed: int, device: str,
 def run_child(args: argparse.Namespace, path: str, name: str, dtype: str = "float32", tune: bool = True) -> dict:
     """One timed path in a fresh process without the allocator variables."""
     env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
-    cmd = [sys.executable, __file__, "--worker", path, "--backbones", name, "--augmentations",
-           str(args.augmentations), "--crops", str(args.crops), "--seed", str(args.seed), "--device", args.device,
-           "--dtype", dtype] + ([] if tune else ["--no-tune"])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        path,
+        "--backbones",
+        name,
+        "--augmentations",
+        str(args.augmentations),
+        "--crops",
+        str(args.crops),
+        "--seed",
+        str(args.seed),
+        "--device",
+        args.device,
+        "--dtype",
+        dtype,
+    ] + ([] if tune else ["--no-tune"])
     child = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if child.returncode:
         raise SystemExit(f"{path} {name} failed:\n{child.stderr[-3000:]}")
@@ -157,7 +180,7 @@ def gemm_gflops(device: str, dtype: torch.dtype = torch.float32, size: int = 204
     for _ in range(repeats):
         a @ b
     _sync(device)
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def speed(args: argparse.Namespace, results: dict) -> None:
@@ -191,9 +214,12 @@ def speed(args: argparse.Namespace, results: dict) -> None:
         out["seed_protocol_extraction_minutes"] = round(crops / out[f"{best}_crops_per_s"] / 60, 1)
         out["seed_protocol_naive_extraction_hours"] = round(crops / out["naive_crops_per_s"] / 3600, 1)
         results["backbones"][name] = out
-        print(f"{name:<18} naive {out['naive_crops_per_s']:7.2f}  fast {out['fast_crops_per_s']:7.2f} crops/s"
-              f"  x{out['speedup_fast_vs_naive']:<5} best={best} {out[f'{best}_gflops_achieved']:.0f} GFLOP/s  "
-              f"seed protocol extraction {out['seed_protocol_extraction_minutes']} min", flush=True)
+        print(
+            f"{name:<18} naive {out['naive_crops_per_s']:7.2f}  fast {out['fast_crops_per_s']:7.2f} crops/s"
+            f"  x{out['speedup_fast_vs_naive']:<5} best={best} {out[f'{best}_gflops_achieved']:.0f} GFLOP/s  "
+            f"seed protocol extraction {out['seed_protocol_extraction_minutes']} min",
+            flush=True,
+        )
 
 
 def classifier_cost(args: argparse.Namespace, results: dict) -> None:
@@ -207,7 +233,12 @@ def classifier_cost(args: argparse.Namespace, results: dict) -> None:
 
     config = preset("paper").classifier
     rng = np.random.default_rng(args.seed)
-    n = SEED_PROTOCOL["images"] * SEED_PROTOCOL["augmentations"] * (SEED_PROTOCOL["folds"] - 1) // SEED_PROTOCOL["folds"]
+    n = (
+        SEED_PROTOCOL["images"]
+        * SEED_PROTOCOL["augmentations"]
+        * (SEED_PROTOCOL["folds"] - 1)
+        // SEED_PROTOCOL["folds"]
+    )
     X = rng.standard_normal((n, 2048), dtype=np.float32)
     y = rng.integers(0, 3, n)
     rounds = 20
@@ -219,11 +250,20 @@ def classifier_cost(args: argparse.Namespace, results: dict) -> None:
     xgb.train(params, data, rounds)
     per_round = (time.perf_counter() - start) / rounds
     total = SEED_PROTOCOL["folds"] * (build_s + per_round * config.n_estimators)
-    results["classifier"] = {"rows_per_fold": n, "features": 2048, "threads": os.cpu_count(),
-                             "seconds_per_round": round(per_round, 3), "matrix_seconds": round(build_s, 2),
-                             "rounds": config.n_estimators, "seed_protocol_cv_minutes": round(total / 60, 1)}
-    print(f"classifier: {per_round:.3f} s/round on {n} x 2048; 6-fold CV at {config.n_estimators} rounds "
-          f"{total / 60:.1f} min", flush=True)
+    results["classifier"] = {
+        "rows_per_fold": n,
+        "features": 2048,
+        "threads": os.cpu_count(),
+        "seconds_per_round": round(per_round, 3),
+        "matrix_seconds": round(build_s, 2),
+        "rounds": config.n_estimators,
+        "seed_protocol_cv_minutes": round(total / 60, 1),
+    }
+    print(
+        f"classifier: {per_round:.3f} s/round on {n} x 2048; 6-fold CV at {config.n_estimators} rounds "
+        f"{total / 60:.1f} min",
+        flush=True,
+    )
 
 
 def accuracy(args: argparse.Namespace, results: dict) -> None:
@@ -234,23 +274,36 @@ def accuracy(args: argparse.Namespace, results: dict) -> None:
     from histoboost.data import load_manifest
     from histoboost.evaluate import EvaluationError, cross_validate_features, evaluate_result, make_folds
     from histoboost.features import extract_features, load_matrix
+    from histoboost.runtime import Runtime
 
     manifest, _ = load_manifest(args.accuracy)
-    base = preset("quick").merged({"augment.n_augment": args.accuracy_augmentations, "seed": args.seed,
-                                   **({"preprocess.stain.method": "none", "preprocess.scale": 1.0}
-                                      if args.prepared else {})})
+    base = preset("quick").merged(
+        {
+            "augment.n_augment": args.accuracy_augmentations,
+            "seed": args.seed,
+            **({"preprocess.stain.method": "none", "preprocess.scale": 1.0} if args.prepared else {}),
+        }
+    )
     variants = [("exact", "float32"), ("shared", "float32")]
     if bf16_supported(args.device):
         variants += [("exact", "bfloat16"), ("shared", "bfloat16")]
     if args.accuracy_variants:
         variants = [tuple(v.split("_")) for v in args.accuracy_variants]
     cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="histoboost-bench-"))
-    matrices, out = {}, {"data": str(args.accuracy), "images": len(manifest), "geometry": base.augment.__dict__,
-                         "prepared_images": args.prepared, "variants": {}}
+    matrices, out = (
+        {},
+        {
+            "data": str(args.accuracy),
+            "images": len(manifest),
+            "geometry": base.augment.__dict__,
+            "prepared_images": args.prepared,
+            "variants": {},
+        },
+    )
     for mode, dtype in variants:
         config = base.merged({"features.mode": mode, "features.dtype": dtype})
         backbone = create_backbone("efficientnet_lite0", device=args.device)
-        extracted = extract_features(manifest, config, backbone, cache, args.device, 8 if args.device == "cpu" else 48)
+        extracted = extract_features(manifest, config, backbone, Runtime(args.device, cache_dir=cache, progress=True))
         X, owners = load_matrix(manifest, extracted.store, "crops")
         matrices[mode, dtype] = X
         row: dict = {"extract_seconds": round(extracted.seconds, 1), "images_computed": extracted.computed}
@@ -261,7 +314,10 @@ def accuracy(args: argparse.Namespace, results: dict) -> None:
         if dtype == "bfloat16" and (mode, "float32") in matrices:
             fp32 = matrices[mode, "float32"]
             cosine = (X * fp32).sum(1) / np.linalg.norm(X, axis=1) / np.linalg.norm(fp32, axis=1)
-            row["cosine_vs_fp32_same_path"] = {"mean": round(float(cosine.mean()), 5), "min": round(float(cosine.min()), 5)}
+            row["cosine_vs_fp32_same_path"] = {
+                "mean": round(float(cosine.mean()), 5),
+                "min": round(float(cosine.min()), 5),
+            }
         for split in ("image", "id_block"):
             try:
                 plan = make_folds(manifest, split, 6, config.seed)
@@ -271,15 +327,23 @@ def accuracy(args: argparse.Namespace, results: dict) -> None:
             metrics = evaluate_result(cross_validate_features(X, owners, manifest, plan, config, mode), config.seed)
             votes = metrics["majority_vote"]
             row[f"cv_{split}"] = {
-                "folds": plan.n_folds, "accuracy": round(votes["accuracy"], 3),
+                "folds": plan.n_folds,
+                "accuracy": round(votes["accuracy"], 3),
                 "accuracy_ci": [round(v, 3) for v in votes["accuracy_ci"]],
                 "mean_probability_accuracy": round(metrics["mean_probability"]["accuracy"], 3),
                 "carcinoma_sensitivity": round(votes["binary"]["carcinoma"]["sensitivity"], 3),
-                "carcinoma_specificity": round(votes["binary"]["carcinoma"]["specificity"], 3)}
+                "carcinoma_specificity": round(votes["binary"]["carcinoma"]["specificity"], 3),
+            }
         out["variants"][f"{mode}_{dtype}"] = row
-        print(f"{mode:>6} {dtype:<8} " + "  ".join(
-            f"{s}: {row[f'cv_{s}'].get('accuracy')} {row[f'cv_{s}'].get('accuracy_ci')}" for s in ("image", "id_block"))
-            + (f"  cosine {row['cosine_vs_exact_fp32']}" if "cosine_vs_exact_fp32" in row else ""), flush=True)
+        print(
+            f"{mode:>6} {dtype:<8} "
+            + "  ".join(
+                f"{s}: {row[f'cv_{s}'].get('accuracy')} {row[f'cv_{s}'].get('accuracy_ci')}"
+                for s in ("image", "id_block")
+            )
+            + (f"  cosine {row['cosine_vs_exact_fp32']}" if "cosine_vs_exact_fp32" in row else ""),
+            flush=True,
+        )
     results["accuracy"] = out
 
 
@@ -292,10 +356,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--accuracy", type=Path, metavar="DATA", help="also compare exact/fast on these real images")
     parser.add_argument("--accuracy-augmentations", type=int, default=4)
-    parser.add_argument("--accuracy-variants", nargs="+", metavar="MODE_DTYPE",
-                        help="e.g. shared_float32 shared_bfloat16 (default: exact and shared, fp32 and bf16 where supported)")
-    parser.add_argument("--prepared", action="store_true",
-                        help="the --accuracy images are already stain-normalised at the working scale")
+    parser.add_argument(
+        "--accuracy-variants",
+        nargs="+",
+        metavar="MODE_DTYPE",
+        help="e.g. shared_float32 shared_bfloat16 (default: exact and shared, fp32 and bf16 where supported)",
+    )
+    parser.add_argument(
+        "--prepared",
+        action="store_true",
+        help="the --accuracy images are already stain-normalised at the working scale",
+    )
     parser.add_argument("--cache-dir", type=Path, help="feature store for --accuracy (default: a temporary one)")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--out", type=Path)
@@ -305,19 +376,31 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         name = args.backbones[0]
-        result = (naive_worker(name, args.augmentations, args.crops, args.seed, args.device) if args.worker == "naive"
-                  else fast_worker(name, args.augmentations, args.crops, args.seed, args.device, args.dtype,
-                                   not args.no_tune))
+        result = (
+            naive_worker(name, args.augmentations, args.crops, args.seed, args.device)
+            if args.worker == "naive"
+            else fast_worker(name, args.augmentations, args.crops, args.seed, args.device, args.dtype, not args.no_tune)
+        )
         print(json.dumps(result))
         return
     cuda = args.device.startswith("cuda")
     results = {
-        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "threads": torch.get_num_threads(),
-                    "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__},
-        "geometry": {"image": [HEIGHT, WIDTH], "crop": CROP, "augmentations": args.augmentations,
-                     "crops_per_augmentation": args.crops},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": _cpu_name(),
+            "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "torch": torch.__version__,
+        },
+        "geometry": {
+            "image": [HEIGHT, WIDTH],
+            "crop": CROP,
+            "augmentations": args.augmentations,
+            "crops_per_augmentation": args.crops,
+        },
         "gemm_fp32_gflops_measured": round(gemm_gflops(args.device), 1),
-        "backbones": {}}
+        "backbones": {},
+    }
     if cuda or bf16_supported(args.device):
         results["gemm_bf16_gflops_measured"] = round(gemm_gflops(args.device, torch.bfloat16), 1)
     name = f"{time.strftime('%Y-%m-%d')}-{platform.node() or 'machine'}{'-cuda' if cuda else ''}.json"

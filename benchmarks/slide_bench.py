@@ -63,8 +63,9 @@ def consistent_stains(data: Path, per_class: int = 9) -> dict[str, list[Path]]:
                 fit = fit_macenko(rgb)
             except StainError:
                 continue
-            qc = quality_check(rgb, macenko_normalize(rgb, normaliser.he_ref, normaliser.max_c_ref, fit), fit,
-                               normaliser.he_ref)
+            qc = quality_check(
+                rgb, macenko_normalize(rgb, normaliser.he_ref, normaliser.max_c_ref, fit), fit, normaliser.he_ref
+            )
             angles.append((qc.he_angle, path))
         chosen[group] = [path for _, path in sorted(angles)[:per_class]]
     return chosen
@@ -72,18 +73,21 @@ def consistent_stains(data: Path, per_class: int = 9) -> dict[str, list[Path]]:
 
 def mosaic_images(pool: dict[str, list[Path]], side: int) -> list[list[Path]]:
     """`side` x `side` images, classes in turn along each row, each class's images reused cyclically."""
-    return [[pool[GROUPS[(r + c) % 4]][(r * side + c) // 4 % len(pool[GROUPS[(r + c) % 4]])] for c in range(side)]
-            for r in range(side)]
+    return [
+        [pool[GROUPS[(r + c) % 4]][(r * side + c) // 4 % len(pool[GROUPS[(r + c) % 4]])] for c in range(side)]
+        for r in range(side)
+    ]
 
 
 def train(data: Path, folder: Path) -> Path:
-    from histoboost.bundle import train_bundle
     from histoboost.config import preset
     from histoboost.data import load_manifest
+    from histoboost.runtime import Runtime
+    from histoboost.training import train_bundle
 
     manifest, _ = load_manifest(data)
     config = preset("accurate").merged({"augment.n_augment": 2})
-    bundle = train_bundle(manifest, config, folder / "cache", progress=False, image_mpp=0.42)
+    bundle = train_bundle(manifest, config, Runtime(cache_dir=folder / "cache"), image_mpp=0.42)
     bundle.save(folder / "model")
     return folder / "model"
 
@@ -91,63 +95,88 @@ def train(data: Path, folder: Path) -> Path:
 def child(kind: str, model: Path, slide_path: Path, work: Path) -> dict:
     """One measured path in this process: tiles, seconds and peak RSS."""
     from histoboost.bundle import Bundle
+    from histoboost.runtime import Runtime
     from histoboost.slides import SlideSettings, predict_slide
 
-    bundle = Bundle.load(model)
+    predictor = Bundle.load(model, Runtime(cache_dir=work / "cache")).predictor
     settings = SlideSettings(confirm_top=0)
     if kind == "slide":
         started = time.perf_counter()
-        result = predict_slide(bundle, slide_path, work / "out", settings, cache_dir=work / "cache")
+        result = predict_slide(predictor, slide_path, work / "out", settings)
         seconds, tiles, stain = time.perf_counter() - started, len(result.grid), result.summary["stain"]
     else:
-        seconds, tiles, stain = (naive if kind == "naive" else scoring)(bundle, *tiles_of(bundle, slide_path, settings))
+        measure = naive if kind == "naive" else scoring
+        seconds, tiles, stain = measure(predictor, *tiles_of(predictor, slide_path, settings))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"path": kind, "tiles": tiles, "seconds": round(seconds, 2), "tiles_per_second": round(tiles / seconds, 3),
-            "peak_rss_mib": round(peak, 1), "stain": stain}
+    return {
+        "path": kind,
+        "tiles": tiles,
+        "seconds": round(seconds, 2),
+        "tiles_per_second": round(tiles / seconds, 3),
+        "peak_rss_mib": round(peak, 1),
+        "stain": stain,
+    }
 
 
-def tiles_of(bundle, slide_path: Path, settings):
+def tiles_of(predictor, slide_path: Path, settings):
     """The open slide, its kept tiles and their geometry, as `predict_slide` makes them (not timed)."""
     from histoboost.slides.reader import open_slide
     from histoboost.slides.run import slide_geometry, tissue_tiles
 
     slide = open_slide(slide_path)
-    geometry = slide_geometry(bundle, settings)
+    geometry = slide_geometry(predictor, settings)
     return slide, tissue_tiles(slide, geometry, settings).kept, geometry
 
 
-def scoring(bundle, slide, grid, geometry) -> tuple[float, int, str]:
+def scoring(predictor, slide, grid, geometry) -> tuple[float, int, str]:
     """histoboost's tile scoring alone (`score_tiles`: its stain fit, threaded reads, batched forwards)."""
     from histoboost.slides.score import score_tiles
 
     started = time.perf_counter()
-    scores = score_tiles(bundle, slide, grid, geometry)
+    scores = score_tiles(predictor, slide, grid, geometry)
     return time.perf_counter() - started, len(grid), scores.stain
 
 
-def naive(bundle, slide, grid, geometry) -> tuple[float, int, str]:
-    """The straightforward loop over the same tiles with the same stain fit (made before the clock starts;
-    private helpers reused so that only reading, threading and batching differ)."""
+def naive(predictor, slide, grid, geometry) -> tuple[float, int, str]:
+    """The straightforward loop over the same tiles with the same stain fit (made before the clock starts; the
+    same Predictor, one tile per forward pass, so that only reading, threading and batching differ)."""
     import numpy as np
     from PIL import Image
 
+    from histoboost.runtime import Runtime
     from histoboost.slides.reader import _on_white
-    from histoboost.slides.score import _classify, _stain_for, tile_key
+    from histoboost.slides.score import slide_normaliser, tile_key
 
-    normalise, stain, _ = _stain_for(slide, grid, geometry, bundle.config.preprocess.stain, "slide")
+    one_at_a_time = predictor.using(Runtime(batch_size=1))
+    normalise, stain, _ = slide_normaliser(slide, grid, geometry, predictor.config.preprocess.stain, "slide")
     size = geometry.tile_size()
     started = time.perf_counter()
     for box in grid.boxes:
         x0, y0, x1, y1 = (int(v) for v in box)
         region = _on_white(slide.handle.read_region((x0, y0), 0, (x1 - x0, y1 - y0)))
         rgb, _ = normalise(np.asarray(region.resize((size, size), Image.Resampling.LANCZOS)))
-        _classify(bundle, [rgb], [tile_key(slide, box)], 0, "cpu", 1)
+        one_at_a_time.score_tiles([rgb], [tile_key(slide, box)], 0)
     return time.perf_counter() - started, len(grid), stain
 
 
 def run_child(kind: str, model: Path, slide_path: Path, work: Path) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, "--model", str(model), "--slide", str(slide_path),
-                           "--work", str(work)], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            kind,
+            "--model",
+            str(model),
+            "--slide",
+            str(slide_path),
+            "--work",
+            str(work),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode:
         raise SystemExit(f"{kind} on {slide_path.name} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -158,10 +187,17 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=8, help="images per side of the smaller mosaic (at least 8)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--stains", choices=("consistent", "all"), default="consistent",
-                        help="mosaic of the images with consistent staining (default), or of all images")
-    parser.add_argument("--workdir", type=Path, help="keep the bundle and mosaics here and reuse them on a rerun "
-                        "(default: a temporary folder, removed)")
+    parser.add_argument(
+        "--stains",
+        choices=("consistent", "all"),
+        default="consistent",
+        help="mosaic of the images with consistent staining (default), or of all images",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep the bundle and mosaics here and reuse them on a rerun (default: a temporary folder, removed)",
+    )
     parser.add_argument("--child", choices=("slide", "score", "naive"), help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--slide", type=Path, help=argparse.SUPPRESS)
@@ -181,26 +217,43 @@ def main() -> None:
             train(args.data, work)
             print(f"bundle trained in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         slides = {}
-        pool = consistent_stains(args.data) if args.stains == "consistent" else \
-            {g: sorted((args.data / g).glob("*.jpeg")) for g in GROUPS}
+        pool = (
+            consistent_stains(args.data)
+            if args.stains == "consistent"
+            else {g: sorted((args.data / g).glob("*.jpeg")) for g in GROUPS}
+        )
         for side in (args.grid, 2 * args.grid):
             path = work / f"mosaic-{args.stains}-{side}x{side}.tiff"
             if not path.exists():
                 write_mosaic(path, mosaic_images(pool, side))
-            slides[f"{side}x{side}"] = {"images": side * side, "pixels": list(_size(path)),
-                                        "file_mib": round(path.stat().st_size / 2**20)}
+            slides[f"{side}x{side}"] = {
+                "images": side * side,
+                "pixels": list(_size(path)),
+                "file_mib": round(path.stat().st_size / 2**20),
+            }
         runs = []
         for kind, side in (("naive", args.grid), ("score", args.grid), ("slide", args.grid), ("slide", 2 * args.grid)):
-            row = {"slide": f"{side}x{side}", **run_child(kind, work / "model", work / f"mosaic-{args.stains}-{side}x{side}.tiff",
-                                                         Path(tempfile.mkdtemp(dir=tmp)))}
+            row = {
+                "slide": f"{side}x{side}",
+                **run_child(
+                    kind,
+                    work / "model",
+                    work / f"mosaic-{args.stains}-{side}x{side}.tiff",
+                    Path(tempfile.mkdtemp(dir=tmp)),
+                ),
+            }
             print(json.dumps(row), file=sys.stderr)
             runs.append(row)
     naive_row, scored, small, large = runs
     result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
         "bundle": "accurate recipe (efficientnet_lite0 offline ImageNet weights, 1.68 µm/px), 2 augmentations, "
-                  "144 shared BACH images",
+        "144 shared BACH images",
         "stains": args.stains,
         "slides": slides,
         "runs": runs,

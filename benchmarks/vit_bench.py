@@ -41,10 +41,10 @@ def backbone(arch: str, kwargs: dict | None, device: str) -> Backbone:
     import timm
 
     from histoboost.backbones import _build_foundation
-    from histoboost.foundation import FOUNDATION
+    from histoboost.specs import foundation_spec
 
     if kwargs is None:  # a registered foundation spec, built exactly as histoboost builds it
-        spec = FOUNDATION[arch]
+        spec = foundation_spec(arch)
         model = _build_foundation(spec)
         pooling, mean, std, size = spec.embedding, spec.mean, spec.std, spec.input_size
     else:
@@ -53,8 +53,19 @@ def backbone(arch: str, kwargs: dict | None, device: str) -> Backbone:
     model.eval().requires_grad_(False)
     if not pooling:
         model.to(memory_format=torch.channels_last)
-    return Backbone(arch, arch, model, torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1),
-                    model.num_features, 32, "", "random", token_pooling=pooling, input_size=size).to(device)
+    return Backbone(
+        arch,
+        arch,
+        model,
+        torch.tensor(mean).view(1, 3, 1, 1),
+        torch.tensor(std).view(1, 3, 1, 1),
+        model.num_features,
+        32,
+        "",
+        "random",
+        token_pooling=pooling,
+        input_size=size,
+    ).to(device)
 
 
 def tiles_per_second(net: Backbone, device: str, batch: int, bf16: bool) -> tuple[float, int]:
@@ -111,22 +122,36 @@ def main() -> None:
     results = []
     for label, arch, kwargs in NETWORKS:
         net = backbone(arch, kwargs, args.device)
-        row = {"network": label, "architecture": arch, "gflop_per_tile": round(gflops(net), 1),
-               "parameters_m": round(sum(p.numel() for p in net.model.parameters()) / 1e6, 1)}
+        row = {
+            "network": label,
+            "architecture": arch,
+            "gflop_per_tile": round(gflops(net), 1),
+            "parameters_m": round(sum(p.numel() for p in net.model.parameters()) / 1e6, 1),
+        }
         for bf16 in dtypes:
             rate, tiles = tiles_per_second(net, args.device, args.batch, bf16)
             row["bf16" if bf16 else "fp32"] = {"tiles_per_s": round(rate, 2), "tiles_timed": tiles}
         if args.data is not None and arch != "resnet50":
-            row["seconds_per_image_foundation_preset"] = round(seconds_per_image(net, args.data, args.device,
-                                                                                  args.batch), 1)
+            row["seconds_per_image_foundation_preset"] = round(
+                seconds_per_image(net, args.data, args.device, args.batch), 1
+            )
         print(json.dumps(row), flush=True)
         results.append(row)
         del net
-    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
-                          "cuda": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
-              "batch": args.batch, "input": "224x224", "results": results,
-              "date": time.strftime("%Y-%m-%d")}
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": args.device,
+            "cuda": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
+        },
+        "batch": args.batch,
+        "input": "224x224",
+        "results": results,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     text = json.dumps(report, indent=2) + "\n"
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,8 @@
 Runs the four jobs the issue names through the command line into a scratch folder and records the sha256 of
 every output that holds no time: `make demo`'s run (histoboost demo), `cv --preset quick
 --split-by id_block` on the 144 shared BACH images, `train` on them then `predict` of the same images, and
-`slide` on the CMU slide with that bundle (`--stride-um 161.25`, as the README shows it). Paths in the outputs are the data's own, so compare runs made on the
-same data folder.
+`slide` on the CMU slide with that bundle (`--stride-um 161.25`, as the README shows it). Paths in the outputs are
+the data's own, so compare runs made on the same data folder.
 Run it before the first move and after the last, and compare the two files (`--compare OLD.json`).
 
 Usage: python experiments/behaviour_hashes.py ../shared/data --out experiments/results/behaviour-0.7.0.json
@@ -64,8 +64,11 @@ def run(*args, cwd: Path | None = None) -> None:
 
 
 def outputs(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): digest(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name in DETERMINISTIC}
+    return {
+        p.relative_to(folder).as_posix(): digest(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name in DETERMINISTIC
+    }
 
 
 def main() -> None:
@@ -79,8 +82,12 @@ def main() -> None:
     cache = ["--cache-dir", args.cache_dir] if args.cache_dir else []
     bach, slide = args.data / "bach_iciar2018", args.data / "wsi" / "CMU-1-Small-Region.svs"
     started = time.time()
-    record: dict = {"histoboost": histoboost.__version__, "python": platform.python_version(),
-                    "machine": platform.machine(), "jobs": {}}
+    record: dict = {
+        "histoboost": histoboost.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "jobs": {},
+    }
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         run("demo", "--out", root / "demo", "--quiet")
@@ -88,8 +95,20 @@ def main() -> None:
         record["jobs"]["demo"] = {k: v for k, v in outputs(root / "demo").items() if k.endswith("metrics.json")}
         run("cv", bach, "--preset", "quick", "--split-by", "id_block", "--out", root / "cv", "--quiet", *cache)
         record["jobs"]["cv"] = outputs(root / "cv")
-        run("train", bach, "--preset", "quick", "--split-by", "id_block", "--image-mpp", "0.42",  # BACH's µm/px
-            "--out", root / "model.zip", "--quiet", *cache)
+        run(
+            "train",
+            bach,
+            "--preset",
+            "quick",
+            "--split-by",
+            "id_block",
+            "--image-mpp",
+            "0.42",  # BACH's µm/px
+            "--out",
+            root / "model.zip",
+            "--quiet",
+            *cache,
+        )
         record["jobs"]["train"] = bundle_digest(root / "model.zip")
         run("predict", root / "model.zip", bach, "--out", root / "predict.csv", "--quiet")
         record["jobs"]["predict"] = {"predict.csv": digest(root / "predict.csv")}
@@ -99,8 +118,12 @@ def main() -> None:
     args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"{sum(len(v) for v in record['jobs'].values())} fingerprints -> {args.out} ({record['seconds']} s)")
     if old is not None:
-        differ = [f"{job}/{name}" for job, files in record["jobs"].items() for name, sha in files.items()
-                  if old.get(job, {}).get(name) != sha]
+        differ = [
+            f"{job}/{name}"
+            for job, files in record["jobs"].items()
+            for name, sha in files.items()
+            if old.get(job, {}).get(name) != sha
+        ]
         print("identical" if not differ else "differ: " + ", ".join(differ))
 
 

@@ -36,8 +36,11 @@ def main() -> None:
     args = parser.parse_args()
     config = preset(args.preset)
     manifest, _ = load_manifest(args.data)
-    picked = [r for label in sorted({r.label for r in manifest})
-              for r in [r for r in manifest if r.label == label][:args.per_class]]
+    picked = [
+        r
+        for label in sorted({r.label for r in manifest})
+        for r in [r for r in manifest if r.label == label][: args.per_class]
+    ]
     backbone = create_backbone(args.backbone)
     normalizer = Normalizer(config.preprocess.stain)
     seconds = {"shared": 0.0, "exact": 0.0}
@@ -56,13 +59,25 @@ def main() -> None:
         print(f"{record.name}: crop cosine {crop_cos[-1]:.3f}, pooled {pooled_cos[-1]:.3f}")
     n = len(picked)
     result = {
-        "machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(),
-                    "processor": platform.processor()},
-        "data": args.data, "images": n, "backbone": args.backbone, "preset": args.preset,
-        "geometry": {"scale": config.preprocess.scale, "A": config.augment.n_augment, "C": config.augment.n_crops,
-                     "crop": config.augment.crop_size},
-        "crop_cosine_mean": float(np.mean(crop_cos)), "pooled_cosine_mean": float(np.mean(pooled_cos)),
-        "pooled_cosine_min": float(np.min(pooled_cos)), "whole_cosine_mean": float(np.mean(whole_cos)),
+        "machine": {
+            "cpu_count": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+        },
+        "data": args.data,
+        "images": n,
+        "backbone": args.backbone,
+        "preset": args.preset,
+        "geometry": {
+            "scale": config.preprocess.scale,
+            "A": config.augment.n_augment,
+            "C": config.augment.n_crops,
+            "crop": config.augment.crop_size,
+        },
+        "crop_cosine_mean": float(np.mean(crop_cos)),
+        "pooled_cosine_mean": float(np.mean(pooled_cos)),
+        "pooled_cosine_min": float(np.min(pooled_cos)),
+        "whole_cosine_mean": float(np.mean(whole_cos)),
         "images_per_second": {m: n / s for m, s in seconds.items()},
         "crops_per_second": {m: n * config.augment.n_augment * config.augment.n_crops / s for m, s in seconds.items()},
         "note": "CNN time only (decode and stain normalisation excluded); fp32, channels-last, batch 8",

@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from histoboost.backbones import create_backbone
-from histoboost.classifier import DecisionRule, fit_decision_rule, majority_vote, make_classifier
+from histoboost.classifier import fit_decision_rule, majority_vote, make_classifier
 from histoboost.config import preset
 from histoboost.data import load_manifest
 from histoboost.evaluate import cross_validate_features, decision_metrics, make_folds
@@ -43,10 +43,16 @@ LOGISTIC_C = (0.001, 0.01, 0.1)
 def summarise(truth, decision, plan, seed, refer=None, rules=None) -> dict:
     m = decision_metrics(truth, decision, plan.folds, plan.units, seed)
     c = m["binary"]["carcinoma"]
-    row = {"accuracy": m["accuracy"], "accuracy_ci": m["accuracy_ci"],
-           "carcinoma_sensitivity": c["sensitivity"], "carcinoma_sensitivity_ci": c["sensitivity_ci"],
-           "carcinoma_specificity": c["specificity"], "carcinoma_specificity_ci": c["specificity_ci"],
-           "missed_carcinomas": c["fn"], "confusion": m["confusion"]}
+    row = {
+        "accuracy": m["accuracy"],
+        "accuracy_ci": m["accuracy_ci"],
+        "carcinoma_sensitivity": c["sensitivity"],
+        "carcinoma_sensitivity_ci": c["sensitivity_ci"],
+        "carcinoma_specificity": c["specificity"],
+        "carcinoma_specificity_ci": c["specificity_ci"],
+        "missed_carcinomas": c["fn"],
+        "confusion": m["confusion"],
+    }
     if refer is not None:
         kept = ~refer
         row["refer_rate"] = float(refer.mean())
@@ -62,8 +68,10 @@ def fixed(X, owners, manifest, plan, config, name, seed) -> dict:
     """One configuration's outer-fold results, at the majority vote and at its operating point."""
     start = time.perf_counter()
     result = cross_validate_features(X, owners, manifest, plan, config, name)
-    out = {"seconds": round(time.perf_counter() - start, 1),
-           "majority_vote": summarise(result.truth, result.majority, plan, seed)}
+    out = {
+        "seconds": round(time.perf_counter() - start, 1),
+        "majority_vote": summarise(result.truth, result.majority, plan, seed),
+    }
     if result.rules is not None:
         out["operating_point"] = summarise(result.truth, result.decision, plan, seed, result.referred, result.rules)
     return out
@@ -71,7 +79,8 @@ def fixed(X, owners, manifest, plan, config, name, seed) -> dict:
 
 def nested(matrices, owners, manifest, plan, base, seed, inner_folds=3) -> dict:
     """Per outer fold: choose (descriptor, C) of the logistic model by inner grouped CV on the training
-    images (the descriptors are the keys of `matrices`), refit on all of them, fit the operating point on inner folds, score the outer fold."""
+    images (the descriptors are the keys of `matrices`), refit on all of them, fit the operating point on inner
+    folds, score the outer fold."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     truth, units = manifest.groups, plan.units
@@ -99,20 +108,31 @@ def nested(matrices, owners, manifest, plan, base, seed, inner_folds=3) -> dict:
         descriptor, C = max(scores, key=scores.get)
         chosen.append({"fold": k, "descriptor": descriptor, "C": C, "inner_accuracy": scores[descriptor, C]})
         X = matrices[descriptor]
-        config = base.merged({"classifier.kind": "logistic", "classifier.C": C, "classifier.target_sensitivity": 0.95,
-                              "classifier.calibrate": True, "classifier.refer_below_agreement": 0.75})
+        config = base.merged(
+            {
+                "classifier.kind": "logistic",
+                "classifier.C": C,
+                "classifier.target_sensitivity": 0.95,
+                "classifier.calibrate": True,
+                "classifier.refer_below_agreement": 0.75,
+            }
+        )
         rows_tr = np.isin(owners, train_images)
         model = make_classifier(config.classifier, seed).fit(X[rows_tr], truth[owners[rows_tr]])
-        rule = fit_decision_rule(X[rows_tr], truth[owners[rows_tr]], owners[rows_tr], units[owners[rows_tr]],
-                                 config.classifier, seed)
+        rule = fit_decision_rule(
+            X[rows_tr], truth[owners[rows_tr]], owners[rows_tr], units[owners[rows_tr]], config.classifier, seed
+        )
         rules.append(rule)
         probs = np.stack([model.predict_proba(X[owners == i]) for i in test_images]).reshape(-1, n_aug, 3)
         majority[test_images] = majority_vote(probs)
         decision[test_images], agreement = rule.decide(probs)
         refer[test_images] = rule.refer(agreement)
         print(f"  fold {k + 1}: chose {descriptor}, C={C} (inner accuracy {scores[descriptor, C]:.3f})", flush=True)
-    return {"chosen": chosen, "majority_vote": summarise(truth, majority, plan, seed),
-            "operating_point": summarise(truth, decision, plan, seed, refer, rules)}
+    return {
+        "chosen": chosen,
+        "majority_vote": summarise(truth, majority, plan, seed),
+        "operating_point": summarise(truth, decision, plan, seed, refer, rules),
+    }
 
 
 def begin(parser: argparse.ArgumentParser, table=None) -> tuple[argparse.Namespace, object, object]:
@@ -124,7 +144,8 @@ def begin(parser: argparse.ArgumentParser, table=None) -> tuple[argparse.Namespa
     parser.add_argument("--markdown", action="store_true", help="print the table of an existing --out file and stop")
     args = parser.parse_args()
     if args.markdown:
-        print((table or markdown)(json.load(open(args.out))))
+        with open(args.out) as f:
+            print((table or markdown)(json.load(f)))
         raise SystemExit(0)
     manifest, _ = load_manifest(args.data)
     return args, preset("quick"), manifest
@@ -140,11 +161,16 @@ def record_row(results: dict, out: str, name: str, compute) -> None:
     row.setdefault("seconds", round(time.perf_counter() - start, 1))
     results["rows"][name] = row
     mv = row["majority_vote"]
-    text = f"{name:<62} acc {mv['accuracy']:.3f} {np.round(mv['accuracy_ci'], 3).tolist()} sens {mv['carcinoma_sensitivity']:.3f}"
+    text = (
+        f"{name:<62} acc {mv['accuracy']:.3f} {np.round(mv['accuracy_ci'], 3).tolist()} "
+        f"sens {mv['carcinoma_sensitivity']:.3f}"
+    )
     if "operating_point" in row:
         op = row["operating_point"]
-        text += (f" | op acc {op['accuracy']:.3f} sens {op['carcinoma_sensitivity']:.3f} "
-                 f"spec {op['carcinoma_specificity']:.3f} refer {op['refer_rate']:.3f}")
+        text += (
+            f" | op acc {op['accuracy']:.3f} sens {op['carcinoma_sensitivity']:.3f} "
+            f"spec {op['carcinoma_specificity']:.3f} refer {op['refer_rate']:.3f}"
+        )
     print(text, flush=True)
     with open(out, "w") as handle:
         json.dump(results, handle, indent=2)
@@ -154,14 +180,21 @@ def markdown(results: dict) -> str:
     """The docs/accuracy.md table: majority vote, then the operating point, per row."""
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     ci = lambda v: f"[{pct(v[0])}, {pct(v[1])}]" if v else ""  # noqa: E731
-    lines = ["| choice | accuracy, majority [95% CI] | carcinoma sens. | at the operating point: accuracy | "
-             "sensitivity [95% CI] | specificity [95% CI] | referred |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| choice | accuracy, majority [95% CI] | carcinoma sens. | at the operating point: accuracy | "
+        "sensitivity [95% CI] | specificity [95% CI] | referred |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, row in results["rows"].items():
         mv, op = row["majority_vote"], row.get("operating_point")
         cells = [name, f"{pct(mv['accuracy'])} {ci(mv['accuracy_ci'])}", pct(mv["carcinoma_sensitivity"])]
         if op:
-            cells += [pct(op["accuracy"]), f"{pct(op['carcinoma_sensitivity'])} {ci(op['carcinoma_sensitivity_ci'])}",
-                      f"{pct(op['carcinoma_specificity'])} {ci(op['carcinoma_specificity_ci'])}", pct(op["refer_rate"])]
+            cells += [
+                pct(op["accuracy"]),
+                f"{pct(op['carcinoma_sensitivity'])} {ci(op['carcinoma_sensitivity_ci'])}",
+                f"{pct(op['carcinoma_specificity'])} {ci(op['carcinoma_specificity_ci'])}",
+                pct(op["refer_rate"]),
+            ]
         lines.append("| " + " | ".join(cells + [""] * (7 - len(cells))) + " |")
     return "\n".join(lines)
 
@@ -169,13 +202,23 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-xgboost", action="store_true")
-    parser.add_argument("--stages", type=int, default=1,
-                        help="also measure descriptors from this many network stages (extracts them if missing)")
+    parser.add_argument(
+        "--stages",
+        type=int,
+        default=1,
+        help="also measure descriptors from this many network stages (extracts them if missing)",
+    )
     args, base, manifest = begin(parser)
     seed = base.seed
     plan = make_folds(manifest, SPLIT, 6, seed)
-    results = {"machine": platform.processor() or platform.machine(), "data": args.data, "split_by": SPLIT,
-               "folds": plan.n_folds, "images": len(manifest), "rows": {}}
+    results = {
+        "machine": platform.processor() or platform.machine(),
+        "data": args.data,
+        "split_by": SPLIT,
+        "folds": plan.n_folds,
+        "images": len(manifest),
+        "rows": {},
+    }
 
     @functools.cache
     def features() -> tuple[dict, np.ndarray]:
@@ -186,7 +229,8 @@ def main() -> None:
         return {d: X for d, (X, _) in found.items()}, found["crops"][1]
 
     if os.path.exists(args.out):  # resume: rows already measured are kept
-        results["rows"] = json.load(open(args.out))["rows"]
+        with open(args.out) as f:
+            results["rows"] = json.load(f)["rows"]
 
     record = functools.partial(record_row, results, args.out)
 
@@ -194,28 +238,47 @@ def main() -> None:
     for descriptor in DESCRIPTORS:
         for C in LOGISTIC_C:
             config = base.merged({"classifier.kind": "logistic", "classifier.C": C, **op})
-            record(f"logistic C={C}, {descriptor}", lambda d=descriptor, config=config: fixed(
-                features()[0][d], features()[1], manifest, plan, config, "logistic", seed))
-    record("nested: logistic, descriptor and C chosen on inner folds",
-           lambda: nested(*features(), manifest, plan, base, seed))
-    config = base.merged({"classifier.kind": "logistic", "classifier.target_sensitivity": 0.9,
-                          "classifier.calibrate": True, "classifier.refer_below_agreement": 0.75})
-    record("logistic C=0.001, crops, target sensitivity 0.90",
-           lambda: fixed(features()[0]["crops"], features()[1], manifest, plan, config, "logistic", seed))
+            record(
+                f"logistic C={C}, {descriptor}",
+                lambda d=descriptor, config=config: fixed(
+                    features()[0][d], features()[1], manifest, plan, config, "logistic", seed
+                ),
+            )
+    record(
+        "nested: logistic, descriptor and C chosen on inner folds",
+        lambda: nested(*features(), manifest, plan, base, seed),
+    )
+    config = base.merged(
+        {
+            "classifier.kind": "logistic",
+            "classifier.target_sensitivity": 0.9,
+            "classifier.calibrate": True,
+            "classifier.refer_below_agreement": 0.75,
+        }
+    )
+    record(
+        "logistic C=0.001, crops, target sensitivity 0.90",
+        lambda: fixed(features()[0]["crops"], features()[1], manifest, plan, config, "logistic", seed),
+    )
     if args.stages > 1:
         from histoboost.features import describe_dataset
 
         staged = base.merged({"features.stages": args.stages})
         (described,) = describe_dataset(manifest, staged)
         config = staged.merged({"classifier.kind": "logistic", **op})
-        record(f"logistic C=0.001, crops, {args.stages} network stages (final + blocks.4)",
-               lambda: fixed(described.X, described.owners, manifest, plan, config, "logistic", seed))
+        record(
+            f"logistic C=0.001, crops, {args.stages} network stages (final + blocks.4)",
+            lambda: fixed(described.X, described.owners, manifest, plan, config, "logistic", seed),
+        )
     if not args.skip_xgboost:
         for descriptor in ("crops", "crops+whole"):
             config = base.merged(op)
-            record(f"xgboost (quick preset: 200 rounds, 64 bins, colsample 0.25), {descriptor}",
-                   lambda d=descriptor, config=config: fixed(features()[0][d], features()[1], manifest, plan, config,
-                                                             "xgboost", seed))
+            record(
+                f"xgboost (quick preset: 200 rounds, 64 bins, colsample 0.25), {descriptor}",
+                lambda d=descriptor, config=config: fixed(
+                    features()[0][d], features()[1], manifest, plan, config, "xgboost", seed
+                ),
+            )
 
 
 if __name__ == "__main__":

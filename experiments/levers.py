@@ -27,17 +27,25 @@ import numpy as np
 from histoboost.evaluate import cross_validate_features, make_folds
 from histoboost.features import describe_dataset, load_matrix
 
-from generalise import DESCRIPTORS, LOGISTIC_C, begin, fixed, nested, record_row, summarise  # noqa: E402
+from generalise import DESCRIPTORS, LOGISTIC_C, begin, fixed, nested, record_row, summarise
 
-OPERATING_POINT = {"classifier.target_sensitivity": 0.95, "classifier.calibrate": False,
-                   "classifier.refer_below_agreement": 0.75}
+OPERATING_POINT = {
+    "classifier.target_sensitivity": 0.95,
+    "classifier.calibrate": False,
+    "classifier.refer_below_agreement": 0.75,
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="*", default=[], help="offline backbones to concatenate with Lite0")
-    parser.add_argument("--scales", nargs="*", type=float, default=[],
-                        help="other working scales to extract Lite0 at (0.25 = 1.68 µm/px), alone and with 0.5")
+    parser.add_argument(
+        "--scales",
+        nargs="*",
+        type=float,
+        default=[],
+        help="other working scales to extract Lite0 at (0.25 = 1.68 µm/px), alone and with 0.5",
+    )
     args, base, manifest = begin(parser)
     seed = base.seed
     plan = make_folds(manifest, "id_block", 6, seed)
@@ -45,10 +53,17 @@ def main() -> None:
     store = described[0].extraction.store  # Lite0's: every descriptor is stored
     matrices = {d: load_matrix(manifest, store, d)[0] for d in DESCRIPTORS}
     owners = described[0].owners
-    results = {"machine": platform.processor() or platform.machine(), "data": args.data, "split_by": "id_block",
-               "folds": plan.n_folds, "images": len(manifest), "rows": {}}
+    results = {
+        "machine": platform.processor() or platform.machine(),
+        "data": args.data,
+        "split_by": "id_block",
+        "folds": plan.n_folds,
+        "images": len(manifest),
+        "rows": {},
+    }
     if os.path.exists(args.out):  # resume: rows already measured are kept
-        results["rows"] = json.load(open(args.out))["rows"]
+        with open(args.out) as f:
+            results["rows"] = json.load(f)["rows"]
 
     record = functools.partial(record_row, results, args.out)
 
@@ -56,17 +71,24 @@ def main() -> None:
     for descriptor in DESCRIPTORS:
         for C in LOGISTIC_C:
             config = logistic.merged({"classifier.C": C})
-            record(f"logistic C={C}, {descriptor}", lambda d=descriptor, config=config: fixed(
-                matrices[d], owners, manifest, plan, config, "logistic", seed))
+            record(
+                f"logistic C={C}, {descriptor}",
+                lambda d=descriptor, config=config: fixed(
+                    matrices[d], owners, manifest, plan, config, "logistic", seed
+                ),
+            )
     xgboost = base.merged(OPERATING_POINT)
     for descriptor in ("crops", "crops+whole"):
-        record(f"xgboost (quick: 200 rounds), {descriptor}", lambda d=descriptor: fixed(
-            matrices[d], owners, manifest, plan, xgboost, "xgboost", seed))
+        record(
+            f"xgboost (quick: 200 rounds), {descriptor}",
+            lambda d=descriptor: fixed(matrices[d], owners, manifest, plan, xgboost, "xgboost", seed),
+        )
 
     def ensemble() -> dict:
         """Mean of the logistic (C=0.001) and XGBoost augmentation probabilities, majority vote."""
-        first = cross_validate_features(matrices["crops"], owners, manifest, plan,
-                                        base.merged({"classifier.kind": "logistic"}), "logistic")
+        first = cross_validate_features(
+            matrices["crops"], owners, manifest, plan, base.merged({"classifier.kind": "logistic"}), "logistic"
+        )
         second = cross_validate_features(matrices["crops"], owners, manifest, plan, base, "xgboost")
         probs = (first.aug_probs + second.aug_probs) / 2
         from histoboost.classifier import majority_vote
@@ -77,11 +99,14 @@ def main() -> None:
     if args.backbones:
         concat = np.concatenate([x.X for x in described], axis=1)
         names = " + ".join(x.backbone.name for x in described)
-        record(f"logistic C=0.001, crops, {names}", lambda: fixed(concat, owners, manifest, plan,
-                                                                   logistic.merged({"classifier.C": 0.001}),
-                                                                   "logistic", seed))
-    record("nested: logistic, descriptor and C chosen on inner folds", lambda: nested(
-        matrices, owners, manifest, plan, base, seed))
+        record(
+            f"logistic C=0.001, crops, {names}",
+            lambda: fixed(concat, owners, manifest, plan, logistic.merged({"classifier.C": 0.001}), "logistic", seed),
+        )
+    record(
+        "nested: logistic, descriptor and C chosen on inner folds",
+        lambda: nested(matrices, owners, manifest, plan, base, seed),
+    )
     scaled = dict(matrices)
     for scale in args.scales:  # working scale: the same crops in pixels see 0.5 / scale times the field
         mpp = f"{0.42 / scale:.2f} µm/px"
@@ -91,14 +116,20 @@ def main() -> None:
         both = np.concatenate([matrices["crops"], other.X], axis=1)
         for C in LOGISTIC_C[:2]:
             config = logistic.merged({"classifier.C": C})
-            record(f"logistic C={C}, crops, {mpp}", lambda X=other.X, config=config: fixed(
-                X, owners, manifest, plan, config, "logistic", seed))
-            record(f"logistic C={C}, crops, 0.84 + {mpp} concatenated", lambda X=both, config=config: fixed(
-                X, owners, manifest, plan, config, "logistic", seed))
+            record(
+                f"logistic C={C}, crops, {mpp}",
+                lambda X=other.X, config=config: fixed(X, owners, manifest, plan, config, "logistic", seed),
+            )
+            record(
+                f"logistic C={C}, crops, 0.84 + {mpp} concatenated",
+                lambda X=both, config=config: fixed(X, owners, manifest, plan, config, "logistic", seed),
+            )
         scaled.update({f"crops {mpp}": other.X, f"crops 0.84 + {mpp}": both})
     if args.scales:
-        record("nested: logistic, descriptor, scale and C chosen on inner folds", lambda: nested(
-            scaled, owners, manifest, plan, base, seed))
+        record(
+            "nested: logistic, descriptor, scale and C chosen on inner folds",
+            lambda: nested(scaled, owners, manifest, plan, base, seed),
+        )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ from tqdm import tqdm
 
 from histoboost.config import PreprocessConfig
 from histoboost.data import load_manifest, read_record
-from histoboost.stain import (MACENKO_HE_REF, StainError, fit_macenko, macenko_normalize, quality_check,
-                              reinhard_stats)
+from histoboost.stain import MACENKO_HE_REF, StainError, fit_macenko, macenko_normalize, quality_check, reinhard_stats
 
 
 def main() -> None:
@@ -50,22 +49,34 @@ def main() -> None:
             means, stds = reinhard_stats(ours)
             lab_means.append(means)
             lab_stds.append(stds)
-        rows.append({
-            "name": record.name, "label": record.label,
-            "max_abs_diff_vs_torchstain_same_rule": diff, "torchstain_flags": theirs_flags,
-            "tissue_before": qc.tissue_before, "tissue_after": qc.tissue_after,
-            "od_before": qc.od_before, "od_after": qc.od_after, "he_angle": qc.he_angle,
-            "flags": "; ".join(qc.flags),
-        })
+        rows.append(
+            {
+                "name": record.name,
+                "label": record.label,
+                "max_abs_diff_vs_torchstain_same_rule": diff,
+                "torchstain_flags": theirs_flags,
+                "tissue_before": qc.tissue_before,
+                "tissue_after": qc.tissue_after,
+                "od_before": qc.od_before,
+                "od_after": qc.od_after,
+                "he_angle": qc.he_angle,
+                "flags": "; ".join(qc.flags),
+            }
+        )
     with open(args.out, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {args.out}: {len(rows)} images; flagged: histoboost {sum(1 for r in rows if r['flags'])}, "
-          f"torchstain {sum(1 for r in rows if r['torchstain_flags'])}; largest difference from torchstain with "
-          f"its tissue rule: {max(r['max_abs_diff_vs_torchstain_same_rule'] for r in rows)} levels")
-    print("Reinhard reference (LAB means, stds over QC-passing images):",
-          np.round(np.mean(lab_means, axis=0), 1), np.round(np.mean(lab_stds, axis=0), 1))
+    print(
+        f"wrote {args.out}: {len(rows)} images; flagged: histoboost {sum(1 for r in rows if r['flags'])}, "
+        f"torchstain {sum(1 for r in rows if r['torchstain_flags'])}; largest difference from torchstain with "
+        f"its tissue rule: {max(r['max_abs_diff_vs_torchstain_same_rule'] for r in rows)} levels"
+    )
+    print(
+        "Reinhard reference (LAB means, stds over QC-passing images):",
+        np.round(np.mean(lab_means, axis=0), 1),
+        np.round(np.mean(lab_stds, axis=0), 1),
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,12 @@ def bach_image(bach: Path):
     return load
 
 
-EIGHT = {"Normal": ["n001", "n003"], "Benign": ["b001", "b002"], "InSitu": ["is001", "is003"], "Invasive": ["iv001", "iv003"]}
+EIGHT = {
+    "Normal": ["n001", "n003"],
+    "Benign": ["b001", "b002"],
+    "InSitu": ["is001", "is003"],
+    "Invasive": ["iv001", "iv003"],
+}
 
 
 def copy_eight(bach: Path, root: Path) -> Path:
@@ -46,21 +51,27 @@ def copy_eight(bach: Path, root: Path) -> Path:
 
 
 # A small, fast protocol for tests that train a bundle.
-SMALL = {"preprocess.scale": 0.25, "augment.n_augment": 3, "augment.n_crops": 3, "augment.crop_size": 192,
-         "classifier.n_estimators": 20}
+SMALL = {
+    "preprocess.scale": 0.25,
+    "augment.n_augment": 3,
+    "augment.n_crops": 3,
+    "augment.crop_size": 192,
+    "classifier.n_estimators": 20,
+}
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, bach):
     """A bundle trained once per test session on eight real BACH images: (bundle, manifest, folder)."""
-    from histoboost.bundle import train_bundle
     from histoboost.config import preset
     from histoboost.data import load_manifest
+    from histoboost.runtime import Runtime
+    from histoboost.training import train_bundle
 
     root = tmp_path_factory.mktemp("bundle")
     manifest, _ = load_manifest(copy_eight(bach, root / "data"))
     # BACH's JPEGs state no µm/px: 0.42 (recorded for whole slides; it changes no feature)
-    bundle = train_bundle(manifest, preset("quick").merged(SMALL), root / "cache", progress=False, image_mpp=0.42)
+    bundle = train_bundle(manifest, preset("quick").merged(SMALL), Runtime(cache_dir=root / "cache"), image_mpp=0.42)
     return bundle, manifest, root
 
 
@@ -95,11 +106,20 @@ def demo_data(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> Path:
+    """A feature cache for the demo set at the quick preset: test_demo's run fills it and test_docs starts from a
+    copy (the same images and settings: nothing extracted twice)."""
+    return tmp_path_factory.mktemp("demo-cache")
+
+
 # Images of known class that the session bundle (conftest.trained) was not trained on.
-MOSAIC = [["Normal/n005", "Benign/b004", "InSitu/is005", "Invasive/iv005"],
-          ["Normal/n008", "Benign/b005", "InSitu/is007", "Invasive/iv007"],
-          ["Normal/n010", "Benign/b007", "InSitu/is009", "Invasive/iv009"],
-          ["Normal/n012", "Benign/b008", "InSitu/is011", "Invasive/iv011"]]
+MOSAIC = [
+    ["Normal/n005", "Benign/b004", "InSitu/is005", "Invasive/iv005"],
+    ["Normal/n008", "Benign/b005", "InSitu/is007", "Invasive/iv007"],
+    ["Normal/n010", "Benign/b007", "InSitu/is009", "Invasive/iv009"],
+    ["Normal/n012", "Benign/b008", "InSitu/is011", "Invasive/iv011"],
+]
 
 
 @pytest.fixture(scope="session")

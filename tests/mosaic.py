@@ -14,8 +14,14 @@ BACH_MPP = 0.42
 TILE = 256  # TIFF tile side
 
 
-def write_mosaic(path: Path, images: list[list[Path | None]], mpp: float = BACH_MPP, levels: int | None = None,
-                 gap_blocks: int = 1, resolution: bool = True) -> list[tuple[int, int, int, int, Path]]:
+def write_mosaic(
+    path: Path,
+    images: list[list[Path | None]],
+    mpp: float = BACH_MPP,
+    levels: int | None = None,
+    gap_blocks: int = 1,
+    resolution: bool = True,
+) -> list[tuple[int, int, int, int, Path]]:
     """A generic pyramidal TIFF (levels as pages, each half the last, read by OpenSlide as `generic-tiff`) of
     `images` laid on a grid with `gap_blocks` blocks of white glass around and between them; a level's blocks
     are Lanczos reductions of the full image, as `predict` makes them. By default levels go down until the
@@ -29,17 +35,38 @@ def write_mosaic(path: Path, images: list[list[Path | None]], mpp: float = BACH_
     size = (offset + cols * pitch, offset + rows * pitch)  # width, height
     if levels is None:
         levels = 1 + max(0, math.ceil(math.log2(max(size) / 1024)))
-    blocks = [(offset + c * pitch, offset + r * pitch, offset + c * pitch + BLOCK_PX, offset + r * pitch + BLOCK_PX,
-               images[r][c]) for r in range(rows) for c in range(cols) if images[r][c] is not None]
+    blocks = [
+        (
+            offset + c * pitch,
+            offset + r * pitch,
+            offset + c * pitch + BLOCK_PX,
+            offset + r * pitch + BLOCK_PX,
+            images[r][c],
+        )
+        for r in range(rows)
+        for c in range(cols)
+        if images[r][c] is not None
+    ]
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
         for level in range(levels):
             ds = 2**level
             width, height = size[0] // ds, size[1] // ds
-            options = {"resolution": (1e4 / (mpp * ds), 1e4 / (mpp * ds)), "resolutionunit": "CENTIMETER"} \
-                if resolution else {}
-            tif.write(_tiles(blocks, width, height, ds), shape=(height, width, 3), dtype=np.uint8,
-                      tile=(TILE, TILE), compression="zlib", compressionargs={"level": 1}, photometric="rgb",
-                      subfiletype=1 if level else 0, **options)
+            options = (
+                {"resolution": (1e4 / (mpp * ds), 1e4 / (mpp * ds)), "resolutionunit": "CENTIMETER"}
+                if resolution
+                else {}
+            )
+            tif.write(
+                _tiles(blocks, width, height, ds),
+                shape=(height, width, 3),
+                dtype=np.uint8,
+                tile=(TILE, TILE),
+                compression="zlib",
+                compressionargs={"level": 1},
+                photometric="rgb",
+                subfiletype=1 if level else 0,
+                **options,
+            )
     return blocks
 
 
@@ -56,13 +83,15 @@ def _tiles(blocks, width: int, height: int, ds: int):
                 if image not in cache:
                     with Image.open(image) as full:
                         block = full.convert("RGB")
-                        cache[image] = np.asarray(block if ds == 1 else block.resize((side, side), Image.Resampling.LANCZOS))
+                        cache[image] = np.asarray(
+                            block if ds == 1 else block.resize((side, side), Image.Resampling.LANCZOS)
+                        )
                 a, b = max(top, y0), min(top + side, y0 + TILE)
-                strip[a - y0:b - y0, bx0 // ds:bx0 // ds + side] = cache[image][a - top:b - top]
+                strip[a - y0 : b - y0, bx0 // ds : bx0 // ds + side] = cache[image][a - top : b - top]
         for image in set(cache) - wanted:
             del cache[image]
         for x0 in range(0, width, TILE):
-            yield strip[:, x0:x0 + TILE]
+            yield strip[:, x0 : x0 + TILE]
 
 
 class BoundsSlide:
@@ -72,8 +101,13 @@ class BoundsSlide:
     def __init__(self, inner, offset: tuple[int, int]):
         self.inner, self.offset = inner, offset
         w, h = inner.dimensions
-        self.properties = {**inner.properties, "openslide.bounds-x": str(offset[0]), "openslide.bounds-y": str(offset[1]),
-                           "openslide.bounds-width": str(w), "openslide.bounds-height": str(h)}
+        self.properties = {
+            **inner.properties,
+            "openslide.bounds-x": str(offset[0]),
+            "openslide.bounds-y": str(offset[1]),
+            "openslide.bounds-width": str(w),
+            "openslide.bounds-height": str(h),
+        }
         self.dimensions = (w + offset[0], h + offset[1])
         self.level_count = inner.level_count
         self.level_downsamples = inner.level_downsamples

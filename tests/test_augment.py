@@ -61,8 +61,9 @@ def test_neutral_parameters_are_the_identity(bach_image, color):
 
 def test_rgb_affine_is_an_affine_map_of_intensities():
     image = np.full((8, 8, 3), 100, np.uint8)
-    plan = AugmentPlan(0, "rgb_affine", np.array([1.1, 1.0, 0.9]), np.array([0.0, 0.02, -0.02]), 0, False,
-                       np.zeros((0, 4), np.int64))
+    plan = AugmentPlan(
+        0, "rgb_affine", np.array([1.1, 1.0, 0.9]), np.array([0.0, 0.02, -0.02]), 0, False, np.zeros((0, 4), np.int64)
+    )
     assert augment_image(image, plan)[0, 0].tolist() == [110, 105, 85]
 
 

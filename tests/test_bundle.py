@@ -6,11 +6,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import BACH, SMALL, write_png
-from histoboost.bundle import FORMAT_VERSION, Bundle, BundleError, evaluate_bundle, train_bundle
-from histoboost.data import load_manifest
+from histoboost.bundle import FORMAT_VERSION, Bundle, BundleError
 from histoboost.config import preset
+from histoboost.data import load_manifest
+from histoboost.evaluate import evaluate_predictor
 from histoboost.report import OVERLAY_LEGEND_HEIGHT
+from histoboost.runtime import Runtime
+from histoboost.training import train_bundle
+
+from conftest import BACH, SMALL, write_png
 
 
 def test_save_load_predict_equals_in_memory(trained, tmp_path):
@@ -23,12 +27,21 @@ def test_save_load_predict_equals_in_memory(trained, tmp_path):
         loaded = Bundle.load(out)
         again, _ = loaded.predict(paths)
         for a, b in zip(in_memory, again):
-            assert {k: v for k, v in a.items() if k != "bundle_sha256"} == \
-                   {k: v for k, v in b.items() if k != "bundle_sha256"}
+            assert {k: v for k, v in a.items() if k != "bundle_sha256"} == {
+                k: v for k, v in b.items() if k != "bundle_sha256"
+            }
         assert again[0]["bundle_sha256"] == loaded.sha256 and len(loaded.sha256) == 64
     record = in_memory[0]
-    assert {"path", "class", "group", "p_normal_benign", "p_in_situ", "p_invasive", "votes_invasive",
-            "bundle_format"} <= set(record)
+    assert {
+        "path",
+        "class",
+        "group",
+        "p_normal_benign",
+        "p_in_situ",
+        "p_invasive",
+        "votes_invasive",
+        "bundle_format",
+    } <= set(record)
     assert record["class"] in ("normal_benign", "in_situ", "invasive") and record["bundle_format"] == FORMAT_VERSION
     assert sum(record[f"votes_{g}"] for g in ("normal_benign", "in_situ", "invasive")) == 3
 
@@ -47,7 +60,7 @@ def test_bundle_holds_no_pickle_and_says_what_it_is(trained):
 
 
 def test_altered_bundles_are_refused(trained):
-    from histoboost.bundle import _meta_digest
+    from histoboost.container import meta_digest
 
     bundle, _, root = trained
     out = bundle.save(root / "tamper")
@@ -66,7 +79,7 @@ def test_altered_bundles_are_refused(trained):
     out3 = bundle.save(root / "future")
     meta = json.loads((out3 / "bundle.json").read_text())
     meta["format_version"] = FORMAT_VERSION + 1
-    meta["meta_sha256"] = _meta_digest(meta)
+    meta["meta_sha256"] = meta_digest(meta)
     (out3 / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="newer than"):
         Bundle.load(out3)
@@ -85,9 +98,9 @@ def test_bundle_needing_other_weights_is_refused(trained):
     out = bundle.save(root / "weights")
     meta = json.loads((out / "bundle.json").read_text())
     meta["backbones"][0]["weights_sha256"] = "0" * 64
-    from histoboost.bundle import _meta_digest
+    from histoboost.container import meta_digest
 
-    meta["meta_sha256"] = _meta_digest(meta)
+    meta["meta_sha256"] = meta_digest(meta)
     (out / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="trained with tf_efficientnet_lite0 and 000000000000"):
         Bundle.load(out)
@@ -121,9 +134,16 @@ def test_logistic_bundle_carries_its_operating_point(trained):
     from histoboost.classifier import DecisionRule
 
     _, manifest, root = trained
-    config = preset("quick").merged({**SMALL, "classifier.kind": "logistic", "classifier.target_sensitivity": 1.0,
-                                     "classifier.calibrate": True, "classifier.refer_below_agreement": 0.9})
-    bundle = train_bundle(manifest, config, root / "cache", progress=False)
+    config = preset("quick").merged(
+        {
+            **SMALL,
+            "classifier.kind": "logistic",
+            "classifier.target_sensitivity": 1.0,
+            "classifier.calibrate": True,
+            "classifier.refer_below_agreement": 0.9,
+        }
+    )
+    bundle = train_bundle(manifest, config, Runtime(cache_dir=root / "cache"))
     out = bundle.save(root / "logistic")
     assert sorted(p.name for p in out.iterdir()) == ["bundle.json", "model.json"]
     meta = json.loads((out / "bundle.json").read_text())
@@ -139,13 +159,15 @@ def test_logistic_bundle_carries_its_operating_point(trained):
 
 
 def test_local_weights_travel_inside_the_bundle(trained, tmp_path):
-    from histoboost.backbones import REGISTRY, _package_weights
+    from histoboost.backbones import _package_weights
+    from histoboost.specs import REGISTRY
 
     bundle, manifest, root = trained
     local = tmp_path / "lite0.pth"  # the same ImageNet weights, given as a local file (as fine-tuned ones are)
     shutil.copy(_package_weights(REGISTRY["efficientnet_lite0"]), local)
-    carrying = train_bundle(manifest, bundle.config.merged({"features.weights": [str(local)]}), root / "cache",
-                            progress=False)
+    carrying = train_bundle(
+        manifest, bundle.config.merged({"features.weights": [str(local)]}), Runtime(cache_dir=root / "cache")
+    )
     out = carrying.save(tmp_path / "model")
     meta = json.loads((out / "bundle.json").read_text())
     assert meta["format_version"] == FORMAT_VERSION == 7
@@ -171,7 +193,7 @@ def test_a_four_class_bundle_predicts_normal_and_benign_apart_with_the_data_sets
     its predictions of those images name each image's own BACH class (a merged normal/benign could not)."""
     bundle, manifest, root = trained
     config = bundle.config.merged({"classifier.classes": "bach4", "classifier.kind": "logistic", "classifier.C": 1.0})
-    four = train_bundle(manifest, config, root / "cache", progress=False)
+    four = train_bundle(manifest, config, Runtime(cache_dir=root / "cache"))
     loaded = Bundle.load(four.save(tmp_path / "bach4.zip"))
     assert loaded.meta["classes"] == ["normal", "benign", "in_situ", "invasive"]
     assert loaded.meta["decision_rule"]["groups"] == [0, 0, 1, 2]
@@ -187,7 +209,7 @@ def test_a_four_class_bundle_predicts_normal_and_benign_apart_with_the_data_sets
     for label, name in (("Normal", "n010"), ("Benign", "b010"), ("InSitu", "is005"), ("Invasive", "iv011")):
         (held_out / label).mkdir(parents=True)
         shutil.copy(BACH / label / f"{name}.jpeg", held_out / label)
-    run = evaluate_bundle(loaded, load_manifest(held_out)[0], progress=False)
+    run = evaluate_predictor(loaded.predictor, load_manifest(held_out)[0])
     metrics = run.results[0].metrics
     assert np.array(metrics["classes"]["majority_vote"]["confusion"]).sum(axis=1).tolist() == [1, 1, 1, 1]
     assert np.array(metrics["majority_vote"]["confusion"]).sum(axis=1).tolist() == [2, 1, 1]
@@ -196,14 +218,14 @@ def test_a_four_class_bundle_predicts_normal_and_benign_apart_with_the_data_sets
 def test_a_format_5_bundle_of_histoboost_0_3_is_read_as_the_three_groups(trained, tmp_path):
     """Format 5 had no class scheme: no config.classifier.classes, decision_rule.groups or per_class. Rewritten
     to exactly that layout, the bundle loads and predicts as before."""
-    from histoboost.bundle import _meta_digest
+    from histoboost.container import meta_digest
 
     bundle, manifest, _ = trained
     out = bundle.save(tmp_path / "v5")
     meta = json.loads((out / "bundle.json").read_text())
     meta["format_version"] = 5
     del meta["config"]["classifier"]["classes"], meta["decision_rule"]["groups"], meta["training_data"]["per_class"]
-    meta["meta_sha256"] = _meta_digest(meta)
+    meta["meta_sha256"] = meta_digest(meta)
     (out / "bundle.json").write_text(json.dumps(meta))
     old = Bundle.load(out)
     assert old.classes.name == "groups" and old.rule.groups == (0, 1, 2)

@@ -56,8 +56,12 @@ def test_foreign_or_damaged_models_are_value_errors():
     with pytest.raises(ValueError, match="outside the model"):
         BoostedTrees.from_bytes(trees, best_iteration=99)
     logistic = LogisticModel(ClassifierConfig(C=1.0)).fit(X, y).to_bytes()
-    for junk in (b"junk", b"[]", logistic.replace(b'"coef": [[', b'"coef": [[[', 1), b'{"mean": [1], "scale": [0], '
-                 b'"coef": [[1], [1], [1]], "intercept": [0, 0, 0]}'):
+    for junk in (
+        b"junk",
+        b"[]",
+        logistic.replace(b'"coef": [[', b'"coef": [[[', 1),
+        b'{"mean": [1], "scale": [0], "coef": [[1], [1], [1]], "intercept": [0, 0, 0]}',
+    ):
         with pytest.raises(ValueError, match="not a logistic model"):
             LogisticModel.from_bytes(junk)
 
@@ -102,8 +106,7 @@ def test_logistic_learns_keeps_three_columns_and_round_trips_as_json(tmp_path):
 
 def test_decision_rule_threshold_and_agreement():
     # Two images, two augmentations each: p(carcinoma) = 0.3 and 0.5 -> mean 0.4.
-    aug = np.array([[[0.7, 0.2, 0.1], [0.5, 0.1, 0.4]],
-                    [[0.9, 0.05, 0.05], [0.8, 0.1, 0.1]]])
+    aug = np.array([[[0.7, 0.2, 0.1], [0.5, 0.1, 0.4]], [[0.9, 0.05, 0.05], [0.8, 0.1, 0.1]]])
     majority, agree = DecisionRule().decide(aug)
     assert majority.tolist() == [0, 0] and agree.tolist() == [1.0, 1.0]
     decision, agree = DecisionRule(threshold=0.35).decide(aug)

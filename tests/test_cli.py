@@ -10,18 +10,86 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_png
 from histoboost.bundle import FORMAT_VERSION
 
+from conftest import write_png
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-    return subprocess.run([sys.executable, "-m", "histoboost.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=600)
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """`histoboost ARGS` in this process (a cold torch import per run cost ~4 s): exit status, stdout and stderr as a
+    process gives them (argparse's exits, a traceback: status 1, warnings, log lines); what a run changes in the
+    process (environment, cwd, torch threads, warning filters, log streams, cached models) is put back."""
+    import contextlib
+    import io
+    import logging
+    import traceback
+    import warnings
+
+    import torch  # before the run, so that its thread count (--threads sets it) can be put back
+
+    from histoboost.cli import main
+
+    argv = [str(arg) for arg in args]
+    out, err = io.StringIO(), io.StringIO()
+    environment, cwd = dict(os.environ), os.getcwd()
+    threads = torch.get_num_threads()
+    # Log handlers made at import (Dask's, tornado's) write to the stderr of that time; a new process's would be ours.
+    streams = [
+        h
+        for lg in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        for h in getattr(lg, "handlers", ())
+        if type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.__stderr__)
+    ]
+    last_resort = logging.StreamHandler(err)  # a new process has no root handler: Python's last resort prints
+    last_resort.setLevel(logging.WARNING)
+    logging.getLogger().addHandler(last_resort)
+    olds = [h.setStream(err) for h in streams]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()  # a new process's filters, shown on its stderr (pytest records them instead)
+            for category in (ResourceWarning, ImportWarning, PendingDeprecationWarning, DeprecationWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+                warnings.formatwarning(message, category, filename, lineno, line)
+            )
+            try:
+                code = main(argv)
+            except SystemExit as exit:  # argparse: --help, --version, a bad flag
+                code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+                if not isinstance(exit.code, (int, type(None))):
+                    print(exit.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001 - what an uncaught error does to a process
+                traceback.print_exc()
+                code = 1
+    finally:
+        for handler, old in zip(streams, olds):
+            handler.setStream(old)
+        logging.getLogger().removeHandler(last_resort)
+        os.chdir(cwd)
+        for name in set(os.environ) - set(environment):  # only what differs: Dask's threads may read the rest
+            del os.environ[name]
+        os.environ.update({k: v for k, v in environment.items() if os.environ.get(k) != v})
+        torch.set_num_threads(threads)
+        engine = sys.modules.get("histoboost.engine.core")
+        if engine is not None:
+            engine._RESOURCES.clear()  # a new process builds its backbone and bundle again
+    text = [stream.getvalue().replace("\r\n", "\n").replace("\r", "\n") for stream in (out, err)]  # as text=True reads
+    return subprocess.CompletedProcess(["histoboost", *argv], code, *text)
+
+
+def run_cli_process(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m histoboost.cli ARGS` as its own process, for the few tests where the process itself is tested:
+    the module entry point, a kill or what a new process reads at start-up (the environment at import)."""
+    env = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "histoboost.cli", *map(str, args)], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def test_help_lists_commands():
-    result = run_cli("--help")
+    """Through `python -m histoboost.cli`, as its own process: the module entry point itself."""
+    result = run_cli_process("--help")
     assert result.returncode == 0 and "inspect" in result.stdout and "not for diagnosis" in result.stdout
 
 
@@ -45,8 +113,10 @@ def test_inspect_bad_folder_one_line_per_file(small_folder):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    by_file = {name: [line for line in lines if name in line] for name in
-               ("empty.jpeg", "truncated.jpeg", "tiny.png", "gray.png")}
+    by_file = {
+        name: [line for line in lines if name in line]
+        for name in ("empty.jpeg", "truncated.jpeg", "tiny.png", "gray.png")
+    }
     assert all(len(found) == 1 for found in by_file.values()), lines
     assert by_file["gray.png"][0].startswith("warning:")
     assert all(by_file[n][0].startswith("error:") for n in ("empty.jpeg", "truncated.jpeg", "tiny.png"))
@@ -73,8 +143,9 @@ def test_bad_config_file_and_missing_data_are_one_line(tmp_path, small_folder):
     (tmp_path / "config.json").write_text('{"augment": {"n_crops": "many"}}')
     result = run_cli("inspect", small_folder, "--config", tmp_path / "config.json")
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"histoboost: error: {tmp_path / 'config.json'}: config key 'augment.n_crops' "
-                                     "must be an integer, got 'many'")
+    assert result.stderr.strip() == (
+        f"histoboost: error: {tmp_path / 'config.json'}: config key 'augment.n_crops' must be an integer, got 'many'"
+    )
     result = run_cli("inspect", tmp_path / "nowhere")
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "no such file or folder" in result.stderr
@@ -89,8 +160,21 @@ def test_stain_reference_image_is_fitted(small_folder, bach):
     assert result.returncode == 2 and "too little tissue" in result.stderr and "Traceback" not in result.stderr
 
 
-SMALL_FLAGS = ["--preset", "quick", "--scale", "0.25", "--crop-size", "192", "-A", "2", "-C", "3",
-               "--backbone", "efficientnet_lite0", "--quiet"]
+SMALL_FLAGS = [
+    "--preset",
+    "quick",
+    "--scale",
+    "0.25",
+    "--crop-size",
+    "192",
+    "-A",
+    "2",
+    "-C",
+    "3",
+    "--backbone",
+    "efficientnet_lite0",
+    "--quiet",
+]
 
 
 def _store_arrays(cache):
@@ -117,8 +201,17 @@ def test_extract_then_reuse(small_folder, tmp_path):
     assert config["augment"]["n_augment"] == 2
     assert len(config["provenance"]["backbones"]["efficientnet_lite0"]["weights_sha256"]) == 64
     assert (run / "manifest.csv").read_text().count("\n") == 9
-    rerun = run_cli("extract", small_folder, "--config", run / "config.json", "--quiet", "--cache-dir", cache,
-                    "--out", tmp_path / "run2")
+    rerun = run_cli(
+        "extract",
+        small_folder,
+        "--config",
+        run / "config.json",
+        "--quiet",
+        "--cache-dir",
+        cache,
+        "--out",
+        tmp_path / "run2",
+    )
     assert "0 extracted, 8 reused" in rerun.stdout, rerun.stderr
     listing = run_cli("cache", "list", "--cache-dir", cache)
     assert "efficientnet_lite0" in listing.stdout and "8 images" in listing.stdout
@@ -131,15 +224,42 @@ def test_sigkill_during_extraction_then_resume_equals_uninterrupted(small_folder
     import signal
     import time
 
-    flags = ["--preset", "quick", "--scale", "0.5", "--crop-size", "256", "-A", "4", "-C", "3",
-             "--backbone", "efficientnet_lite0", "--quiet"]
+    flags = [
+        "--preset",
+        "quick",
+        "--scale",
+        "0.5",
+        "--crop-size",
+        "256",
+        "-A",
+        "4",
+        "-C",
+        "3",
+        "--backbone",
+        "efficientnet_lite0",
+        "--quiet",
+    ]
     reference = run_cli("extract", small_folder, *flags, "--cache-dir", tmp_path / "ref", "--out", tmp_path / "r1")
     assert reference.returncode == 0, reference.stderr
     cache = tmp_path / "killed"
     env = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-    proc = subprocess.Popen([sys.executable, "-m", "histoboost.cli", "extract", str(small_folder), *flags,
-                             "--cache-dir", str(cache), "--out", str(tmp_path / "r2")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "histoboost.cli",
+            "extract",
+            str(small_folder),
+            *flags,
+            "--cache-dir",
+            str(cache),
+            "--out",
+            str(tmp_path / "r2"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and len(list(cache.glob("features/*/[!.]*.npz"))) < 2:
         time.sleep(0.05)
@@ -158,11 +278,21 @@ def test_sigkill_during_extraction_then_resume_equals_uninterrupted(small_folder
 
 
 def test_offline_backbone_error_is_one_line(small_folder, tmp_path):
-    env_flags = ["extract", small_folder, "--backbone", "resnet50", "--preset", "quick", "--quiet",
-                 "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    result = subprocess.run([sys.executable, "-m", "histoboost.cli", *map(str, env_flags)], capture_output=True,
-                            text=True, env=env)
+    """A process of its own: huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when it is imported."""
+    env_flags = [
+        "extract",
+        small_folder,
+        "--backbone",
+        "resnet50",
+        "--preset",
+        "quick",
+        "--quiet",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out",
+        tmp_path / "run",
+    ]
+    result = run_cli_process(*env_flags, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith("histoboost: error: pretrained weights for resnet50")
@@ -177,9 +307,29 @@ def test_cv_end_to_end_on_real_bach_images(bach, tmp_path):
     lines = ["path,label,group,patient,id_block,source_repo"] + [str(bach) + "/" + r for r in picked]
     (tmp_path / "subset.csv").write_text("\n".join(lines) + "\n")
     run = tmp_path / "run"
-    result = run_cli("cv", tmp_path / "subset.csv", "--preset", "quick", "--scale", "0.25", "--crop-size", "192",
-                     "-A", "4", "-C", "4", "--rounds", "40", "--split-by", "id_block", "--quiet",
-                     "--cache-dir", tmp_path / "cache", "--out", run)
+    result = run_cli(
+        "cv",
+        tmp_path / "subset.csv",
+        "--preset",
+        "quick",
+        "--scale",
+        "0.25",
+        "--crop-size",
+        "192",
+        "-A",
+        "4",
+        "-C",
+        "4",
+        "--rounds",
+        "40",
+        "--split-by",
+        "id_block",
+        "--quiet",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out",
+        run,
+    )
     assert result.returncode == 0, result.stderr
     assert "split by id_block" in result.stdout and f"report: {run / 'report.html'}" in result.stdout
     metrics = json.loads((run / "metrics.json").read_text())
@@ -199,22 +349,70 @@ def test_cv_end_to_end_on_real_bach_images(bach, tmp_path):
     first = json.loads((run / "config.json").read_text())["provenance"]["backbones"]["efficientnet_lite0"]
     assert (first["computed"], first["reused"]) == (24, 0)
     # A classifier change re-uses every stored feature.
-    again = run_cli("cv", tmp_path / "subset.csv", "--preset", "quick", "--scale", "0.25", "--crop-size", "192",
-                    "-A", "4", "-C", "4", "--split-by", "image", "--classifier", "logistic", "--target-sensitivity",
-                    "0.95", "--calibrate", "--refer-below", "0.75", "--quiet", "--cache-dir",
-                    tmp_path / "cache", "--out", tmp_path / "run2")
+    again = run_cli(
+        "cv",
+        tmp_path / "subset.csv",
+        "--preset",
+        "quick",
+        "--scale",
+        "0.25",
+        "--crop-size",
+        "192",
+        "-A",
+        "4",
+        "-C",
+        "4",
+        "--split-by",
+        "image",
+        "--classifier",
+        "logistic",
+        "--target-sensitivity",
+        "0.95",
+        "--calibrate",
+        "--refer-below",
+        "0.75",
+        "--quiet",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out",
+        tmp_path / "run2",
+    )
     assert again.returncode == 0, again.stderr
     assert "(operating point)" in again.stdout
     second = json.loads((tmp_path / "run2" / "config.json").read_text())
     assert second["classifier"]["kind"] == "logistic" and second["classifier"]["target_sensitivity"] == 0.95
     op = json.loads((tmp_path / "run2" / "metrics.json").read_text())["models"]["efficientnet_lite0"]["operating_point"]
     assert len(op["thresholds"]) == 6 and 0 <= op["refer_rate"] <= 1
-    assert (second["provenance"]["backbones"]["efficientnet_lite0"]["computed"],
-            second["provenance"]["backbones"]["efficientnet_lite0"]["reused"]) == (0, 24)
+    assert (
+        second["provenance"]["backbones"]["efficientnet_lite0"]["computed"],
+        second["provenance"]["backbones"]["efficientnet_lite0"]["reused"],
+    ) == (0, 24)
     # BACH's 4 classes on the same stored features: one run gives the 4-class and the derived 3-group metrics.
-    four = run_cli("cv", tmp_path / "subset.csv", "--preset", "quick", "--scale", "0.25", "--crop-size", "192",
-                   "-A", "4", "-C", "4", "--split-by", "id_block", "--classifier", "logistic", "--classes", "bach4",
-                   "--quiet", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run4")
+    four = run_cli(
+        "cv",
+        tmp_path / "subset.csv",
+        "--preset",
+        "quick",
+        "--scale",
+        "0.25",
+        "--crop-size",
+        "192",
+        "-A",
+        "4",
+        "-C",
+        "4",
+        "--split-by",
+        "id_block",
+        "--classifier",
+        "logistic",
+        "--classes",
+        "bach4",
+        "--quiet",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out",
+        tmp_path / "run4",
+    )
     assert four.returncode == 0, four.stderr
     assert "efficientnet_lite0 (4 classes)" in four.stdout and "balanced" in four.stdout
     model4 = json.loads((tmp_path / "run4" / "metrics.json").read_text())["models"]["efficientnet_lite0"]
@@ -226,8 +424,23 @@ def test_cv_end_to_end_on_real_bach_images(bach, tmp_path):
 
 @pytest.mark.heavy
 def test_train_predict_evaluate_and_tamper(small_folder, tmp_path, bach):
-    flags = ["--preset", "quick", "--scale", "0.25", "--crop-size", "192", "-A", "3", "-C", "3", "--rounds", "20",
-             "--quiet", "--cache-dir", tmp_path / "cache"]
+    flags = [
+        "--preset",
+        "quick",
+        "--scale",
+        "0.25",
+        "--crop-size",
+        "192",
+        "-A",
+        "3",
+        "-C",
+        "3",
+        "--rounds",
+        "20",
+        "--quiet",
+        "--cache-dir",
+        tmp_path / "cache",
+    ]
     model = tmp_path / "model.zip"
     trained = run_cli("train", small_folder, *flags, "--out", model)
     assert trained.returncode == 0, trained.stderr
@@ -241,32 +454,46 @@ def test_train_predict_evaluate_and_tamper(small_folder, tmp_path, bach):
     for path in list(small_folder.rglob("*.jpeg"))[:2]:
         (new / path.name).write_bytes(path.read_bytes())
     (new / "broken.jpeg").write_bytes(b"\xff\xd8\xff")
-    result = run_cli("predict", model, new, "--out", tmp_path / "preds.csv", "--overlay", tmp_path / "overlays",
-                     "--quiet")
+    result = run_cli(
+        "predict", model, new, "--out", tmp_path / "preds.csv", "--overlay", tmp_path / "overlays", "--quiet"
+    )
     assert result.returncode == 1  # one image failed; the others were predicted
     assert [line for line in result.stderr.splitlines() if "broken.jpeg" in line][0].startswith("error:")
     rows = (tmp_path / "preds.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("path,name,image_id,class,label,group")
     assert len(list((tmp_path / "overlays").glob("*.overlay.png"))) == 2
-    as_json = run_cli("predict", model, new / rows[1].split(",")[0].rsplit("/", 1)[-1], "--out",
-                      tmp_path / "one.json", "--quiet")
+    as_json = run_cli(
+        "predict", model, new / rows[1].split(",")[0].rsplit("/", 1)[-1], "--out", tmp_path / "one.json", "--quiet"
+    )
     record = json.loads((tmp_path / "one.json").read_text())[0]
     assert as_json.returncode == 0 and record["bundle_format"] == FORMAT_VERSION and record["bundle_sha256"] == identity
     assert record["decision_rule"].startswith("operating point: carcinoma when mean p(carcinoma) >= ")
     argmax = run_cli("train", small_folder, *flags, "--decision", "argmax", "--out", tmp_path / "argmax.zip")
     assert argmax.returncode == 0 and "decision: argmax (majority vote over augmentations)" in argmax.stdout
-    assert json.loads(zipfile.ZipFile(tmp_path / "argmax.zip").read("bundle.json"))["decision_rule"]["threshold"] is None
-    both = run_cli("train", small_folder, *flags, "--decision", "argmax", "--target-sensitivity", "0.9", "--out",
-                   tmp_path / "both.zip")
-    assert both.returncode == 2 and "takes no --target-sensitivity" in both.stderr and not (tmp_path / "both.zip").exists()
+    assert (
+        json.loads(zipfile.ZipFile(tmp_path / "argmax.zip").read("bundle.json"))["decision_rule"]["threshold"] is None
+    )
+    both = run_cli(
+        "train",
+        small_folder,
+        *flags,
+        "--decision",
+        "argmax",
+        "--target-sensitivity",
+        "0.9",
+        "--out",
+        tmp_path / "both.zip",
+    )
+    assert (
+        both.returncode == 2 and "takes no --target-sensitivity" in both.stderr and not (tmp_path / "both.zip").exists()
+    )
     refused = run_cli("evaluate", model, small_folder, "--out", tmp_path / "eval", "--quiet")
     assert refused.returncode == 2 and "in the bundle's training set" in refused.stderr
     held_out = tmp_path / "held_out"
     for label, name in (("Normal", "n010"), ("Benign", "b010"), ("InSitu", "is005"), ("Invasive", "iv011")):
         (held_out / label).mkdir(parents=True)
         shutil.copy(bach / label / f"{name}.jpeg", held_out / label)
-    evaluated = run_cli("evaluate", model, held_out, "--out", tmp_path / "eval", "--quiet",
-                        "--expect-sha256", identity)
+    evaluated = run_cli("evaluate", model, held_out, "--out", tmp_path / "eval", "--quiet", "--expect-sha256", identity)
     assert evaluated.returncode == 0, evaluated.stderr
     assert "held out from training" in (tmp_path / "eval" / "report.html").read_text()
     raw = bytearray(model.read_bytes())
@@ -280,8 +507,21 @@ def test_train_predict_evaluate_and_tamper(small_folder, tmp_path, bach):
 @pytest.mark.heavy
 def test_finetune_command_resumes_nothing_twice_and_its_weights_travel(demo_data, tmp_path):
     out = tmp_path / "lite0-demo.safetensors"
-    tiny = ("--preset", "quick", "--scale", "0.125", "--crop-size", "64", "--epochs", "1", "--crops-per-image", "1",
-            "--finetune-batch-size", "8", "--quiet")
+    tiny = (
+        "--preset",
+        "quick",
+        "--scale",
+        "0.125",
+        "--crop-size",
+        "64",
+        "--epochs",
+        "1",
+        "--crops-per-image",
+        "1",
+        "--finetune-batch-size",
+        "8",
+        "--quiet",
+    )
     first = run_cli("finetune", demo_data, "--backbone", "efficientnet_lite0", "--out", out, *tiny)
     assert first.returncode == 0, first.stderr
     assert "split by patient" in first.stdout and f"--weights {out}" in first.stdout
@@ -291,11 +531,32 @@ def test_finetune_command_resumes_nothing_twice_and_its_weights_travel(demo_data
     assert again.returncode == 0 and "already done" in again.stdout
     bad = run_cli("finetune", demo_data, "--backbone", "efficientnet_lite0", "--out", tmp_path / "w.pt", *tiny)
     assert bad.returncode == 2 and bad.stderr.strip() == (
-        f"histoboost: error: --out {tmp_path / 'w.pt'}: give a .safetensors file name")
+        f"histoboost: error: --out {tmp_path / 'w.pt'}: give a .safetensors file name"
+    )
     model = tmp_path / "model.zip"
-    trained = run_cli("train", demo_data, "--preset", "quick", "--scale", "0.125", "--crop-size", "64", "-A", "2",
-                      "-C", "2", "--classifier", "logistic", "--weights", out, "--cache-dir", tmp_path / "cache",
-                      "--out", model, "--quiet")
+    trained = run_cli(
+        "train",
+        demo_data,
+        "--preset",
+        "quick",
+        "--scale",
+        "0.125",
+        "--crop-size",
+        "64",
+        "-A",
+        "2",
+        "-C",
+        "2",
+        "--classifier",
+        "logistic",
+        "--weights",
+        out,
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out",
+        model,
+        "--quiet",
+    )
     assert trained.returncode == 0, trained.stderr
     assert "weights-efficientnet_lite0.safetensors" in zipfile.ZipFile(model).namelist()
     out.unlink()
@@ -315,11 +576,11 @@ def test_backbones_check_of_a_file_that_holds_no_weights_is_one_line(tmp_path):
 
 
 def test_backbones_lists_every_model_with_its_licence_and_source():
-    from histoboost.foundation import FOUNDATION
+    from histoboost.specs import foundation_models
 
     result = run_cli("backbones")
     assert result.returncode == 0, result.stderr
-    for name, spec in FOUNDATION.items():
+    for name, spec in foundation_models().items():
         assert f"\n{name} " in result.stdout and spec.get in result.stdout
     assert "efficientnet_lite0" in result.stdout and "vit_giant_patch14_reg4_dinov2" in result.stdout
 
@@ -331,17 +592,29 @@ def kaiko_random(tmp_path_factory):
     import torch
 
     from histoboost.backbones import _build_foundation
-    from histoboost.foundation import FOUNDATION
+    from histoboost.specs import foundation_models
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "vits16.pth"
-    torch.save(_build_foundation(FOUNDATION["kaiko-vits16"]).state_dict(), path)
+    torch.save(_build_foundation(foundation_models()["kaiko-vits16"]).state_dict(), path)
     return path
 
 
 @pytest.mark.heavy
 def test_foundation_model_from_local_weights_end_to_end(small_folder, tmp_path, kaiko_random):
-    flags = ["--scale", "0.25", "--crop-size", "128", "-A", "2", "-C", "2", "--quiet", "--cache-dir", tmp_path / "cache"]
+    flags = [
+        "--scale",
+        "0.25",
+        "--crop-size",
+        "128",
+        "-A",
+        "2",
+        "-C",
+        "2",
+        "--quiet",
+        "--cache-dir",
+        tmp_path / "cache",
+    ]
     weights = ["--weights", f"kaiko-vits16={kaiko_random}"]
     extracted = run_cli("extract", small_folder, *weights, *flags, "--out", tmp_path / "run")
     assert extracted.returncode == 0, extracted.stderr
@@ -352,8 +625,20 @@ def test_foundation_model_from_local_weights_end_to_end(small_folder, tmp_path, 
     assert shared.returncode == 2 and "is a ViT" in shared.stderr and len(shared.stderr.splitlines()) == 1
     assert not (tmp_path / "run2").exists()  # refused before any work
     # 2 folds of 8 images leave 1 in-situ image to train on: too few to choose an operating point
-    cv = run_cli("cv", small_folder, *weights, *flags, "--folds", "2", "--rounds", "10", "--decision", "argmax",
-                 "--out", tmp_path / "cv")
+    cv = run_cli(
+        "cv",
+        small_folder,
+        *weights,
+        *flags,
+        "--folds",
+        "2",
+        "--rounds",
+        "10",
+        "--decision",
+        "argmax",
+        "--out",
+        tmp_path / "cv",
+    )
     assert cv.returncode == 0, cv.stderr
     model = tmp_path / "model.zip"
     assert run_cli("train", small_folder, *weights, *flags, "--rounds", "10", "--out", model).returncode == 0
@@ -389,7 +674,8 @@ def test_the_decision_flag_sets_the_operating_point_or_argmax(tmp_path):
 
 def test_weights_flag_alone_picks_foundation_models_and_their_preset_only():
     from histoboost.cli import build_parser
-    from histoboost.cli.options import UsageError, config_from_args
+    from histoboost.cli.options import config_from_args
+    from histoboost.errors import ConfigError
 
     def parse(*flags):
         return config_from_args(build_parser().parse_args(["extract", "DATA", *flags]))
@@ -398,9 +684,9 @@ def test_weights_flag_alone_picks_foundation_models_and_their_preset_only():
     assert config.features.backbones == ("uni",) and config.features.mode == "exact"
     assert config.augment.crop_size == 224 and config.preprocess.target_mpp == 0.5
     assert parse("--weights", "resnet50=/w.pth").features.backbones == ("resnet50", "xception")  # as before
-    with pytest.raises(UsageError, match="is a ViT: crops cannot share"):
+    with pytest.raises(ConfigError, match="is a ViT: crops cannot share"):
         parse("--weights", "uni=/w.bin", "--preset", "quick")  # quick shares one feature map
-    with pytest.raises(UsageError, match="GeM"):
+    with pytest.raises(ConfigError, match="GeM"):
         parse("--weights", "uni=/w.bin", "--pooling", "gem")
 
 
@@ -409,8 +695,9 @@ def test_accurate_preset_trains_at_1_68_um_per_px_and_decides_by_its_carcinoma_t
     """The `accurate` preset end to end at its real geometry (8 real BACH images, 2 per class): logistic regression
     on EfficientNet-Lite0 at 1.68 µm/px, a carcinoma threshold chosen on inner folds, split votes referred."""
     model = tmp_path / "accurate.zip"
-    trained = run_cli("train", small_folder, "--preset", "accurate", "--quiet", "--cache-dir", tmp_path / "cache",
-                      "--out", model)
+    trained = run_cli(
+        "train", small_folder, "--preset", "accurate", "--quiet", "--cache-dir", tmp_path / "cache", "--out", model
+    )
     assert trained.returncode == 0, trained.stderr
     meta = json.loads(zipfile.ZipFile(model).read("bundle.json"))
     config, rule = meta["config"], meta["decision_rule"]
@@ -429,8 +716,21 @@ def test_four_classes_on_data_without_the_four_labels_is_one_line_before_any_wor
     """The demo data's labels are the 3 groups: --classes bach4 stops before extraction, naming a file and the fix."""
     for command in ("cv", "train"):
         out = tmp_path / command
-        result = run_cli(command, demo_data, "--preset", "quick", "--classes", "bach4", "--quiet",
-                         "--cache-dir", tmp_path / "cache", "--out", out)
+        result = run_cli(
+            command,
+            demo_data,
+            "--preset",
+            "quick",
+            "--classes",
+            "bach4",
+            "--quiet",
+            "--cache-dir",
+            tmp_path / "cache",
+            "--out",
+            out,
+        )
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-        assert "needs the labels Normal, Benign, InSitu, Invasive" in result.stderr and "--classes groups" in result.stderr
+        assert (
+            "needs the labels Normal, Benign, InSitu, Invasive" in result.stderr and "--classes groups" in result.stderr
+        )
         assert "normal_benign" in result.stderr and not out.exists() and not (tmp_path / "cache").exists()

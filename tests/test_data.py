@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tissue_like, write_png
 from histoboost.config import PreprocessConfig
 from histoboost.data import DataError, content_key, load_manifest, parse_label_map, read_image, working_scale
+
+from conftest import tissue_like, write_png
 
 
 def test_bach_manifest_counts(bach):
@@ -90,7 +91,8 @@ def test_csv_manifest_with_patients_and_extra_columns(tmp_path):
     write_png(tmp_path / "img" / "b.png", seed=2)
     write_png(tmp_path / "img" / "c.png", seed=3)
     (tmp_path / "labels.csv").write_text(
-        "path,label,patient,site\nimg/a.png,Fibroadenoma,p1,A\nimg/b.png,DCIS,p1,A\nimg/c.png,Lymphoma,,B\n")
+        "path,label,patient,site\nimg/a.png,Fibroadenoma,p1,A\nimg/b.png,DCIS,p1,A\nimg/c.png,Lymphoma,,B\n"
+    )
     with pytest.raises(DataError) as caught:
         load_manifest(tmp_path / "labels.csv")
     assert "--label-map 'Lymphoma=0'" in str(caught.value.problems[0])

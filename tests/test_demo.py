@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from histoboost.data import load_manifest
-from histoboost.demo import CLASSES, PATIENTS_PER_CLASS, IMAGES_PER_PATIENT, make_demo_data, render, synthetic_tissue
+from histoboost.demo import CLASSES, IMAGES_PER_PATIENT, PATIENTS_PER_CLASS, render, synthetic_tissue
 
 
 def test_synthetic_tissue_is_deterministic_and_stains_like_he():
@@ -20,15 +20,14 @@ def _digests(folder):
 
 
 @pytest.mark.heavy
-def test_demo_data_set_is_reproducible_and_runs_offline(tmp_path):
+def test_demo_data_set_is_reproducible_and_runs_offline(tmp_path, demo_data, demo_cache):
     from test_cli import run_cli
 
-    result = run_cli("demo", "--out", tmp_path / "demo", "--cache-dir", tmp_path / "cache", "--quiet")
+    result = run_cli("demo", "--out", tmp_path / "demo", "--cache-dir", demo_cache, "--quiet")
     assert result.returncode == 0, result.stderr
     assert "synthetic" in result.stdout and "split by patient" in result.stdout and "report:" in result.stdout
     assert (tmp_path / "demo" / "cv" / "report.html").is_file()
     manifest, problems = load_manifest(tmp_path / "demo" / "data")
     assert problems == [] and len(manifest) == len(CLASSES) * PATIENTS_PER_CLASS * IMAGES_PER_PATIENT
     assert manifest.summary()["patients"] == len(CLASSES) * PATIENTS_PER_CLASS
-    make_demo_data(tmp_path / "again")
-    assert _digests(tmp_path / "demo" / "data") == _digests(tmp_path / "again")
+    assert _digests(tmp_path / "demo" / "data") == _digests(demo_data)  # the session's own make_demo_data run

@@ -17,13 +17,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_cli import run_cli
 
 distributed = pytest.importorskip("distributed")
 
-FLAGS = ["--preset", "quick", "--scale", "0.25", "--crop-size", "192", "-A", "3", "-C", "3",
-         "--backbone", "efficientnet_lite0", "--quiet"]
+FLAGS = [
+    "--preset",
+    "quick",
+    "--scale",
+    "0.25",
+    "--crop-size",
+    "192",
+    "-A",
+    "3",
+    "-C",
+    "3",
+    "--backbone",
+    "efficientnet_lite0",
+    "--quiet",
+]
 
 
 def _own_cluster():
@@ -75,8 +87,12 @@ def test_workers_keep_histoboosts_threads_and_allocator(cluster):
     def settings():
         import torch
 
-        return (torch.get_num_threads(), os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS"),
-                os.environ.get("MALLOC_ARENA_MAX"))
+        return (
+            torch.get_num_threads(),
+            os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+            os.environ.get("OMP_NUM_THREADS"),
+            os.environ.get("MALLOC_ARENA_MAX"),
+        )
 
     for threads, trim, omp, arenas in cluster.client.run(settings).values():
         assert threads == 1 and omp == "1"
@@ -99,8 +115,21 @@ def test_dask_features_are_byte_identical_to_local(cluster, reference, tmp_path)
 
 def test_cv_on_dask_is_identical_to_local(cluster, reference, tmp_path):
     data, ref = reference
-    flags = [*FLAGS, "--rounds", "20", "--folds", "2", "--split-by", "image", "--compare-split", "none", "--decision", "argmax",
-             "--cache-dir", ref]
+    flags = [
+        *FLAGS,
+        "--rounds",
+        "20",
+        "--folds",
+        "2",
+        "--split-by",
+        "image",
+        "--compare-split",
+        "none",
+        "--decision",
+        "argmax",
+        "--cache-dir",
+        ref,
+    ]
     local = run_cli("cv", data, *flags, "--threads", "1", "--out", tmp_path / "local")
     assert local.returncode == 0, local.stderr
     dask = _dask(cluster, "cv", data, *flags, "--out", tmp_path / "dask")
@@ -151,12 +180,15 @@ def test_a_worker_killed_mid_extraction_loses_nothing(doomed_cluster, reference,
     data, ref = reference
     marker = tmp_path / "killed"
     _with_plugin(doomed_cluster, _DieOnce(str(marker)), "die-once")
-    result = _dask(doomed_cluster, "extract", data, *FLAGS, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run")
+    result = _dask(
+        doomed_cluster, "extract", data, *FLAGS, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run"
+    )
     assert marker.exists(), "a worker must have died"
     assert result.returncode == 0, result.stderr
     assert _store(tmp_path / "cache") == _store(ref)  # all eight, none corrupt
     assert not list((tmp_path / "cache").glob("features/*/.*.tmp")) and not list(
-        (tmp_path / "cache").glob("features/*/.lease.*"))
+        (tmp_path / "cache").glob("features/*/.lease.*")
+    )
 
 
 class _Poison(distributed.WorkerPlugin):
@@ -185,7 +217,9 @@ def test_a_poison_image_is_one_problem_and_the_others_are_done(doomed_cluster, r
     _with_plugin(doomed_cluster, _Poison("is001"), "poison")
     # Only the running task is blamed for a death: a worker holds no queued task beside it.
     assert doomed_cluster.client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION) == 1.0
-    result = _dask(doomed_cluster, "extract", data, *FLAGS, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run")
+    result = _dask(
+        doomed_cluster, "extract", data, *FLAGS, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run"
+    )
     assert result.returncode == 1
     assert "7 extracted" in result.stdout and "1 failed" in result.stdout
     problem = [line for line in result.stderr.splitlines() if "is001" in line]
@@ -198,10 +232,23 @@ def test_a_killed_client_resumes_without_recomputing(cluster, reference, tmp_pat
     data, ref = reference
     cache = tmp_path / "cache"
     env = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-    args = [sys.executable, "-m", "histoboost.cli", "extract", str(data), *FLAGS, "--cache-dir", str(cache),
-            "--engine", "dask", "--scheduler", cluster.client.scheduler.address]
-    proc = subprocess.Popen([*args, "--out", str(tmp_path / "r1")], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    args = [
+        sys.executable,
+        "-m",
+        "histoboost.cli",
+        "extract",
+        str(data),
+        *FLAGS,
+        "--cache-dir",
+        str(cache),
+        "--engine",
+        "dask",
+        "--scheduler",
+        cluster.client.scheduler.address,
+    ]
+    proc = subprocess.Popen(
+        [*args, "--out", str(tmp_path / "r1")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while time.time() < deadline and len(_store(cache)) < 2:
         time.sleep(0.05)
@@ -209,8 +256,9 @@ def test_a_killed_client_resumes_without_recomputing(cluster, reference, tmp_pat
     proc.wait()
     done_before = len(_store(cache))
     assert 2 <= done_before < 8, "the kill must land mid-run"
-    resumed = subprocess.run([*args, "--out", str(tmp_path / "r2")], env=env, capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run(
+        [*args, "--out", str(tmp_path / "r2")], env=env, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr
     report = json.loads((tmp_path / "r2" / "extract.json").read_text())["backbones"]["efficientnet_lite0"]
     # Tasks of the killed client that were running may still finish: they are never done twice on purpose.
@@ -221,21 +269,35 @@ def test_a_killed_client_resumes_without_recomputing(cluster, reference, tmp_pat
 def test_an_unreachable_scheduler_is_one_line(reference, tmp_path, monkeypatch):
     data, _ = reference
     monkeypatch.setenv("DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT", "2s")
-    result = run_cli("extract", data, *FLAGS, "--engine", "dask", "--scheduler", "tcp://127.0.0.1:9",
-                     "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run")
+    result = run_cli(
+        "extract",
+        data,
+        *FLAGS,
+        "--engine",
+        "dask",
+        "--scheduler",
+        "tcp://127.0.0.1:9",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out",
+        tmp_path / "run",
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert result.stderr.startswith("histoboost: error: cannot reach the Dask scheduler at tcp://127.0.0.1:9")
     assert not (tmp_path / "run").exists()
     monkeypatch.setenv("HISTOBOOST_SCHEDULER", "tcp://127.0.0.1:9")  # the address from the environment
-    result = run_cli("extract", data, *FLAGS, "--engine", "dask", "--cache-dir", tmp_path / "cache", "--out",
-                     tmp_path / "run")
+    result = run_cli(
+        "extract", data, *FLAGS, "--engine", "dask", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run"
+    )
     assert result.returncode == 2 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in result.stderr
     local = run_cli("extract", data, *FLAGS, "--scheduler", "tcp://127.0.0.1:9", "--out", tmp_path / "run")
     assert local.returncode == 2 and "need --engine dask" in local.stderr
     (tmp_path / "sched.json").write_text('{"type": "not a scheduler"}')
-    for flags, message in ((["--scheduler-file", tmp_path / "sched.json"], "not a Dask scheduler file"),
-                           (["--memory-limit", "lots"], "is not a size")):
+    for flags, message in (
+        (["--scheduler-file", tmp_path / "sched.json"], "not a Dask scheduler file"),
+        (["--memory-limit", "lots"], "is not a size"),
+    ):
         result = run_cli("extract", data, *FLAGS, "--engine", "dask", *flags, "--out", tmp_path / "run")
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
@@ -252,12 +314,25 @@ def test_a_scheduler_address_histoboost_cannot_use_is_one_line(reference, tmp_pa
     web = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
     threading.Thread(target=web.serve_forever, daemon=True).start()
     try:
-        cases = {"ucx://127.0.0.1:8786": "the ucx:// transport is not supported",
-                 "tls://127.0.0.1:8786": "tls:// needs Dask's TLS settings",
-                 f"tcp://127.0.0.1:{web.server_port}": "does not answer like a Dask scheduler"}
+        cases = {
+            "ucx://127.0.0.1:8786": "the ucx:// transport is not supported",
+            "tls://127.0.0.1:8786": "tls:// needs Dask's TLS settings",
+            f"tcp://127.0.0.1:{web.server_port}": "does not answer like a Dask scheduler",
+        }
         for address, message in cases.items():
-            result = run_cli("extract", data, *FLAGS, "--engine", "dask", "--scheduler", address,
-                             "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run")
+            result = run_cli(
+                "extract",
+                data,
+                *FLAGS,
+                "--engine",
+                "dask",
+                "--scheduler",
+                address,
+                "--cache-dir",
+                tmp_path / "cache",
+                "--out",
+                tmp_path / "run",
+            )
             assert result.returncode == 2, (address, result.stderr)
             assert message in result.stderr and result.stderr.strip().count("\n") == 0, (address, result.stderr)
             assert not (tmp_path / "run").exists()
@@ -273,8 +348,21 @@ def test_workers_without_the_memory_they_need_say_so(reference, tmp_path):
     for path in sorted(data.rglob("*.jpeg"))[:3:2]:  # one image of two classes
         (two / path.parent.name).mkdir(parents=True, exist_ok=True)
         (two / path.parent.name / path.name).write_bytes(path.read_bytes())
-    result = run_cli("extract", two, *FLAGS, "--engine", "dask", "--workers", "1", "--memory-limit", "900MiB",
-                     "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run")
+    result = run_cli(
+        "extract",
+        two,
+        *FLAGS,
+        "--engine",
+        "dask",
+        "--workers",
+        "1",
+        "--memory-limit",
+        "900MiB",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out",
+        tmp_path / "run",
+    )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("histoboost: error: every task's worker died (2 images)"), result.stderr[-2000:]
@@ -285,27 +373,61 @@ def test_two_machines_writing_one_store_lose_nothing(reference, tmp_path):
     """Two local runs at once with different host names (two "machines") on one shared cache."""
     data, ref = reference
     env = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-    runs = [subprocess.Popen([sys.executable, "-m", "histoboost.cli", "extract", str(data), *FLAGS, "--threads", "1",
-                              "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / f"run-{host}")],
-                             env={**env, "HISTOBOOST_HOSTNAME": host}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True) for host in ("machine-a", "machine-b")]
+    runs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "histoboost.cli",
+                "extract",
+                str(data),
+                *FLAGS,
+                "--threads",
+                "1",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--out",
+                str(tmp_path / f"run-{host}"),
+            ],
+            env={**env, "HISTOBOOST_HOSTNAME": host},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for host in ("machine-a", "machine-b")
+    ]
     for run in runs:
         out, err = run.communicate(timeout=600)
         assert run.returncode == 0, err
     assert _store(tmp_path / "cache") == _store(ref)
     assert not list((tmp_path / "cache").glob("features/*/.*.tmp")) and not list(
-        (tmp_path / "cache").glob("features/*/.lease.*"))
+        (tmp_path / "cache").glob("features/*/.lease.*")
+    )
 
 
 def test_shards_split_the_images_once(reference, tmp_path):
     data, ref = reference
     counts = []
     for k in (1, 2, 3):
-        result = run_cli("extract", data, *FLAGS, "--threads", "1", "--shard", f"{k}/3", "--cache-dir",
-                         tmp_path / "cache", "--out", tmp_path / f"run{k}")
+        result = run_cli(
+            "extract",
+            data,
+            *FLAGS,
+            "--threads",
+            "1",
+            "--shard",
+            f"{k}/3",
+            "--cache-dir",
+            tmp_path / "cache",
+            "--out",
+            tmp_path / f"run{k}",
+        )
         assert result.returncode == 0, result.stderr
-        counts.append(json.loads((tmp_path / f"run{k}" / "extract.json").read_text())
-                      ["backbones"]["efficientnet_lite0"]["computed"])
+        counts.append(
+            json.loads((tmp_path / f"run{k}" / "extract.json").read_text())["backbones"]["efficientnet_lite0"][
+                "computed"
+            ]
+        )
     assert sum(counts) == 8 and _store(tmp_path / "cache") == _store(ref)
     bad = run_cli("extract", data, *FLAGS, "--shard", "4/3", "--out", tmp_path / "bad")
     assert bad.returncode == 2 and "is not K/N" in bad.stderr
@@ -317,8 +439,9 @@ def test_slides_on_dask_match_local(cluster, trained, tmp_path):
     bundle, _, _ = trained
     model = bundle.save(tmp_path / "model")
     flags = ["--stride-um", "161.25", "--confirm-top", "2", "--quiet"]
-    local = run_cli("slide", model, CMU, *flags, "--threads", "1", "--out", tmp_path / "local",
-                    "--cache-dir", tmp_path / "c1")
+    local = run_cli(
+        "slide", model, CMU, *flags, "--threads", "1", "--out", tmp_path / "local", "--cache-dir", tmp_path / "c1"
+    )
     assert local.returncode == 0, local.stderr
     dask = _dask(cluster, "slide", model, CMU, *flags, "--out", tmp_path / "dask", "--cache-dir", tmp_path / "c2")
     assert dask.returncode == 0, dask.stderr

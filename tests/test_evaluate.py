@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 
-from conftest import write_png
 from histoboost.data import CLASS_SCHEMES, DataError, Manifest, load_manifest
 from histoboost.evaluate import (
     EvaluationError,
@@ -9,10 +8,13 @@ from histoboost.evaluate import (
     binary_metrics,
     confusion_matrix,
     decision_metrics,
-    make_folds,
     majority_vote,
+    make_folds,
     vote_counts,
 )
+from histoboost.runtime import Runtime
+
+from conftest import write_png
 
 PAPER_RESNET50 = [[142, 4, 6], [9, 50, 11], [12, 9, 85]]
 
@@ -61,8 +63,9 @@ def test_aucs():
     assert aucs["carcinoma"] == 1.0 and aucs["0v1"] == 1.0
 
 
-def _manifest(tmp_path, patients_per_class=(4, 4, 4), images_per_patient=2, patients=True,
-              labels=("0", "1", "2")) -> Manifest:
+def _manifest(
+    tmp_path, patients_per_class=(4, 4, 4), images_per_patient=2, patients=True, labels=("0", "1", "2")
+) -> Manifest:
     lines = ["path,label,patient"]
     seed = 0
     for group, (count, label) in enumerate(zip(patients_per_class, labels)):
@@ -119,8 +122,15 @@ def test_operating_point_is_chosen_inside_each_fold_and_survives_save_and_load(t
     centres = np.array([0.0, 1.0, 1.6])[manifest.groups] + rng.normal(0, 0.7, len(manifest))
     X = (centres[owners][:, None] + rng.normal(0, 0.1, (len(owners), 4))).astype(np.float32)
     plan = make_folds(manifest, "patient", 3, seed=0)
-    config = preset("quick").merged({"classifier.kind": "logistic", "classifier.C": 1.0, "classifier.inner_folds": 3,
-                                     "classifier.target_sensitivity": 0.95, "classifier.refer_below_agreement": 0.9})
+    config = preset("quick").merged(
+        {
+            "classifier.kind": "logistic",
+            "classifier.C": 1.0,
+            "classifier.inner_folds": 3,
+            "classifier.target_sensitivity": 0.95,
+            "classifier.refer_below_agreement": 0.9,
+        }
+    )
     argmax = preset("quick").merged({"classifier.kind": "logistic", "classifier.target_sensitivity": None})
     plain = cross_validate_features(X, owners, manifest, plan, argmax, "plain")
     assert plain.rules is None  # `--decision argmax`: the seed study's vote, no rule fitted
@@ -128,22 +138,42 @@ def test_operating_point_is_chosen_inside_each_fold_and_survives_save_and_load(t
     assert len(result.rules) == 3 and all(r.threshold is not None for r in result.rules)
     carcinoma = result.truth > 0
     assert (result.decision[carcinoma] > 0).mean() >= (result.majority[carcinoma] > 0).mean()
-    run = CVRun(config, plan, [result], np.array([r.image_id for r in manifest]), np.array([r.name for r in manifest]),
-                np.array([str(r.path) for r in manifest]), np.array([r.patient for r in manifest]))
+    run = CVRun(
+        config,
+        plan,
+        [result],
+        np.array([r.image_id for r in manifest]),
+        np.array([r.name for r in manifest]),
+        np.array([str(r.path) for r in manifest]),
+        np.array([r.patient for r in manifest]),
+    )
     run.evaluate()
     op = result.metrics["operating_point"]
-    assert len(op["thresholds"]) == 3 and 0 <= op["refer_rate"] <= 1 and op["accuracy"] == pytest.approx(
-        (result.decision == result.truth).mean())
+    assert (
+        len(op["thresholds"]) == 3
+        and 0 <= op["refer_rate"] <= 1
+        and op["accuracy"] == pytest.approx((result.decision == result.truth).mean())
+    )
     run.save(tmp_path / "cv.npz")
     loaded = CVRun.load(tmp_path / "cv.npz", config)
     assert loaded.results[0].rules == result.rules
     assert np.array_equal(loaded.results[0].decision, result.decision)
 
 
-FINETUNE_TINY = {"preprocess.scale": 0.125, "augment.n_augment": 2, "augment.n_crops": 2, "augment.crop_size": 64,
-                 "evaluate.folds": 3, "classifier.kind": "logistic", "classifier.target_sensitivity": 0.9,
-                 "finetune.enabled": True, "finetune.epochs": 1, "finetune.crops_per_image": 1,
-                 "finetune.batch_size": 8, "finetune.validation_crops": 1}
+FINETUNE_TINY = {
+    "preprocess.scale": 0.125,
+    "augment.n_augment": 2,
+    "augment.n_crops": 2,
+    "augment.crop_size": 64,
+    "evaluate.folds": 3,
+    "classifier.kind": "logistic",
+    "classifier.target_sensitivity": 0.9,
+    "finetune.enabled": True,
+    "finetune.epochs": 1,
+    "finetune.crops_per_image": 1,
+    "finetune.batch_size": 8,
+    "finetune.validation_crops": 1,
+}
 
 
 @pytest.mark.heavy
@@ -161,7 +191,7 @@ def test_cv_finetune_never_lets_a_test_image_reach_finetuning(demo_data, tmp_pat
         return real(images, *args, **kwargs)
 
     monkeypatch.setattr(ft, "finetune", spy)
-    run = cross_validate(manifest, config, tmp_path / "cache", progress=False, compare_split="auto")
+    run = cross_validate(manifest, config, Runtime(cache_dir=tmp_path / "cache"), compare_split="auto")
     ids = np.array([r.image_id for r in manifest])
     assert len(given) == run.plan.n_folds == 3
     for k, images in enumerate(given):
@@ -192,7 +222,7 @@ def test_cv_finetune_stops_when_a_card_lists_a_test_image(demo_data, tmp_path, m
 
     monkeypatch.setattr(ft, "finetune_cached", leaky)
     with pytest.raises(EvaluationError, match="fold 1: 16 test image"):
-        cross_validate(manifest, config, tmp_path / "cache", progress=False)
+        cross_validate(manifest, config, Runtime(cache_dir=tmp_path / "cache"))
 
 
 def test_expected_calibration_error_counts_the_gap_per_bin():
@@ -220,8 +250,15 @@ def test_four_classes_stay_apart_and_the_three_groups_come_from_the_same_predict
 
     manifest = _manifest(tmp_path, patients_per_class=(4, 4, 4, 4), labels=BACH4)
     assert manifest.groups.tolist().count(0) == 16  # normal and benign are both group 0
-    config = preset("quick").merged({"classifier.kind": "logistic", "classifier.C": 1.0, "classifier.classes": "bach4",
-                                     "classifier.target_sensitivity": 0.9, "classifier.inner_folds": 3})
+    config = preset("quick").merged(
+        {
+            "classifier.kind": "logistic",
+            "classifier.C": 1.0,
+            "classifier.classes": "bach4",
+            "classifier.target_sensitivity": 0.9,
+            "classifier.inner_folds": 3,
+        }
+    )
     plan = make_folds(manifest, "patient", 4, seed=0, classes=CLASS_SCHEMES["bach4"])
     targets = CLASS_SCHEMES["bach4"].targets(manifest)
     for k in range(4):
@@ -231,20 +268,29 @@ def test_four_classes_stay_apart_and_the_three_groups_come_from_the_same_predict
     X = (np.eye(4)[targets][owners] * 4 + rng.normal(0, 0.3, (len(owners), 4))).astype(np.float32)
     result = cross_validate_features(X, owners, manifest, plan, config, "lite")
     assert result.aug_probs.shape == (32, 3, 4) and result.truth.tolist() == targets.tolist()
-    run = CVRun(config, plan, [result], np.array([r.image_id for r in manifest]), np.array([r.name for r in manifest]),
-                np.array([str(r.path) for r in manifest]), np.array([r.patient for r in manifest]))
+    run = CVRun(
+        config,
+        plan,
+        [result],
+        np.array([r.image_id for r in manifest]),
+        np.array([r.name for r in manifest]),
+        np.array([str(r.path) for r in manifest]),
+        np.array([r.patient for r in manifest]),
+    )
     run.evaluate()
     m = result.metrics
     four = np.array(m["classes"]["majority_vote"]["confusion"])
     assert m["classes"]["names"] == ["normal", "benign", "in_situ", "invasive"]
-    assert m["classes"]["majority_vote"]["accuracy"] == 1.0 and m["classes"]["majority_vote"]["balanced_accuracy"] == 1.0
+    assert (
+        m["classes"]["majority_vote"]["accuracy"] == 1.0 and m["classes"]["majority_vote"]["balanced_accuracy"] == 1.0
+    )
     assert np.trace(four) == 32 and four[0, 0] == four[1, 1] == 8
     collapse = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
     for decision in ("majority_vote", "operating_point"):
         cm = np.array(m["classes"][decision]["confusion"])
         assert (collapse.T @ cm @ collapse).tolist() == m[decision]["confusion"]
     assert m["auc"]["carcinoma"] == 1.0
-    assert (result.grouped().mean_probs.sum(axis=1) == pytest.approx(1.0))
+    assert result.grouped().mean_probs.sum(axis=1) == pytest.approx(1.0)
 
 
 def test_four_classes_need_the_four_labels(tmp_path):
@@ -252,13 +298,21 @@ def test_four_classes_need_the_four_labels(tmp_path):
     from histoboost.evaluate import cross_validate_features
 
     manifest = _manifest(tmp_path, patients_per_class=(3, 3, 3, 3), labels=("Normal", "Adenosis", "InSitu", "Invasive"))
-    with pytest.raises(EvaluationError, match="needs the labels Normal, Benign, InSitu, Invasive: 6 image.s. have "
-                                              "others, e.g. 'Adenosis'"):
+    with pytest.raises(
+        EvaluationError,
+        match="needs the labels Normal, Benign, InSitu, Invasive: 6 image.s. have others, e.g. 'Adenosis'",
+    ):
         make_folds(manifest, "patient", 3, seed=0, classes=CLASS_SCHEMES["bach4"])
     with pytest.raises(DataError, match="bach4 needs the labels"):
         CLASS_SCHEMES["bach4"].targets(_manifest(tmp_path / "b", labels=("0", "1", "2")))
     owners = np.repeat(np.arange(len(manifest)), 2)
     plan = make_folds(manifest, "patient", 3, seed=0)
     with pytest.raises(EvaluationError, match="bach4 needs"):
-        cross_validate_features(np.zeros((len(owners), 2), np.float32), owners, manifest, plan,
-                                preset("quick").merged({"classifier.classes": "bach4"}), "x")
+        cross_validate_features(
+            np.zeros((len(owners), 2), np.float32),
+            owners,
+            manifest,
+            plan,
+            preset("quick").merged({"classifier.classes": "bach4"}),
+            "x",
+        )

@@ -18,6 +18,7 @@ from histoboost.features import (
     pool_crops,
     prune_stores,
 )
+from histoboost.runtime import Runtime
 from histoboost.stain import Normalizer
 
 # Small geometry for speed: BACH at scale 0.25 is 384x384; crops of 192 px.
@@ -66,7 +67,7 @@ def test_crop_pooling():
     assert pool_crops(crops, "mean").tolist() == [[2.0, 3.0]]
     assert pool_crops(crops, "max").tolist() == [[3.0, 4.0]]
     gem = pool_crops(crops, "gem", p=3.0)
-    assert torch.allclose(gem, ((crops ** 3).mean(1)) ** (1 / 3))
+    assert torch.allclose(gem, ((crops**3).mean(1)) ** (1 / 3))
 
 
 def test_exact_and_shared_agree_and_are_reported(bach_subset, backbone, config, record_property):
@@ -98,11 +99,11 @@ def test_describe_is_deterministic_and_batch_independent(bach_subset, backbone, 
 
 def test_store_reuses_adds_and_survives_renames(bach_subset, backbone, config, tmp_path):
     first = Manifest(bach_subset.records[:3], bach_subset.root, "csv")
-    result = extract_features(first, config, backbone, tmp_path, progress=False)
+    result = extract_features(first, config, backbone, Runtime(cache_dir=tmp_path))
     assert (result.computed, result.reused) == (3, 0)
-    again = extract_features(first, config, backbone, tmp_path, progress=False)
+    again = extract_features(first, config, backbone, Runtime(cache_dir=tmp_path))
     assert (again.computed, again.reused) == (0, 3)
-    more = extract_features(bach_subset, config, backbone, tmp_path, progress=False)
+    more = extract_features(bach_subset, config, backbone, Runtime(cache_dir=tmp_path))
     assert (more.computed, more.reused) == (1, 3)
     assert not list(result.store.root.glob(".*"))  # no temporary files left
     X, owners = load_matrix(bach_subset, more.store, "crops+whole")
@@ -133,21 +134,21 @@ def test_stale_store_is_refused(backbone, config, tmp_path):
 
 def test_unreadable_store_file_is_recomputed(bach_subset, backbone, config, tmp_path):
     one = Manifest(bach_subset.records[:1], bach_subset.root, "csv")
-    result = extract_features(one, config, backbone, tmp_path, progress=False)
+    result = extract_features(one, config, backbone, Runtime(cache_dir=tmp_path))
     good = result.store.load(one.records[0].image_id)
     result.store.path(one.records[0].image_id).write_bytes(b"garbage")
     assert result.store.load(one.records[0].image_id) is None
     with pytest.raises(FeatureStoreError, match="run histoboost extract"):
         load_matrix(one, result.store, "crops")
-    redone = extract_features(one, config, backbone, tmp_path, progress=False)
+    redone = extract_features(one, config, backbone, Runtime(cache_dir=tmp_path))
     assert redone.computed == 1
     assert np.array_equal(redone.store.load(one.records[0].image_id).pooled, good.pooled)
 
 
 def test_keep_crops_upgrades_stored_files(bach_subset, backbone, config, tmp_path):
     one = Manifest(bach_subset.records[:1], bach_subset.root, "csv")
-    extract_features(one, config, backbone, tmp_path, progress=False)
-    upgraded = extract_features(one, config, backbone, tmp_path, keep_crops=True, progress=False)
+    extract_features(one, config, backbone, Runtime(cache_dir=tmp_path))
+    upgraded = extract_features(one, config, backbone, Runtime(cache_dir=tmp_path), keep_crops=True)
     assert upgraded.computed == 1
     stored = upgraded.store.load(one.records[0].image_id)
     assert stored.crops.shape == (3, 4, 1280) and stored.crops.dtype == np.float16

@@ -18,10 +18,19 @@ from histoboost.finetune import (
 )
 from histoboost.stain import fit_macenko
 
-TINY = {"finetune.epochs": 2, "finetune.crops_per_image": 2, "finetune.crop_size": 64, "finetune.batch_size": 4,
-        "finetune.validation_crops": 2, "finetune.validation_fraction": 0.34}
-NAMES = {0: ["Benign/b001", "Benign/b002", "Normal/n001", "Normal/n003"], 1: ["InSitu/is001", "InSitu/is003",
-         "InSitu/is005"], 2: ["Invasive/iv001", "Invasive/iv003", "Invasive/iv005"]}
+TINY = {
+    "finetune.epochs": 2,
+    "finetune.crops_per_image": 2,
+    "finetune.crop_size": 64,
+    "finetune.batch_size": 4,
+    "finetune.validation_crops": 2,
+    "finetune.validation_fraction": 0.34,
+}
+NAMES = {
+    0: ["Benign/b001", "Benign/b002", "Normal/n001", "Normal/n003"],
+    1: ["InSitu/is001", "InSitu/is003", "InSitu/is005"],
+    2: ["Invasive/iv001", "Invasive/iv003", "Invasive/iv005"],
+}
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SMALL
 from histoboost import storage
-from histoboost.bundle import META_FILE, Bundle, BundleError, _meta_digest, inventory, train_bundle
+from histoboost.bundle import Bundle, BundleError
 from histoboost.config import preset
+from histoboost.container import META_FILE, inventory, meta_digest
+from histoboost.runtime import Runtime
+from histoboost.training import train_bundle
+
+from conftest import SMALL
 
 
 def _forge(source: Path, out: Path, edit=None, members: dict | None = None, rehash: bool = True) -> Path:
@@ -34,7 +38,7 @@ def _forge(source: Path, out: Path, edit=None, members: dict | None = None, reha
         for name in list(meta.get("files", {})):
             if (out / name).is_file():
                 meta["files"][name] = hashlib.sha256((out / name).read_bytes()).hexdigest()
-        meta["meta_sha256"] = _meta_digest(meta)
+        meta["meta_sha256"] = meta_digest(meta)
     (out / META_FILE).write_text(json.dumps(meta))
     return out
 
@@ -46,6 +50,7 @@ def genuine(trained):
 
 
 # -- 1. no path from bundle.json is ever written or opened ------------------------------------------------
+
 
 def test_member_names_from_bundle_json_never_become_paths(genuine, tmp_path):
     target = tmp_path / "pwned"
@@ -82,6 +87,7 @@ def test_files_must_list_exactly_the_members_present(genuine, tmp_path):
 
 # -- 2. sizes are checked before anything is read -----------------------------------------------------------
 
+
 def test_zip_bomb_is_refused_in_one_line_at_small_memory(genuine, tmp_path):
     bomb = tmp_path / "bomb.zip"
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -92,10 +98,12 @@ def test_zip_bomb_is_refused_in_one_line_at_small_memory(genuine, tmp_path):
             for _ in range(512):  # 512 MiB of zeros in a ~0.5 MB zip
                 handle.write(block)
     assert bomb.stat().st_size < 2 * 2**20
-    code = ("import resource, sys\nfrom histoboost.bundle import Bundle, BundleError\n"
-            "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024\nbefore = rss()\n"
-            "try:\n    Bundle.load(sys.argv[1])\nexcept BundleError as err:\n    print(err)\n"
-            "print(rss() - before)")
+    code = (
+        "import resource, sys\nfrom histoboost.bundle import Bundle, BundleError\n"
+        "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024\nbefore = rss()\n"
+        "try:\n    Bundle.load(sys.argv[1])\nexcept BundleError as err:\n    print(err)\n"
+        "print(rss() - before)"
+    )
     result = subprocess.run([sys.executable, "-c", code, bomb], capture_output=True, text=True, check=True)
     message, grown_mib = result.stdout.strip().rsplit("\n", 1)
     assert "zip bomb" in message and "\n" not in message
@@ -124,8 +132,9 @@ def test_too_many_members_are_refused_before_reading(genuine, tmp_path):
 
 # -- 3. integrity is not authenticity: identity and signatures ---------------------------------------------
 
+
 def test_a_forged_threshold_is_caught_by_the_schema_or_by_the_expected_identity(trained, genuine, tmp_path):
-    from histoboost.bundle import identity
+    from histoboost.container import identity
 
     negative = _forge(genuine, tmp_path / "negative", lambda m: m["decision_rule"].update(threshold=-1))
     with pytest.raises(BundleError, match="decision_rule/threshold"):
@@ -141,7 +150,7 @@ def test_a_forged_threshold_is_caught_by_the_schema_or_by_the_expected_identity(
 
 
 def test_signatures_detect_deliberate_edits(trained, genuine, tmp_path):
-    from histoboost.bundle import signature_path
+    from histoboost.container import signature_path
     from histoboost.signing import generate_key, private_key, sign
 
     key, public = generate_key(tmp_path / "key.pem")
@@ -162,14 +171,28 @@ def test_signatures_detect_deliberate_edits(trained, genuine, tmp_path):
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 def test_signature_verifies_with_openssl_as_documented(genuine, tmp_path):
-    from histoboost.bundle import signature_path
+    from histoboost.container import signature_path
     from histoboost.signing import generate_key, private_key, sign
 
     key, public = generate_key(tmp_path / "key.pem")
     sign((genuine / META_FILE).read_bytes(), private_key(key), signature_path(tmp_path / "model"))
-    result = subprocess.run(["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", public, "-rawin", "-in",
-                             genuine / META_FILE, "-sigfile", signature_path(tmp_path / "model")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            "openssl",
+            "pkeyutl",
+            "-verify",
+            "-pubin",
+            "-inkey",
+            public,
+            "-rawin",
+            "-in",
+            genuine / META_FILE,
+            "-sigfile",
+            signature_path(tmp_path / "model"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0 and "Verified Successfully" in result.stdout
 
 
@@ -180,33 +203,43 @@ def test_torch_floor_excludes_the_weights_only_bypass():
 
 # -- 4. every field validated before use; 14. older formats refused in one line -----------------------------
 
-@pytest.mark.parametrize("edit, expected", [
-    (lambda m: m.pop("config"), "'config' is a required property"),
-    (lambda m: m.update(backbones="x"), "backbones"),
-    (lambda m: m["decision_rule"].update(extra=1), "decision_rule"),
-    (lambda m: m["classifier"].update(best_iteration=-1), "classifier"),
-    (lambda m: m["config"].update(seed="x"), "unusable config"),
-    (lambda m: m.update(format_version="4"), "no integer format_version"),
-    (lambda m: m.update(format_version=4.0), "no integer format_version"),
-    (lambda m: m.update(format_version=True), "no integer format_version"),
-    (lambda m: m.update(format_version=-7), "no histoboost wrote it"),
-    (lambda m: m.update(format_version=3), "older than the 5 this histoboost reads .histoboost 0.1.0 reads it"),
-    (lambda m: m.update(format_version=4), "older than the 5 this histoboost reads .histoboost 0.2.0 reads it"),
-    (lambda m: m.update(format_version=99), "newer than"),
-    (lambda m: m["backbones"][0].update(spec_sha256="../x"), "backbones/0/spec_sha256"),
-    (lambda m: m["backbones"][0].update(spec_sha256="0" * 64), "is defined differently in this histoboost"),
-    (lambda m: m["versions"].update(deep={"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}}), "nested deeper"),
-    # The class scheme (format 6): a class list, group map or config that disagree, a group outside 0-2, a model
-    # of another number of classes.
-    (lambda m: m["decision_rule"].update(groups=[0, 0, 1, 2]), "are not the .* of its --classes groups"),
-    (lambda m: m["decision_rule"].update(groups=[0, 1, 7]), "decision_rule/groups"),
-    (lambda m: m.update(classes=["normal", "benign", "in_situ", "invasive"]), "of its --classes groups"),
-    (lambda m: m["config"]["classifier"].update(classes="bach4"), "of its --classes bach4"),
-    (lambda m: m["config"]["classifier"].update(classes="bach5"), "unusable config"),
-    (lambda m: (m["config"]["classifier"].update(classes="bach4"), m["decision_rule"].update(groups=[0, 0, 1, 2]),
-                m.update(classes=["normal", "benign", "in_situ", "invasive"])), "an XGBoost model of 3 classes, not 4"),
-    (lambda m: m["training_data"].update(per_class={"normal": -1}), "training_data/per_class"),
-])
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda m: m.pop("config"), "'config' is a required property"),
+        (lambda m: m.update(backbones="x"), "backbones"),
+        (lambda m: m["decision_rule"].update(extra=1), "decision_rule"),
+        (lambda m: m["classifier"].update(best_iteration=-1), "classifier"),
+        (lambda m: m["config"].update(seed="x"), "unusable config"),
+        (lambda m: m.update(format_version="4"), "no integer format_version"),
+        (lambda m: m.update(format_version=4.0), "no integer format_version"),
+        (lambda m: m.update(format_version=True), "no integer format_version"),
+        (lambda m: m.update(format_version=-7), "no histoboost wrote it"),
+        (lambda m: m.update(format_version=3), "older than the 5 this histoboost reads .histoboost 0.1.0 reads it"),
+        (lambda m: m.update(format_version=4), "older than the 5 this histoboost reads .histoboost 0.2.0 reads it"),
+        (lambda m: m.update(format_version=99), "newer than"),
+        (lambda m: m["backbones"][0].update(spec_sha256="../x"), "backbones/0/spec_sha256"),
+        (lambda m: m["backbones"][0].update(spec_sha256="0" * 64), "is defined differently in this histoboost"),
+        (lambda m: m["versions"].update(deep={"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}}), "nested deeper"),
+        # The class scheme (format 6): a class list, group map or config that disagree, a group outside 0-2, a model
+        # of another number of classes.
+        (lambda m: m["decision_rule"].update(groups=[0, 0, 1, 2]), "are not the .* of its --classes groups"),
+        (lambda m: m["decision_rule"].update(groups=[0, 1, 7]), "decision_rule/groups"),
+        (lambda m: m.update(classes=["normal", "benign", "in_situ", "invasive"]), "of its --classes groups"),
+        (lambda m: m["config"]["classifier"].update(classes="bach4"), "of its --classes bach4"),
+        (lambda m: m["config"]["classifier"].update(classes="bach5"), "unusable config"),
+        (
+            lambda m: (
+                m["config"]["classifier"].update(classes="bach4"),
+                m["decision_rule"].update(groups=[0, 0, 1, 2]),
+                m.update(classes=["normal", "benign", "in_situ", "invasive"]),
+            ),
+            "an XGBoost model of 3 classes, not 4",
+        ),
+        (lambda m: m["training_data"].update(per_class={"normal": -1}), "training_data/per_class"),
+    ],
+)
 def test_malformed_bundle_json_is_one_line(genuine, tmp_path, edit, expected):
     forged = _forge(genuine, tmp_path / "forged", edit)
     with pytest.raises(BundleError, match=expected) as err:
@@ -230,7 +263,7 @@ def test_deep_or_junk_json_and_junk_model_are_one_line(genuine, tmp_path):
 def test_bundle_json_follows_the_published_schema_and_names_no_local_path(genuine):
     import jsonschema
 
-    from histoboost.bundle import _schema_validator
+    from histoboost.container import _schema_validator
 
     meta = json.loads((genuine / META_FILE).read_text())
     jsonschema.validate(meta, _schema_validator().schema)
@@ -245,6 +278,7 @@ def test_same_training_gives_the_same_identity(trained, tmp_path):
 
 
 # -- 5. CSV outputs are safe in a spreadsheet; 7. per-image outputs named uniquely ---------------------------
+
 
 def test_formula_names_are_neutralised_and_overlays_never_collide(trained, tmp_path, bach):
     from test_cli import run_cli
@@ -270,14 +304,14 @@ def test_formula_names_are_neutralised_and_overlays_never_collide(trained, tmp_p
 
 # -- 6. outputs whole or absent, nothing overwritten ---------------------------------------------------------
 
+
 def test_staged_folder_leaves_nothing_that_looks_complete(tmp_path):
     from histoboost.outputs import OutputError, check_output, staged_folder
 
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        with staged_folder(out) as staging:
-            (staging / "metrics.json").write_text("{}")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), staged_folder(out) as staging:
+        (staging / "metrics.json").write_text("{}")
+        raise KeyboardInterrupt
     assert not out.exists() and not list(tmp_path.iterdir())
     with staged_folder(out) as staging:
         (staging / "metrics.json").write_text("old")
@@ -321,15 +355,19 @@ def test_cli_refuses_existing_outputs_before_any_work(trained, small_folder, tmp
     model = bundle.save(tmp_path / "model")
     (tmp_path / "run").mkdir()
     (tmp_path / "important.csv").write_text("IMPORTANT")
-    for args in (("cv", small_folder, "--out", tmp_path / "run"), ("evaluate", model, small_folder, "--out",
-                 tmp_path / "run"), ("predict", model, small_folder, "--out", tmp_path / "important.csv"),
-                 ("predict", model, small_folder, "--out", tmp_path / "missing" / "p.csv")):
+    for args in (
+        ("cv", small_folder, "--out", tmp_path / "run"),
+        ("evaluate", model, small_folder, "--out", tmp_path / "run"),
+        ("predict", model, small_folder, "--out", tmp_path / "important.csv"),
+        ("predict", model, small_folder, "--out", tmp_path / "missing" / "p.csv"),
+    ):
         result = run_cli(*args, "--quiet")
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert (tmp_path / "important.csv").read_text() == "IMPORTANT" and not list((tmp_path / "run").iterdir())
 
 
 # -- 8. cache prune touches only stores, never a live writer's file; a read-only store reads -----------------
+
 
 def test_prune_touches_only_stores_and_dead_temporaries(tmp_path, monkeypatch):
     from histoboost.features import prune_stores
@@ -379,19 +417,32 @@ def test_read_only_store_is_usable_and_unwritable_cache_is_one_line(tmp_path, mo
 
 # -- 11. evaluate refuses the bundle's own training images ---------------------------------------------------
 
+
 def test_evaluate_refuses_training_images(trained):
-    from histoboost.bundle import evaluate_bundle
+    from histoboost.errors import EvaluationError
+    from histoboost.evaluate import evaluate_predictor
 
     bundle, manifest, _ = trained
-    with pytest.raises(BundleError, match="8 of the 8 images were in the bundle's training set"):
-        evaluate_bundle(bundle, manifest, progress=False)
+    with pytest.raises(EvaluationError, match="8 of the 8 images were in the bundle's training set"):
+        evaluate_predictor(bundle.predictor, manifest)
 
 
 # -- 12. numeric flags at the boundary, exit status 2, late checks moved early --------------------------------
 
-@pytest.mark.parametrize("flags", [["--threads", "-1"], ["--batch-size", "0"], ["--early-stopping", "-5"],
-                                   ["--folds", "1"], ["--scale", "nan"], ["--refer-below", "1.5"],
-                                   ["--label-map", "Normal=5"], ["--seed", "x"]])
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--threads", "-1"],
+        ["--batch-size", "0"],
+        ["--early-stopping", "-5"],
+        ["--folds", "1"],
+        ["--scale", "nan"],
+        ["--refer-below", "1.5"],
+        ["--label-map", "Normal=5"],
+        ["--seed", "x"],
+    ],
+)
 def test_bad_flags_exit_2_in_one_line(flags, small_folder, tmp_path):
     from test_cli import run_cli
 
@@ -402,13 +453,25 @@ def test_bad_flags_exit_2_in_one_line(flags, small_folder, tmp_path):
 def test_train_checks_split_by_before_extracting(small_folder, tmp_path):
     from test_cli import run_cli
 
-    result = run_cli("train", small_folder, "--preset", "quick", "--split-by", "nosuchcolumn", "--out",
-                     tmp_path / "m.zip", "--cache-dir", tmp_path / "cache", "--quiet")
+    result = run_cli(
+        "train",
+        small_folder,
+        "--preset",
+        "quick",
+        "--split-by",
+        "nosuchcolumn",
+        "--out",
+        tmp_path / "m.zip",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--quiet",
+    )
     assert result.returncode == 2 and "--split-by nosuchcolumn" in result.stderr
     assert not (tmp_path / "cache").exists()  # nothing was extracted
 
 
 # -- 13. content key: a metadata-only change does not change the answer -------------------------------------
+
 
 def test_metadata_only_change_gives_the_same_prediction(trained, tmp_path, bach):
     bundle, _, _ = trained
@@ -420,11 +483,13 @@ def test_metadata_only_change_gives_the_same_prediction(trained, tmp_path, bach)
     assert np.array_equal(np.asarray(Image.open(original)), np.asarray(Image.open(tagged)))
     (a, b), problems = bundle.predict([original, tagged])
     assert problems == []
-    assert {k: v for k, v in a.items() if k not in ("path", "name")} == \
-           {k: v for k, v in b.items() if k not in ("path", "name")}
+    assert {k: v for k, v in a.items() if k not in ("path", "name")} == {
+        k: v for k, v in b.items() if k not in ("path", "name")
+    }
 
 
 # -- 15. damaged store and run files; 16. no traceback anywhere ----------------------------------------------
+
 
 def test_same_pixels_at_another_stated_resolution_are_stored_apart(trained, tmp_path):
     import dataclasses
@@ -495,7 +560,7 @@ def test_damaged_run_files_and_index_are_one_line(tmp_path, small_folder):
 
 
 def test_a_full_disk_names_the_file_the_user_asked_for(tmp_path, monkeypatch):
-    from histoboost.data import write_text_atomic
+    from histoboost.storage import write_text_atomic
 
     def full(fd):
         raise OSError(28, "No space left on device")
@@ -508,8 +573,11 @@ def test_a_full_disk_names_the_file_the_user_asked_for(tmp_path, monkeypatch):
 
 def test_grayscale_images_are_predicted_but_referred(trained, tmp_path, bach):
     _, manifest, root = trained  # without stain normalisation, which would refuse a grayscale image itself
-    bundle = train_bundle(manifest, preset("quick").merged({**SMALL, "preprocess.stain.method": "none"}),
-                          root / "cache", progress=False)
+    bundle = train_bundle(
+        manifest,
+        preset("quick").merged({**SMALL, "preprocess.stain.method": "none"}),
+        Runtime(cache_dir=root / "cache"),
+    )
     gray = tmp_path / "gray.png"
     Image.open(bach / "Invasive" / "iv011.jpeg").convert("L").save(gray)
     (record,), problems = bundle.predict([gray])
@@ -532,6 +600,7 @@ def test_system_errors_are_one_line_unless_debug(monkeypatch, capsys, tmp_path):
 
 
 # -- found by a review after the first version of this file ---------------------------------------------------
+
 
 def test_encrypted_or_bzip2_members_and_strict_json(genuine, tmp_path):
     for method, name in ((zipfile.ZIP_DEFLATED, "encrypted"), (zipfile.ZIP_BZIP2, "bzip2")):
@@ -563,8 +632,9 @@ def test_classifier_must_fit_its_backbones_and_backbones_must_be_known(genuine, 
 
     rng = np.random.default_rng(0)
     narrow = BoostedTrees(ClassifierConfig(n_estimators=3)).fit(rng.random((30, 10)), np.arange(30) % 3).to_bytes()
-    swapped = _forge(genuine, tmp_path / "swapped", lambda m: m["classifier"].update(best_iteration=0),
-                     members={"model.ubj": narrow})
+    swapped = _forge(
+        genuine, tmp_path / "swapped", lambda m: m["classifier"].update(best_iteration=0), members={"model.ubj": narrow}
+    )
     with pytest.raises(BundleError, match="takes 10 features but its backbones give 1280"):
         Bundle.load(swapped)
     foreign = _forge(genuine, tmp_path / "foreign", lambda m: m["backbones"][0].update(name="convnext_tiny"))
@@ -573,7 +643,7 @@ def test_classifier_must_fit_its_backbones_and_backbones_must_be_known(genuine, 
 
 
 def test_a_signature_that_is_not_a_file_is_one_line(genuine, tmp_path):
-    from histoboost.bundle import signature_path
+    from histoboost.container import signature_path
     from histoboost.signing import generate_key
 
     _, public = generate_key(tmp_path / "key.pem")
@@ -608,11 +678,10 @@ def test_force_replaces_only_run_folders_and_finished_work_is_never_deleted(tmp_
     monkeypatch.chdir(tmp_path / "empty")
     assert check_output(Path("."), force=True) == tmp_path / "empty"  # '.' as --out works, no traceback
     out = tmp_path / "run"
-    with pytest.raises(OutputError, match="the finished results are in"):
-        with staged_folder(out) as staging:
-            (staging / "metrics.json").write_text("finished")
-            out.mkdir()  # another run took the name meanwhile
-            (out / "other.txt").write_text("theirs")
+    with pytest.raises(OutputError, match="the finished results are in"), staged_folder(out) as staging:
+        (staging / "metrics.json").write_text("finished")
+        out.mkdir()  # another run took the name meanwhile
+        (out / "other.txt").write_text("theirs")
     kept = [p for p in tmp_path.iterdir() if p.name.startswith(".run.staging-")]
     assert len(kept) == 1 and (kept[0] / "metrics.json").read_text() == "finished"
     assert (out / "other.txt").read_text() == "theirs"

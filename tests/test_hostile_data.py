@@ -17,15 +17,32 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
-from histoboost import data, storage
+from histoboost import storage
 from histoboost.cli import main
 from histoboost.config import PreprocessConfig, StainConfig
-from histoboost.data import (DataError, Manifest, Problem, content_key, find_images, load_manifest, read_image,
-                             scan_file, tissue_problem, write_text_atomic)
+from histoboost.data import (
+    DataError,
+    Manifest,
+    Problem,
+    content_key,
+    find_images,
+    load_manifest,
+    read_image,
+    scan_file,
+    tissue_problem,
+)
+from histoboost.data import images as data_images
+from histoboost.storage import write_text_atomic
+
 from conftest import tissue_like, write_png
 
-FUZZ = settings(max_examples=500, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=500,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 def _with_jpeg_segments(data: bytes, *segments: tuple[bytes, bytes]) -> bytes:
@@ -147,14 +164,16 @@ def test_every_real_image_and_a_mostly_fat_one_show_tissue(bach, bach_image):
 def test_label_and_group_that_disagree_are_an_error_per_row(tmp_path):
     for seed, name in enumerate(["n001.png", "iv001.png", "x.png"]):
         write_png(tmp_path / "img" / name, seed=seed)
-    (tmp_path / "m.csv").write_text("path,label,group\nimg/n001.png,Normal,2\nimg/iv001.png,Invasive,0\n"
-                                    "img/x.png,Lymphoma,2\n")
+    (tmp_path / "m.csv").write_text(
+        "path,label,group\nimg/n001.png,Normal,2\nimg/iv001.png,Invasive,0\nimg/x.png,Lymphoma,2\n"
+    )
     with pytest.raises(DataError) as caught:
         load_manifest(tmp_path / "m.csv")
     problems = _problems(caught)
     assert sorted(problems) == ["iv001.png", "n001.png"]
-    assert problems["n001.png"].message == ("label 'Normal' means group 0 (normal_benign) but the group column on "
-                                            "line 2 of m.csv says 2 (invasive)")
+    assert problems["n001.png"].message == (
+        "label 'Normal' means group 0 (normal_benign) but the group column on line 2 of m.csv says 2 (invasive)"
+    )
     assert "--label-map 'Normal=2'" in problems["n001.png"].fix
     manifest, _ = load_manifest(tmp_path / "m.csv", label_map={"Normal": 2, "Invasive": 0})
     assert [r.group for r in manifest] == [0, 2, 2]
@@ -192,8 +211,10 @@ def test_manifest_rows_say_what_is_wrong(tmp_path):
         write_png(tmp_path / name, seed=seed)
     (tmp_path / "folder.png").mkdir()
     os.symlink(tmp_path / "gone.png", tmp_path / "dangling.png")
-    (tmp_path / "m.csv").write_text("path,label,patient\na.png,,p1\nb.png,Normal,p1,extra\nfolder.png,Normal\n"
-                                    "dangling.png,Normal\n,Normal\n\nc.png,Invasive,\n")
+    (tmp_path / "m.csv").write_text(
+        "path,label,patient\na.png,,p1\nb.png,Normal,p1,extra\nfolder.png,Normal\n"
+        "dangling.png,Normal\n,Normal\n\nc.png,Invasive,\n"
+    )
     with pytest.raises(DataError) as caught:
         load_manifest(tmp_path / "m.csv")
     messages = [p.message for p in caught.value.problems]
@@ -206,17 +227,19 @@ def test_manifest_rows_say_what_is_wrong(tmp_path):
     ]
 
 
-def test_rows_that_list_a_file_again_are_counted_once_or_a_leak_found_before_any_image_is_read(tmp_path,
-                                                                                               monkeypatch):
+def test_rows_that_list_a_file_again_are_counted_once_or_a_leak_found_before_any_image_is_read(tmp_path, monkeypatch):
     write_png(tmp_path / "a.png", seed=1)
     (tmp_path / "m.csv").write_text("path,label\na.png,Normal\na.png,Benign\na.png,Invasive\nmissing.png,Normal\n")
-    monkeypatch.setattr(data, "scan_file", lambda path: pytest.fail(f"{path} decoded before the check"))
+    monkeypatch.setattr(data_images, "scan_file", lambda path: pytest.fail(f"{path} decoded before the check"))
     with pytest.raises(DataError, match=r"^2 unusable file\(s\) under ") as caught:
         load_manifest(tmp_path / "m.csv")
     assert [(p.severity, p.message) for p in caught.value.problems] == [
         ("warning", "listed again on line 3 of m.csv (first on line 2): counted once"),
-        ("error", "listed again on line 4 of m.csv as invasive, on line 2 as normal_benign: the same image in "
-                  "training and test would leak"),
+        (
+            "error",
+            "listed again on line 4 of m.csv as invasive, on line 2 as normal_benign: the same image in "
+            "training and test would leak",
+        ),
         ("error", "listed on line 5 of m.csv but not found"),
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "m.csv"]  # few problems: no file written
@@ -228,13 +251,21 @@ def test_100000_missing_files_are_counted_named_five_times_and_listed_in_a_file(
     lines = capsys.readouterr().err.splitlines()
     listing = tmp_path / "m.csv.problems.txt"
     assert len(lines) == 7 and sum(" but not found " in line for line in lines) == 5
-    assert any(line.startswith(f"error: {listing}: 100,000 problems (100,000 error(s), 0 warning(s)), too many to "
-                               "print: the first 5 of each kind are shown") for line in lines)
-    assert lines[-1] == (f"histoboost: error: 100,000 unusable file(s) under {tmp_path}; all 100,000 problems are "
-                         f"listed in {listing}")
+    assert any(
+        line.startswith(
+            f"error: {listing}: 100,000 problems (100,000 error(s), 0 warning(s)), too many to "
+            "print: the first 5 of each kind are shown"
+        )
+        for line in lines
+    )
+    assert lines[-1] == (
+        f"histoboost: error: 100,000 unusable file(s) under {tmp_path}; all 100,000 problems are listed in {listing}"
+    )
     written = listing.read_text().splitlines()
-    assert len(written) == 100_000 and written[-1] == (f"error: {tmp_path / 'gone/099999.png'}: listed on line "
-                                                       "100001 of m.csv but not found (fix the path or remove the row)")
+    assert len(written) == 100_000 and written[-1] == (
+        f"error: {tmp_path / 'gone/099999.png'}: listed on line "
+        "100001 of m.csv but not found (fix the path or remove the row)"
+    )
 
 
 def test_problems_of_a_read_only_data_folder_are_listed_in_a_temporary_file(tmp_path, monkeypatch):
@@ -255,7 +286,7 @@ def test_100000_rows_of_one_image_decode_it_once_in_bounded_memory(tmp_path, mon
     write_png(tmp_path / "a.png", seed=1)
     (tmp_path / "m.csv").write_text("path,label\n" + "a.png,Normal\n" * 100_000)
     decoded = []
-    monkeypatch.setattr(data, "scan_file", lambda path: decoded.append(path) or scan_file(path))
+    monkeypatch.setattr(data_images, "scan_file", lambda path: decoded.append(path) or scan_file(path))
     tracemalloc.start()
     try:
         manifest, problems = load_manifest(tmp_path / "m.csv", threads=1)
@@ -271,8 +302,9 @@ def test_100000_rows_of_one_image_decode_it_once_in_bounded_memory(tmp_path, mon
 
 def _bach_w8(root: Path) -> Path:
     """Hostile input W8: a name listed once, found in two class folders, and an image the CSV omits."""
-    for seed, name in enumerate(["Benign/a.jpeg", "Invasive/a.jpeg", "Invasive/b.jpeg", "InSitu/c.jpeg",
-                                 "Normal/d.jpeg"]):
+    for seed, name in enumerate(
+        ["Benign/a.jpeg", "Invasive/a.jpeg", "Invasive/b.jpeg", "InSitu/c.jpeg", "Normal/d.jpeg"]
+    ):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         tissue_like(seed=seed).save(root / name)
     return root / "microscopy_ground_truth.csv"
@@ -284,8 +316,10 @@ def test_bach_ground_truth_matches_paths_and_reports_what_it_cannot(tmp_path):
     with pytest.raises(DataError) as caught:
         load_manifest(tmp_path)
     by_file = {p.path.relative_to(tmp_path).as_posix(): p for p in caught.value.problems}
-    assert by_file["a.jpeg"].message == "listed on line 1 of microscopy_ground_truth.csv matches 2 files: " \
-                                        "Benign/a.jpeg, Invasive/a.jpeg"
+    assert (
+        by_file["a.jpeg"].message == "listed on line 1 of microscopy_ground_truth.csv matches 2 files: "
+        "Benign/a.jpeg, Invasive/a.jpeg"
+    )
     assert by_file["a.jpeg"].severity == "error"
     assert by_file["Normal/d.jpeg"].message == "not listed in microscopy_ground_truth.csv: left out"
     assert by_file["Normal/d.jpeg"].severity == "warning" and len(by_file) == 2
@@ -301,8 +335,12 @@ def test_bach_ground_truth_matches_paths_and_reports_what_it_cannot(tmp_path):
     ]
     ground_truth.write_text("Invasive/a.jpeg,Invasive\nb.jpeg,Invasive\nInSitu/c.jpeg,InSitu\nd.jpeg,Normal\n")
     manifest, problems = load_manifest(tmp_path)
-    assert {r.name: r.label for r in manifest} == {"Invasive/a": "Invasive", "Invasive/b": "Invasive",
-                                                   "InSitu/c": "InSitu", "Normal/d": "Normal"}
+    assert {r.name: r.label for r in manifest} == {
+        "Invasive/a": "Invasive",
+        "Invasive/b": "Invasive",
+        "InSitu/c": "InSitu",
+        "Normal/d": "Normal",
+    }
     assert [p.path.name for p in problems] == ["a.jpeg"] and problems[0].severity == "warning"
 
 
@@ -324,7 +362,7 @@ def test_broken_links_loops_and_folders_named_like_images_are_warnings(tmp_path)
     assert [r.name for r in manifest] == ["Invasive/iv", "Normal/n"]
     assert {p.path.name: p.message for p in problems} == {
         "dangling.jpg": "named like an image but is a broken symbolic link (to /nonexistent/missing.jpg): "
-                        "not read as an image",
+        "not read as an image",
         "loopA.jpg": "named like an image but is a symbolic link loop: not read as an image",
         "loopB.jpg": "named like an image but is a symbolic link loop: not read as an image",
         "dir.jpg": "named like an image but is a folder: not read as an image",
@@ -379,21 +417,57 @@ def test_a_failed_write_leaves_no_temporary_file_and_no_half_file(tmp_path, monk
 
 # -- 6. bounded fuzzing -----------------------------------------------------------------------------
 
-HEADERS = [["path", "label"], ["path", "label", "group"], ["path", "label", "group", "patient"], ["Path", "Label"],
-           ["label", "path", "site"], ["path", "label", "label"], ["path", "label", ""]]
-GOOD_ROWS = [["a.png", "Normal"], ["b.png", "Invasive", "2"], ["a.png", "InSitu", "1", "p1"],
-             ["b.png", "Lymphoma", "0"]]
-CELLS = ["a.png", "b.png", "sub", "missing.png", "", " ", "Normal", "InSitu", "Invasive", "Lymphoma", "0", "1",
-         "2", "7", "p1", "é", '"a.png"', '"x,y"', '"', "path", "label"]
-manifest_rows = st.lists(st.sampled_from(GOOD_ROWS) | st.lists(st.sampled_from(CELLS) | st.text(max_size=4), max_size=4),
-                         max_size=4)
+HEADERS = [
+    ["path", "label"],
+    ["path", "label", "group"],
+    ["path", "label", "group", "patient"],
+    ["Path", "Label"],
+    ["label", "path", "site"],
+    ["path", "label", "label"],
+    ["path", "label", ""],
+]
+GOOD_ROWS = [
+    ["a.png", "Normal"],
+    ["b.png", "Invasive", "2"],
+    ["a.png", "InSitu", "1", "p1"],
+    ["b.png", "Lymphoma", "0"],
+]
+CELLS = [
+    "a.png",
+    "b.png",
+    "sub",
+    "missing.png",
+    "",
+    " ",
+    "Normal",
+    "InSitu",
+    "Invasive",
+    "Lymphoma",
+    "0",
+    "1",
+    "2",
+    "7",
+    "p1",
+    "é",
+    '"a.png"',
+    '"x,y"',
+    '"',
+    "path",
+    "label",
+]
+manifest_rows = st.lists(
+    st.sampled_from(GOOD_ROWS) | st.lists(st.sampled_from(CELLS) | st.text(max_size=4), max_size=4), max_size=4
+)
 manifest_texts = st.one_of(
     st.binary(max_size=200),
     st.text(max_size=200).map(str.encode),
     st.builds(  # mostly well formed: a known header, likely rows, a separator, line ends, a BOM
         lambda header, rows, sep, end, bom: (bom + end.join(sep.join(r) for r in [header, *rows])).encode(),
-        st.sampled_from(HEADERS), manifest_rows, st.sampled_from([",", ",", ",", ";", "\t"]),
-        st.sampled_from(["\n", "\r\n", "\r"]), st.sampled_from(["", "\ufeff"]),
+        st.sampled_from(HEADERS),
+        manifest_rows,
+        st.sampled_from([",", ",", ",", ";", "\t"]),
+        st.sampled_from(["\n", "\r\n", "\r"]),
+        st.sampled_from(["", "\ufeff"]),
     ),
 )
 
@@ -414,8 +488,14 @@ def test_fuzz_any_manifest_text_gives_a_manifest_or_a_data_error(tmp_path, data)
         assert isinstance(manifest, Manifest) and len(manifest) >= 1
 
 
-MODE_FORMATS = {"L": ["PNG", "TIFF", "JPEG", "BMP"], "RGB": ["PNG", "TIFF", "JPEG", "BMP"], "RGBA": ["PNG", "TIFF"],
-                "P": ["PNG", "TIFF", "BMP"], "I;16": ["PNG", "TIFF"], "CMYK": ["TIFF", "JPEG"]}
+MODE_FORMATS = {
+    "L": ["PNG", "TIFF", "JPEG", "BMP"],
+    "RGB": ["PNG", "TIFF", "JPEG", "BMP"],
+    "RGBA": ["PNG", "TIFF"],
+    "P": ["PNG", "TIFF", "BMP"],
+    "I;16": ["PNG", "TIFF"],
+    "CMYK": ["TIFF", "JPEG"],
+}
 BYTES_PER_PIXEL = {"L": 1, "P": 1, "I;16": 2, "RGB": 3, "RGBA": 4, "CMYK": 4}
 
 
@@ -440,7 +520,7 @@ def image_files(draw) -> tuple[bytes, str]:
     if cut is not None:
         at = draw(st.integers(0, len(data) - 1))
         flipped = bytes([data[at] ^ draw(st.integers(1, 255))])
-        data = data[:at] if cut == "truncate" else data[:at] + flipped + data[at + 1:]
+        data = data[:at] if cut == "truncate" else data[:at] + flipped + data[at + 1 :]
     return data, fmt.lower()
 
 

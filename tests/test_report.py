@@ -21,9 +21,15 @@ def _fake_run(tmp_path) -> CVRun:
     from PIL import Image
 
     Image.new("RGB", (50, 40), (200, 100, 180)).save(image)
-    run = CVRun(preset("quick"), plan, [CVResult("m1", probs, truth, plan), CVResult("m2", probs[:, ::-1], truth, plan)],
-                np.array([f"{i:064x}" for i in range(n)]), np.array([f"img{i}" for i in range(n)]),
-                np.array([str(image)] * n), np.array([f"p{i // 2}" for i in range(n)]))
+    run = CVRun(
+        preset("quick"),
+        plan,
+        [CVResult("m1", probs, truth, plan), CVResult("m2", probs[:, ::-1], truth, plan)],
+        np.array([f"{i:064x}" for i in range(n)]),
+        np.array([f"img{i}" for i in range(n)]),
+        np.array([str(image)] * n),
+        np.array([f"p{i // 2}" for i in range(n)]),
+    )
     run.evaluate()
     return run
 
@@ -32,8 +38,16 @@ def test_outputs_are_written_and_rebuilt(tmp_path):
     run = _fake_run(tmp_path)
     report = write_outputs(run, tmp_path / "run", {"backbones": {}})
     out = tmp_path / "run"
-    for name in ("config.json", "metrics.json", "predictions.csv", "cv_results.npz", "figures/confusion.png",
-                 "figures/roc.png", "figures/folds.png", "figures/reliability.png"):
+    for name in (
+        "config.json",
+        "metrics.json",
+        "predictions.csv",
+        "cv_results.npz",
+        "figures/confusion.png",
+        "figures/roc.png",
+        "figures/folds.png",
+        "figures/reliability.png",
+    ):
         assert (out / name).is_file(), name
     page = report.read_text()
     assert page.count("data:image/png;base64,") == 4 and "data:image/jpeg;base64," in page
@@ -102,9 +116,15 @@ def test_four_class_outputs_name_each_class_and_put_published_results_beside_wit
     probs /= probs.sum(axis=2, keepdims=True)
     plan = FoldPlan(np.arange(n) % 2, np.array([f"u{i}" for i in range(n)], dtype=object), "id_block", 2)
     config = preset("quick").merged({"classifier.classes": "bach4"})
-    run = CVRun(config, plan, [CVResult("m", probs, truth, plan, classes=CLASS_SCHEMES["bach4"])],
-                np.array([f"{i:064x}" for i in range(n)]), np.array([f"img{i}" for i in range(n)]),
-                np.array([str(tmp_path / "none.png")] * n), np.array([""] * n))
+    run = CVRun(
+        config,
+        plan,
+        [CVResult("m", probs, truth, plan, classes=CLASS_SCHEMES["bach4"])],
+        np.array([f"{i:064x}" for i in range(n)]),
+        np.array([f"img{i}" for i in range(n)]),
+        np.array([str(tmp_path / "none.png")] * n),
+        np.array([""] * n),
+    )
     run.evaluate()
     report = write_outputs(run, tmp_path / "run").read_text()
     assert "4 classes (Normal, Benign, InSitu, Invasive)" in report and "Rakhlin" in report
@@ -115,7 +135,9 @@ def test_four_class_outputs_name_each_class_and_put_published_results_beside_wit
     assert by_class["benign"]["label"] == "Benign" and by_class["benign"]["group"] == "0"
     assert by_class["invasive"]["group"] == "2"
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["models"]["m"]
-    assert len(metrics["classes"]["majority_vote"]["confusion"]) == 4 and len(metrics["majority_vote"]["confusion"]) == 3
+    assert (
+        len(metrics["classes"]["majority_vote"]["confusion"]) == 4 and len(metrics["majority_vote"]["confusion"]) == 3
+    )
     reloaded = CVRun.load(tmp_path / "run" / "cv_results.npz", config)
     reloaded.evaluate()
     assert reloaded.results[0].metrics == json.loads(json.dumps(metrics))

@@ -16,17 +16,20 @@ import numpy as np
 import pytest
 
 from histoboost.cli import main
+from histoboost.runtime import Runtime
 from histoboost.slides import SlideSettings, predict_slide
+
 from conftest import CMU, MOSAIC
 from mosaic import BACH_MPP, BoundsSlide, write_mosaic
+
 
 @pytest.fixture(scope="session")
 def mosaic_model(tmp_path_factory, bach):
     """A bundle trained on the 128 shared images that are not in the mosaic (small protocol, 8 crops so that
     one image's answer does not hang on where 3 crops fall)."""
-    from histoboost.bundle import train_bundle
     from histoboost.config import preset
     from histoboost.data import load_manifest
+    from histoboost.training import train_bundle
 
     from conftest import SMALL
 
@@ -39,8 +42,12 @@ def mosaic_model(tmp_path_factory, bach):
         writer.writerows({**r, "path": str(bach / r["path"])} for r in rows)
     manifest, _ = load_manifest(root / "train.csv")
     assert len(manifest) == 128
-    return train_bundle(manifest, preset("quick").merged({**SMALL, "augment.n_crops": 8}), root / "cache",
-                        progress=False, image_mpp=BACH_MPP)
+    return train_bundle(
+        manifest,
+        preset("quick").merged({**SMALL, "augment.n_crops": 8}),
+        Runtime(cache_dir=root / "cache"),
+        image_mpp=BACH_MPP,
+    )
 
 
 def geojson_features(path: Path) -> list[dict]:
@@ -79,8 +86,22 @@ def test_cmu_slide_end_to_end(model, tmp_path):
     """The real SVS (skin, not breast: the machinery, not the diagnosis) through the command line."""
     _, path = model
     out = tmp_path / "out"
-    code = main(["slide", str(path), str(CMU), "--out", str(out), "--stride-um", "161.25", "--confirm-top", "3",
-                 "--quiet", "--cache-dir", str(tmp_path / "cache")])
+    code = main(
+        [
+            "slide",
+            str(path),
+            str(CMU),
+            "--out",
+            str(out),
+            "--stride-um",
+            "161.25",
+            "--confirm-top",
+            "3",
+            "--quiet",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert code == 0
     folder = out / CMU.stem
     summary = json.loads((folder / "summary.json").read_text())
@@ -93,12 +114,17 @@ def test_cmu_slide_end_to_end(model, tmp_path):
         assert int(row["width"]) == int(row["height"]) == round(645.12 / 0.499)
         assert float(row["tissue_fraction"]) >= 0.5
         p = [float(row[f"p_{c}"]) for c in ("normal_benign", "in_situ", "invasive")]
-        assert sum(p) == pytest.approx(1, abs=1e-4) and float(row["p_carcinoma"]) == pytest.approx(p[1] + p[2], abs=1e-5)
-    features = check_geojson_contract(folder / f"{CMU.stem}.geojson.gz", (2220, 2967),
-                                      ["normal_benign", "in_situ", "invasive"])
+        assert sum(p) == pytest.approx(1, abs=1e-4) and float(row["p_carcinoma"]) == pytest.approx(
+            p[1] + p[2], abs=1e-5
+        )
+    features = check_geojson_contract(
+        folder / f"{CMU.stem}.geojson.gz", (2220, 2967), ["normal_benign", "in_situ", "invasive"]
+    )
     assert sum(f["properties"]["objectType"] == "tile" for f in features) == len(rows)
     grid = np.load(folder / "heatmap.npz")
-    assert grid["probs"].shape[:2] == tuple(summary["geometry"]["grid"]) and np.isfinite(grid["p_carcinoma"]).sum() == len(rows)
+    assert grid["probs"].shape[:2] == tuple(summary["geometry"]["grid"]) and np.isfinite(
+        grid["p_carcinoma"]
+    ).sum() == len(rows)
     for name in ("heatmap.png", "mask.png", "mask-outline.png", "report.html"):
         assert (folder / name).stat().st_size > 0
     assert "No slide-level accuracy has been measured" in (folder / "report.html").read_text()
@@ -111,14 +137,23 @@ def test_tile_geometry_comes_from_the_bundle_and_older_bundles_assume_bach(model
     µm/px and 1536 px with a note; --train-mpp, --tile-um and --stride-um override."""
     from types import SimpleNamespace
 
+    from histoboost.inference import ModelIdentity
     from histoboost.slides.run import slide_geometry
 
     bundle, _ = model
-    assert {k: bundle.meta["training_data"][k] for k in ("field_px", "mpp", "working_mpp")} == \
-        {"field_px": 1536, "mpp": 0.42, "working_mpp": 1.68}
-    known = slide_geometry(bundle, SlideSettings())
-    assert (known.tile_um, known.stride_um, known.working_mpp, known.notes) == (pytest.approx(645.12), pytest.approx(645.12), 1.68, ())
-    older = SimpleNamespace(config=bundle.config, meta={"training_data": {"images": 8}})
+    assert {k: bundle.meta["training_data"][k] for k in ("field_px", "mpp", "working_mpp")} == {
+        "field_px": 1536,
+        "mpp": 0.42,
+        "working_mpp": 1.68,
+    }
+    known = slide_geometry(bundle.predictor, SlideSettings())
+    assert (known.tile_um, known.stride_um, known.working_mpp, known.notes) == (
+        pytest.approx(645.12),
+        pytest.approx(645.12),
+        1.68,
+        (),
+    )
+    older = SimpleNamespace(config=bundle.config, identity=ModelIdentity())  # a bundle of format 6 or older
     assumed = slide_geometry(older, SlideSettings())
     assert assumed.tile_um == pytest.approx(645.12) and assumed.working_mpp == pytest.approx(1.68)
     assert len(assumed.notes) == 2 and "--train-mpp" in assumed.notes[0]
@@ -140,20 +175,24 @@ def test_mosaic_blocks_get_the_class_predict_gives(mosaic_model, mosaic, tmp_pat
     assert not problems
     expected = {Path(r["path"]).name: r["class"] for r in records}
     same = SlideSettings(augmentations=bundle.config.augment.n_augment, confirm_top=0, stain_fit="tile")
-    result = predict_slide(bundle, slide_path, tmp_path / "same", same, cache_dir=tmp_path / "cache")
+    scorer = bundle.predictor.using(Runtime(cache_dir=tmp_path / "cache"))
+    result = predict_slide(scorer, slide_path, tmp_path / "same", same)
     agree, matched, wanted = 0, 0, []
     for row in result.rows:
         cx, cy = row["x"] + row["width"] / 2, row["y"] + row["height"] / 2
         block = [b for b in blocks if b[0] <= cx < b[2] and b[1] <= cy < b[3]]
         assert block, f"a tile on the glass: {row}"
         x0, y0, x1, y1, image = block[0]
-        overlap = (min(x1, row["x"] + row["width"]) - max(x0, row["x"])) * (min(y1, row["y"] + row["height"]) - max(y0, row["y"]))
+        overlap = (min(x1, row["x"] + row["width"]) - max(x0, row["x"])) * (
+            min(y1, row["y"] + row["height"]) - max(y0, row["y"])
+        )
         assert overlap / (1536 * 1536) > 0.9
         matched += 1
         wanted.append(expected[image.name])
         agree += row["class"] == wanted[-1]
     assert matched == len(blocks) == 16
     assert agree / matched >= 0.9, f"{agree} of {matched} blocks as predict"
+
     def block_of(x: float, y: float) -> Path:
         return next(b[4] for b in blocks if b[0] <= x < b[2] and b[1] <= y < b[3])
 
@@ -166,13 +205,14 @@ def test_mosaic_blocks_get_the_class_predict_gives(mosaic_model, mosaic, tmp_pat
         assert feature["properties"]["classification"]["name"] == row["class"]
         assert feature["properties"]["measurements"]["p_carcinoma"] == row["p_carcinoma"]
     # The slide defaults (one stain fit for the slide, one un-augmented view) move some answers: measured, said.
-    default = predict_slide(bundle, slide_path, tmp_path / "default", SlideSettings(confirm_top=0),
-                            cache_dir=tmp_path / "cache")
+    default = predict_slide(scorer, slide_path, tmp_path / "default", SlideSettings(confirm_top=0))
     assert len(default.rows) == matched
     moved = sum(a["class"] != b["class"] for a, b in zip(result.rows, default.rows))
     as_predict = sum(row["class"] == w for row, w in zip(default.rows, wanted))
-    print(f"mosaic: {agree}/{matched} blocks as predict with the same settings; the slide defaults changed {moved} "
-          f"of {matched} classes and give {as_predict}/{matched} as predict")
+    print(
+        f"mosaic: {agree}/{matched} blocks as predict with the same settings; the slide defaults changed {moved} "
+        f"of {matched} classes and give {as_predict}/{matched} as predict"
+    )
 
 
 def test_bounds_offset_is_applied_once(model, tmp_path, monkeypatch):
@@ -182,14 +222,20 @@ def test_bounds_offset_is_applied_once(model, tmp_path, monkeypatch):
 
     bundle, _ = model
     settings = SlideSettings(stride_um=161.25, confirm_top=0)
-    plain = predict_slide(bundle, CMU, tmp_path / "plain", settings, cache_dir=tmp_path / "cache")
+    scorer = bundle.predictor.using(Runtime(cache_dir=tmp_path / "cache"))
+    plain = predict_slide(scorer, CMU, tmp_path / "plain", settings)
     real_open = openslide.open_slide
     monkeypatch.setattr(openslide, "open_slide", lambda p: BoundsSlide(real_open(p), (3000, 1700)))
-    shifted = predict_slide(bundle, CMU, tmp_path / "shifted", settings, cache_dir=tmp_path / "cache")
-    assert shifted.summary["slide"]["bounds_offset"] == [3000, 1700] and plain.summary["slide"]["bounds_offset"] == [0, 0]
+    shifted = predict_slide(scorer, CMU, tmp_path / "shifted", settings)
+    assert shifted.summary["slide"]["bounds_offset"] == [3000, 1700] and plain.summary["slide"]["bounds_offset"] == [
+        0,
+        0,
+    ]
     assert (tmp_path / "plain" / "tiles.csv").read_text() == (tmp_path / "shifted" / "tiles.csv").read_text()
-    boxes = [[f["geometry"] for f in geojson_features(folder / f"{CMU.stem}.geojson.gz")]
-             for folder in (tmp_path / "plain", tmp_path / "shifted")]
+    boxes = [
+        [f["geometry"] for f in geojson_features(folder / f"{CMU.stem}.geojson.gz")]
+        for folder in (tmp_path / "plain", tmp_path / "shifted")
+    ]
     assert boxes[0] == boxes[1]
     a, b = np.load(tmp_path / "plain" / "heatmap.npz"), np.load(tmp_path / "shifted" / "heatmap.npz")
     assert np.array_equal(a["start"], b["start"]) and np.allclose(a["p_carcinoma"], b["p_carcinoma"], equal_nan=True)
@@ -210,8 +256,22 @@ def test_bad_slides_one_line_each_and_the_others_scored(model, tmp_path, bach, c
     out = tmp_path / "out"
     (out / "clash").mkdir(parents=True)
     (out / "clash" / "summary.json").write_text(json.dumps({"slide": {"fingerprint": "another"}}))
-    code = main(["slide", str(path), str(slides), "--out", str(out), "--stride-um", "161.25", "--confirm-top", "0",
-                 "--quiet", "--cache-dir", str(tmp_path / "cache")])
+    code = main(
+        [
+            "slide",
+            str(path),
+            str(slides),
+            "--out",
+            str(out),
+            "--stride-um",
+            "161.25",
+            "--confirm-top",
+            "0",
+            "--quiet",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     rows = {Path(r["slide"]).name: r for r in csv.DictReader(open(out / "slides.csv"))}
@@ -224,24 +284,51 @@ def test_bad_slides_one_line_each_and_the_others_scored(model, tmp_path, bach, c
     assert "no tile of" in reasons["blank.tiff"]
     assert len([line for line in err.splitlines() if "error" in line]) == 5 and "Traceback" not in err
     # µm/px that makes a tile smaller than the bundle's crop, and µm/px outside 0.1-2.
-    code = main(["slide", str(path), str(slides / "no-mpp.tiff"), "--out", str(tmp_path / "o2"), "--mpp", "0.42",
-                 "--tile-um", "100", "--quiet", "--cache-dir", str(tmp_path / "cache")])
+    code = main(
+        [
+            "slide",
+            str(path),
+            str(slides / "no-mpp.tiff"),
+            "--out",
+            str(tmp_path / "o2"),
+            "--mpp",
+            "0.42",
+            "--tile-um",
+            "100",
+            "--quiet",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert code == 1 and "smaller than the bundle's 192 px crop" in capsys.readouterr().err
-    code = main(["slide", str(path), str(slides / "no-mpp.tiff"), "--out", str(tmp_path / "o3"), "--mpp", "5",
-                 "--quiet"])
+    code = main(
+        ["slide", str(path), str(slides / "no-mpp.tiff"), "--out", str(tmp_path / "o3"), "--mpp", "5", "--quiet"]
+    )
     assert code == 1 and "outside 0.1-2" in capsys.readouterr().err
 
 
 @pytest.mark.heavy
 def test_killed_mid_slide_resumes_with_identical_outputs(model, mosaic, tmp_path):
     """kill -9 while a slide is scored, then rerun: the finished chunks are reused (not rewritten) and every
-    output is as an uninterrupted run's."""
+    output is as an uninterrupted run's. Only the killed run is a process of its own."""
+    from test_cli import run_cli
+
     _, path = model
     slide_path, _ = mosaic
-    args = [sys.executable, "-m", "histoboost.cli", "slide", str(path), str(slide_path), "--stride-um", "322.56",
-            "--confirm-top", "0", "--quiet"]
-    reference = subprocess.run([*args, "--out", str(tmp_path / "reference"), "--cache-dir", str(tmp_path / "c1")],
-                               capture_output=True, text=True, timeout=900)
+    args = [
+        sys.executable,
+        "-m",
+        "histoboost.cli",
+        "slide",
+        str(path),
+        str(slide_path),
+        "--stride-um",
+        "322.56",
+        "--confirm-top",
+        "0",
+        "--quiet",
+    ]
+    reference = run_cli(*args[3:], "--out", tmp_path / "reference", "--cache-dir", tmp_path / "c1")
     assert reference.returncode == 0, reference.stderr
     cache = tmp_path / "c2"
     job = subprocess.Popen([*args, "--out", str(tmp_path / "resumed"), "--cache-dir", str(cache)])
@@ -252,8 +339,7 @@ def test_killed_mid_slide_resumes_with_identical_outputs(model, mosaic, tmp_path
     job.wait()
     finished = {p: p.stat().st_mtime_ns for p in cache.glob("slides/*/map-*.npz")}
     assert finished and not (tmp_path / "resumed" / "mosaic" / "summary.json").exists()
-    rerun = subprocess.run([*args, "--out", str(tmp_path / "resumed"), "--cache-dir", str(cache)],
-                           capture_output=True, text=True, timeout=900)
+    rerun = run_cli(*args[3:], "--out", tmp_path / "resumed", "--cache-dir", cache)
     assert rerun.returncode == 0, rerun.stderr
     assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
     a, b = tmp_path / "reference" / "mosaic", tmp_path / "resumed" / "mosaic"

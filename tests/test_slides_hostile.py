@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CMU
 from histoboost.cli import main
 from histoboost.slides import SlideError, open_slide, reader
+
+from conftest import CMU
 
 FLAGS = ["--stride-um", "161.25", "--confirm-top", "0", "--quiet"]
 
@@ -43,9 +44,22 @@ def write_claim(path: Path, width: int, height: int, levels: int = 1, tile: int 
         n = math.ceil(w / tile) * math.ceil(h / tile)
         bits, zeros = put(struct.pack("<3H", 8, 8, 8)), put(bytes(4 * n))
         resolution = put(struct.pack("<2I", round(1e7 / (mpp * 4**level)), 1000))  # px per cm
-        tags = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 3, bits), (259, 3, 1, 1), (262, 3, 1, 2), (277, 3, 1, 3),
-                (282, 5, 1, resolution), (283, 5, 1, resolution), (284, 3, 1, 1), (296, 3, 1, 3),
-                (322, 4, 1, tile), (323, 4, 1, tile), (324, 4, n, zeros), (325, 4, n, zeros)]
+        tags = [
+            (256, 4, 1, w),
+            (257, 4, 1, h),
+            (258, 3, 3, bits),
+            (259, 3, 1, 1),
+            (262, 3, 1, 2),
+            (277, 3, 1, 3),
+            (282, 5, 1, resolution),
+            (283, 5, 1, resolution),
+            (284, 3, 1, 1),
+            (296, 3, 1, 3),
+            (322, 4, 1, tile),
+            (323, 4, 1, tile),
+            (324, 4, n, zeros),
+            (325, 4, n, zeros),
+        ]
         if level:
             tags.insert(0, (254, 4, 1, 1))  # NewSubfileType: a reduced-resolution copy
         directories.append(len(out))
@@ -90,6 +104,7 @@ def slides_csv(out: Path) -> dict[str, dict]:
 
 # -- slides that fail: one line each, the others scored ------------------------------------------------------
 
+
 def test_a_garbled_slide_and_giant_claims_are_one_line_each_and_the_others_scored(model, cache, tmp_path, capsys):
     """Garbled JPEG tiles (OpenSlideError), a 2,000,000² px claim with a pyramid and a 200,000² px one without:
     one line each in slides.csv and on stderr, exit status 1; the real slide and a slide named `..svs` (whose stem
@@ -109,8 +124,13 @@ def test_a_garbled_slide_and_giant_claims_are_one_line_each_and_the_others_score
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     rows = slides_csv(out)
-    assert {n: r["status"] for n, r in rows.items()} == {"garbled.svs": "error", "giant.tif": "error",
-                                                          "flat.tif": "error", "good.svs": "ok", "..svs": "ok"}
+    assert {n: r["status"] for n, r in rows.items()} == {
+        "garbled.svs": "error",
+        "giant.tif": "error",
+        "flat.tif": "error",
+        "good.svs": "ok",
+        "..svs": "ok",
+    }
     assert "could not be read (OpenSlideError: " in rows["garbled.svs"]["error"]
     assert "claims 2000000x2000000 px, over the --max-pixels budget of 2e+10" in rows["giant.tif"]["error"]
     assert "without a pyramid" in rows["flat.tif"]["error"] and "vips tiffsave" in rows["flat.tif"]["error"]
@@ -143,8 +163,10 @@ def test_a_two_million_squared_claim_is_refused_before_anything_is_allocated(tmp
 def test_a_slide_without_a_small_level_is_refused_with_how_to_make_a_pyramid(tmp_path):
     """Within the pixel budget but no level a thumbnail may decode: a single level of 100,000 x 50,000 px (it
     would take minutes at full CPU), or a pyramid whose smallest level is still too large."""
-    for claim, said in ((write_claim(tmp_path / "flat.tif", 100_000, 50_000), "without a pyramid"),
-                        (write_claim(tmp_path / "gap.tif", 200_000, 100_000, levels=2), "whose smallest level")):
+    for claim, said in (
+        (write_claim(tmp_path / "flat.tif", 100_000, 50_000), "without a pyramid"),
+        (write_claim(tmp_path / "gap.tif", 200_000, 100_000, levels=2), "whose smallest level"),
+    ):
         with pytest.raises(SlideError, match=f"{said} holds .* more than a thumbnail may decode") as caught:
             open_slide(claim)
         assert "vips tiffsave IN OUT.tif --tile --pyramid" in str(caught.value)
@@ -185,18 +207,21 @@ def test_every_read_error_of_a_slide_is_its_one_line(tmp_path, monkeypatch):
         "DecompressionBombError": (Image.DecompressionBombError("too many pixels"), "could not be read"),
         "truncated": (OSError("image file is truncated"), "could not be read (OSError: image file is truncated"),
         "ValueError": (ValueError("bad"), "could not be read (ValueError: bad)"),
-        "disk": (OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "x.npz")),
-                 f"No space left on device ({tmp_path / 'cache' / 'x.npz'})"),
+        "disk": (
+            OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "x.npz")),
+            f"No space left on device ({tmp_path / 'cache' / 'x.npz'})",
+        ),
     }
     with pytest.raises(MemoryError) as caught:  # numpy's _ArrayMemoryError, raised without allocating
         np.empty(2**62, dtype=np.uint8)
     errors["MemoryError"] = (caught.value, "ran out of memory reading it (Unable to allocate")
     for name, (error, said) in errors.items():
+
         def fail(*args, error=error, **kwargs):
             raise error
 
         monkeypatch.setattr(run, "predict_slide", fail)
-        row = run.slide_row(None, slide, tmp_path / "out", run.SlideSettings(), "cpu", 1, 1, None)
+        row = run.slide_row(None, slide, tmp_path / "out", run.SlideSettings())
         assert row["status"] == "error" and row["error"].startswith(f"{slide}: ") and said in row["error"], name
 
 
@@ -205,12 +230,23 @@ def test_a_garbled_slide_on_a_dask_worker_is_its_one_line(model, tmp_path):
     crosses to the client, so the other slides' tasks go on."""
     import torch
 
-    from histoboost.slides.run import SlideSettings, slide_task
+    from histoboost.bundle import load_predictor
+    from histoboost.runtime import Runtime
+    from histoboost.slides.run import ModelSource, SlideSettings, SlideTask, slide_task
 
     bundle, path = model
     garbled = write_garbled(tmp_path / "garbled.svs")
-    row = slide_task((str(path), bundle.sha256, {}), garbled, tmp_path / "out", SlideSettings(confirm_top=0), "cpu",
-                     8, 1, tmp_path / "cache", torch.get_num_threads())
+    source = ModelSource(str(path), bundle.sha256, {}, load_predictor)
+    row = slide_task(
+        SlideTask(
+            source,
+            garbled,
+            tmp_path / "out",
+            SlideSettings(confirm_top=0),
+            Runtime(cache_dir=tmp_path / "cache"),
+            torch.get_num_threads(),
+        )
+    )
     assert row["status"] == "error" and "could not be read (OpenSlideError" in row["error"]
 
 
@@ -224,14 +260,29 @@ def test_slides_on_dask_go_on_past_a_garbled_slide(model, cache, tmp_path):
     slides.mkdir()
     write_garbled(slides / "garbled.svs")
     (slides / "good.svs").symlink_to(CMU)
-    result = run_cli("slide", path, slides, "--out", tmp_path / "out", *FLAGS, "--cache-dir", cache,
-                     "--engine", "dask", "--workers", "1", "--threads", "1")
+    result = run_cli(
+        "slide",
+        path,
+        slides,
+        "--out",
+        tmp_path / "out",
+        *FLAGS,
+        "--cache-dir",
+        cache,
+        "--engine",
+        "dask",
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     rows = slides_csv(tmp_path / "out")
     assert rows["good.svs"]["status"] == "ok" and "OpenSlideError" in rows["garbled.svs"]["error"]
 
 
 # -- output places -------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("where", ["under-a-file", "proc"])
 def test_an_out_that_cannot_be_written_is_refused_before_any_work(where, model, small_folder, tmp_path, capsys):
@@ -242,14 +293,22 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(where, model, 
     base = tmp_path / "file.txt" if where == "under-a-file" else Path("/proc")
     image = str(next(small_folder.rglob("*.jpeg")))
     cache = tmp_path / "cache"
-    for args in (["slide", str(path), str(CMU), "--out", str(base / "hb-test" / "slides")],
-                 ["predict", str(path), image, "--out", str(base / "hb-test.csv") if where == "proc" else
-                  str(base / "hb-test" / "p.csv")],
-                 ["cv", str(small_folder), "--out", str(base / "hb-test" / "run"), "--cache-dir", str(cache)]):
+    for args in (
+        ["slide", str(path), str(CMU), "--out", str(base / "hb-test" / "slides")],
+        [
+            "predict",
+            str(path),
+            image,
+            "--out",
+            str(base / "hb-test.csv") if where == "proc" else str(base / "hb-test" / "p.csv"),
+        ],
+        ["cv", str(small_folder), "--out", str(base / "hb-test" / "run"), "--cache-dir", str(cache)],
+    ):
         assert main([*args, "--quiet"]) == 2, args[0]
         err = capsys.readouterr().err
-        assert len(err.strip().splitlines()) == 1 and ("is not a folder" in err or "cannot write there" in err
-                                                      or "no such folder" in err), err
+        assert len(err.strip().splitlines()) == 1 and (
+            "is not a folder" in err or "cannot write there" in err or "no such folder" in err
+        ), err
     assert not cache.exists() and (tmp_path / "file.txt").read_text() == "a file"
 
 
@@ -294,10 +353,18 @@ def test_a_killed_runs_staging_folder_is_cleared_by_the_next_run(tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()
-    killed = subprocess.run([sys.executable, "-c", (
-        "import os, signal, sys\nfrom pathlib import Path\nfrom histoboost.outputs import staged_folder\n"
-        "with staged_folder(Path(sys.argv[1]) / 'a') as staging:\n"
-        "    (staging / 'tiles.csv').write_text('half')\n    os.kill(os.getpid(), signal.SIGKILL)\n"), str(out)])
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import os, signal, sys\nfrom pathlib import Path\nfrom histoboost.outputs import staged_folder\n"
+                "with staged_folder(Path(sys.argv[1]) / 'a') as staging:\n"
+                "    (staging / 'tiles.csv').write_text('half')\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+            ),
+            str(out),
+        ]
+    )
     assert killed.returncode == -9
     left = [p for p in out.iterdir() if p.name.startswith(".a.staging-")]
     assert len(left) == 1 and (left[0] / "tiles.csv").is_file()
@@ -320,9 +387,16 @@ def test_result_folders_are_children_of_out_whatever_the_name():
     from histoboost.slides.run import result_name
 
     out = Path("/data/out")
-    for name, folder in (("..svs", "slide-."), ("...svs", "slide-.."), (".hidden.svs", "slide-.hidden"),
-                         ("a\nb\x1b.svs", "a_b_"), ("\udcff.svs", "_"), ("r\u202egpj.svs", "r_gpj"),
-                         ("CMU-1 (copy).svs", "CMU-1 (copy)"), ("ß.ndpi", "ß")):
+    for name, folder in (
+        ("..svs", "slide-."),
+        ("...svs", "slide-.."),
+        (".hidden.svs", "slide-.hidden"),
+        ("a\nb\x1b.svs", "a_b_"),
+        ("\udcff.svs", "_"),
+        ("r\u202egpj.svs", "r_gpj"),
+        ("CMU-1 (copy).svs", "CMU-1 (copy)"),
+        ("ß.ndpi", "ß"),
+    ):
         got = result_name(Path(name))
         assert got == folder and (out / got).parent == out and not got.startswith("."), name
 
@@ -332,18 +406,31 @@ def test_result_folders_are_children_of_out_whatever_the_name():
 POLYGON = {"type": "Polygon", "coordinates": [[[100, 100], [900, 100], [900, 900], [100, 900], [100, 100]]]}
 
 
-@pytest.mark.parametrize("name, text, said", [
-    ("nested", "[" * 100_000 + "]" * 100_000, "nested deeper than any GeoJSON"),
-    ("digits", json.dumps(POLYGON).replace("900, 900", "9" * 4000 + ", 900"), "not a finite number"),
-    ("hexagon", json.dumps({"type": "Feature", "geometry": {"type": "Hexagon", "coordinates": []}}),
-     "holds a 'Hexagon' where a Polygon"),
-    ("nan", json.dumps(POLYGON).replace("900, 900", "NaN, 900"), "not a finite number"),
-    ("infinity", json.dumps(POLYGON).replace("900, 900", "-Infinity, 900"), "not a finite number"),
-    ("deep", "[" * 40 + json.dumps(POLYGON) + "]" * 40, "nests objects more than 16 deep"),
-    ("vertex", json.dumps({"type": "Polygon", "coordinates": [[[[1, [2]]], [3, 4], [5, 6]]]}), "at least 3 distinct"),
-    ("outside", json.dumps({"type": "Polygon", "coordinates": [[[5e6, 5e6], [6e6, 5e6], [6e6, 6e6]]]}),
-     "--roi polygons lie outside the slide"),
-])
+@pytest.mark.parametrize(
+    "name, text, said",
+    [
+        ("nested", "[" * 100_000 + "]" * 100_000, "nested deeper than any GeoJSON"),
+        ("digits", json.dumps(POLYGON).replace("900, 900", "9" * 4000 + ", 900"), "not a finite number"),
+        (
+            "hexagon",
+            json.dumps({"type": "Feature", "geometry": {"type": "Hexagon", "coordinates": []}}),
+            "holds a 'Hexagon' where a Polygon",
+        ),
+        ("nan", json.dumps(POLYGON).replace("900, 900", "NaN, 900"), "not a finite number"),
+        ("infinity", json.dumps(POLYGON).replace("900, 900", "-Infinity, 900"), "not a finite number"),
+        ("deep", "[" * 40 + json.dumps(POLYGON) + "]" * 40, "nests objects more than 16 deep"),
+        (
+            "vertex",
+            json.dumps({"type": "Polygon", "coordinates": [[[[1, [2]]], [3, 4], [5, 6]]]}),
+            "at least 3 distinct",
+        ),
+        (
+            "outside",
+            json.dumps({"type": "Polygon", "coordinates": [[[5e6, 5e6], [6e6, 5e6], [6e6, 6e6]]]}),
+            "--roi polygons lie outside the slide",
+        ),
+    ],
+)
 def test_a_hostile_roi_is_one_line_naming_the_file(name, text, said, tmp_path):
     from histoboost.slides.tissue import mask_from_geojson
 
@@ -365,8 +452,10 @@ def test_roi_and_mask_problems_through_the_command_are_the_slides_line(model, tm
     roi = tmp_path / "roi.geojson"
     roi.write_text(json.dumps({"type": "Feature", "geometry": {"type": "Hexagon", "coordinates": []}}))
     Image.new("L", (1000, 3), 255).save(tmp_path / "wide.png")
-    for flag, value, said in (("--roi", roi, "holds a 'Hexagon'"),
-                              ("--tissue-mask", tmp_path / "wide.png", "--tissue-mask is 1000x3 px, not the slide's")):
+    for flag, value, said in (
+        ("--roi", roi, "holds a 'Hexagon'"),
+        ("--tissue-mask", tmp_path / "wide.png", "--tissue-mask is 1000x3 px, not the slide's"),
+    ):
         out = tmp_path / flag.strip("-")
         assert main(["slide", str(path), str(CMU), "--out", str(out), flag, str(value), *FLAGS]) == 1
         err = capsys.readouterr().err

@@ -3,16 +3,14 @@ as `predict` sees an image, and the bounds offset is added once."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CMU
-from histoboost.slides import SlideError, open_slide
-from histoboost.slides import reader
-from mosaic import BACH_MPP, BLOCK_PX, BoundsSlide, write_mosaic
+from histoboost.slides import SlideError, open_slide, reader
 
+from conftest import CMU
+from mosaic import BACH_MPP, BLOCK_PX, BoundsSlide, write_mosaic
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +95,14 @@ def test_plain_images_take_their_dpi_and_non_square_pixels_are_refused(tmp_path)
     slide.close()
     import tifffile
 
-    tifffile.imwrite(tmp_path / "stretched.tiff", np.zeros((512, 512, 3), np.uint8), tile=(256, 256),
-                     resolution=(1e4 / 0.25, 1e4 / 0.5), resolutionunit="CENTIMETER", photometric="rgb")
+    tifffile.imwrite(
+        tmp_path / "stretched.tiff",
+        np.zeros((512, 512, 3), np.uint8),
+        tile=(256, 256),
+        resolution=(1e4 / 0.25, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+        photometric="rgb",
+    )
     with pytest.raises(SlideError, match="pixels are not square"):
         open_slide(tmp_path / "stretched.tiff")
 

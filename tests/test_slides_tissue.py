@@ -81,9 +81,16 @@ def test_a_qupath_roi_is_rasterised_in_thumbnail_pixels(tmp_path):
     """A QuPath annotation export: full-resolution pixel coordinates, divided by the thumbnail's factor."""
     square = [[1000, 2000], [3000, 2000], [3000, 4000], [1000, 4000], [1000, 2000]]
     hole = [[1500, 2500], [2000, 2500], [2000, 3000], [1500, 3000], [1500, 2500]]
-    roi = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {"objectType": "annotation"},
-         "geometry": {"type": "Polygon", "coordinates": [square, hole]}}]}
+    roi = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "properties": {"objectType": "annotation"},
+                "geometry": {"type": "Polygon", "coordinates": [square, hole]},
+            }
+        ],
+    }
     (tmp_path / "roi.geojson").write_text(json.dumps(roi))
     mask = mask_from_geojson(tmp_path / "roi.geojson", (300, 300), factor=20.0)
     assert mask.sum() == pytest.approx(100 * 100 - 25 * 25, rel=0.05)

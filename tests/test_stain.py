@@ -84,8 +84,11 @@ def _stripes() -> np.ndarray:
 
 
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])
-@pytest.mark.parametrize("image", [np.full((128, 128, 3), 255, np.uint8), np.full((128, 128, 3), 245, np.uint8),
-                                   _stripes()], ids=["white", "off-white", "stripes"])
+@pytest.mark.parametrize(
+    "image",
+    [np.full((128, 128, 3), 255, np.uint8), np.full((128, 128, 3), 245, np.uint8), _stripes()],
+    ids=["white", "off-white", "stripes"],
+)
 def test_blank_images_give_a_clear_error(method, image):
     with pytest.raises(StainError, match="too little tissue|cannot be told apart"):
         Normalizer(StainConfig(method))(image)
@@ -98,9 +101,9 @@ def test_method_none_passes_images_through(bach_image):
 
 
 def test_check_images_reports_blank_images_per_file(tmp_path, bach):
-    from PIL import Image
-
     import dataclasses
+
+    from PIL import Image
 
     (tmp_path / "Invasive").mkdir()
     Image.open(bach / "Invasive" / "iv011.jpeg").resize((400, 400)).save(tmp_path / "Invasive" / "iv011.png")

@@ -83,6 +83,7 @@ def test_feature_store_at_an_fsspec_url_reads_back_what_the_local_store_holds(tm
     from histoboost.config import preset
     from histoboost.data import Manifest, load_manifest
     from histoboost.features import FeatureStore, extract_features
+    from histoboost.runtime import Runtime
 
     from conftest import BACH, SMALL, copy_eight
 
@@ -90,14 +91,16 @@ def test_feature_store_at_an_fsspec_url_reads_back_what_the_local_store_holds(tm
     backbone = create_backbone("efficientnet_lite0")
     manifest, _ = load_manifest(copy_eight(BACH, tmp_path / "data"))
     records = Manifest(manifest.records[:2], manifest.root, manifest.layout)
-    local = extract_features(records, config, backbone, tmp_path / "cache", progress=False)
-    remote = extract_features(records, config, backbone, "memory://histoboost-test/cache", progress=False)
+    local = extract_features(records, config, backbone, Runtime(cache_dir=tmp_path / "cache"))
+    remote = extract_features(records, config, backbone, Runtime(cache_dir="memory://histoboost-test/cache"))
     assert remote.computed == local.computed and str(remote.store.root).startswith("memory://")
     again = FeatureStore.open("memory://histoboost-test/cache", config, backbone)
     for record in records:
         ours, theirs = again.load(record.image_id), local.store.load(record.image_id)
         assert np.array_equal(ours.pooled, theirs.pooled) and np.array_equal(ours.whole, theirs.whole)
-    assert extract_features(records, config, backbone, "memory://histoboost-test/cache", progress=False).computed == 0
+    assert (
+        extract_features(records, config, backbone, Runtime(cache_dir="memory://histoboost-test/cache")).computed == 0
+    )
 
 
 def test_holders_in_one_process_share_one_lease_until_the_last_lets_go(tmp_path):

@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CMU
 from histoboost.cli import main
+from histoboost.runtime import Runtime
 from histoboost.slides import SlideSettings, predict_slide
+
+from conftest import CMU
 
 STATIC = Path(__file__).resolve().parents[1] / "src" / "histoboost" / "viewer" / "static"
 SECRET = "TOP-SECRET-b64e1"
@@ -33,8 +35,16 @@ EVIL = '<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"><script>alert(
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Flags that work as root in a container with no network (the machine notes): no sandbox, no GPU, no
 # background networking; --headless=new is Chromium's own headless mode.
-CHROMIUM_FLAGS = ["--no-sandbox", "--headless=new", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--headless=new",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="session")
@@ -44,14 +54,24 @@ def results(model, mosaic, tmp_path_factory, bach):
     bundle, path = model
     root = tmp_path_factory.mktemp("view")
     (root / "secret.txt").write_text(SECRET)
-    predict_slide(bundle, mosaic[0], root / "slides" / "mosaic", SlideSettings(confirm_top=0), cache_dir=root / "c")
-    predict_slide(bundle, CMU, root / "slides" / CMU.stem, SlideSettings(stride_um=161.25, confirm_top=0),
-                  cache_dir=root / "c")
+    scorer = bundle.predictor.using(Runtime(cache_dir=root / "c"))
+    predict_slide(scorer, mosaic[0], root / "slides" / "mosaic", SlideSettings(confirm_top=0))
+    predict_slide(scorer, CMU, root / "slides" / CMU.stem, SlideSettings(stride_um=161.25, confirm_top=0))
     (root / "slides" / "mosaic" / "leak.txt").symlink_to(root / "secret.txt")
     (root / "preds").mkdir()
     images = [bach / f"{name}.jpeg" for name in ("Normal/n021", "Benign/b020", "InSitu/is021", "Invasive/iv020")]
-    code = main(["predict", str(path), *map(str, images), "--out", str(root / "preds" / "predictions.csv"),
-                 "--overlay", str(root / "preds" / "overlays"), "--quiet"])
+    code = main(
+        [
+            "predict",
+            str(path),
+            *map(str, images),
+            "--out",
+            str(root / "preds" / "predictions.csv"),
+            "--overlay",
+            str(root / "preds" / "overlays"),
+            "--quiet",
+        ]
+    )
     assert code == 0
     (root / "preds" / ".ssh").mkdir()
     (root / "preds" / ".ssh" / "id_rsa").write_text(SECRET)  # a secret beside the predictions
@@ -66,8 +86,13 @@ class Server:
     def __init__(self, *args: str | Path):
         # As a user starts it: without the allocator settings the test suite (Makefile) sets for torch.
         env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-        self.proc = subprocess.Popen([sys.executable, "-m", "histoboost.cli", "view", *map(str, args)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "histoboost.cli", "view", *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         line = self.proc.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
         assert match, line + self.proc.stderr.read()
@@ -128,12 +153,24 @@ def test_vendored_openseadragon_is_the_pinned_release():
 def test_paths_that_leave_a_result_folder_are_refused(server, results):
     """`..`, its URL-encoded forms, absolute paths, backslashes and a link that leaves the folder: 403 or 404,
     and the secret beside the results is never in a response."""
-    attempts = ["/slides/1/files/../../secret.txt", "/slides/1/files/%2e%2e/%2e%2e/secret.txt",
-                "/slides/1/files/..%2f..%2fsecret.txt", "/slides/1/files/%2E%2E%2F%2E%2E%2Fsecret.txt",
-                "/slides/1/files//etc/passwd", "/slides/1/files/%2fetc%2fpasswd", "/slides/1/files/..\\..\\secret.txt",
-                "/slides/1/files/leak.txt", "/images/0/files/../secret.txt", "/images/0/files/%2e%2e%2fsecret.txt",
-                "/static/../../secret.txt", "/static/%2e%2e/%2e%2e/app.py", "/static/..%2fapp.py",
-                "/slides/1/files/C:/Windows/win.ini", "/slides/9/files/summary.json", "/slides/1/files/"]
+    attempts = [
+        "/slides/1/files/../../secret.txt",
+        "/slides/1/files/%2e%2e/%2e%2e/secret.txt",
+        "/slides/1/files/..%2f..%2fsecret.txt",
+        "/slides/1/files/%2E%2E%2F%2E%2E%2Fsecret.txt",
+        "/slides/1/files//etc/passwd",
+        "/slides/1/files/%2fetc%2fpasswd",
+        "/slides/1/files/..\\..\\secret.txt",
+        "/slides/1/files/leak.txt",
+        "/images/0/files/../secret.txt",
+        "/images/0/files/%2e%2e%2fsecret.txt",
+        "/static/../../secret.txt",
+        "/static/%2e%2e/%2e%2e/app.py",
+        "/static/..%2fapp.py",
+        "/slides/1/files/C:/Windows/win.ini",
+        "/slides/9/files/summary.json",
+        "/slides/1/files/",
+    ]
     for path in attempts:
         status, body = server.get(path)
         assert status in (403, 404), (path, status)
@@ -215,9 +252,17 @@ def test_only_the_files_a_result_is_made_of_are_served(server, results):
     A secret beside the predictions CSV, a page or SVG someone put in a result folder, a 100 kB name: 404."""
     with open(results / "preds" / "predictions.csv", newline="") as handle:
         overlay = next(csv.DictReader(handle))["overlay"]
-    for path in ["/images/0/files/.ssh/id_rsa", "/images/0/files/.ssh%2fid_rsa", "/images/0/files/predictions.csv",
-                 f"/images/0/files/overlays/{overlay}", "/slides/1/files/evil.html", "/slides/1/files/evil.svg",
-                 "/slides/1/files/top", "/slides/1/files/" + "a" * 100_000, "/images/0/files/" + "%2e" * 30_000]:
+    for path in [
+        "/images/0/files/.ssh/id_rsa",
+        "/images/0/files/.ssh%2fid_rsa",
+        "/images/0/files/predictions.csv",
+        f"/images/0/files/overlays/{overlay}",
+        "/slides/1/files/evil.html",
+        "/slides/1/files/evil.svg",
+        "/slides/1/files/top",
+        "/slides/1/files/" + "a" * 100_000,
+        "/images/0/files/" + "%2e" * 30_000,
+    ]:
         status, body = server.get(path)
         assert status == 404, (path[:60], status)
         assert SECRET.encode() not in body and b"evil" not in body, path[:60]
@@ -226,10 +271,17 @@ def test_only_the_files_a_result_is_made_of_are_served(server, results):
     assert json.loads(server.get("/images/0/data.json")[1])["records"][0]["overlay"] == f"files/{overlay}"
     folder = results / "slides" / "mosaic"
     geojson = json.loads((folder / "summary.json").read_text())["files"]["geojson"]
-    served = {"summary.json": "application/json", "report.html": "text/html; charset=utf-8", "heatmap.png": "image/png",
-              "mask.png": "image/png", "mask-outline.png": "image/png", "top/tile-08.png": "image/png",
-              "tiles.csv": "text/csv; charset=utf-8", "heatmap.npz": "application/octet-stream",
-              geojson: "application/gzip"}
+    served = {
+        "summary.json": "application/json",
+        "report.html": "text/html; charset=utf-8",
+        "heatmap.png": "image/png",
+        "mask.png": "image/png",
+        "mask-outline.png": "image/png",
+        "top/tile-08.png": "image/png",
+        "tiles.csv": "text/csv; charset=utf-8",
+        "heatmap.npz": "application/octet-stream",
+        geojson: "application/gzip",
+    }
     for name, media_type in served.items():
         status, headers, body = server.fetch(f"/slides/1/files/{name}")
         assert status == 200 and headers["Content-Type"] == media_type and body == (folder / name).read_bytes(), name
@@ -240,31 +292,54 @@ def test_only_the_files_a_result_is_made_of_are_served(server, results):
 
 def test_every_response_carries_the_security_headers(server):
     expected = {
-        "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+        "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",
+        "Referrer-Policy": "no-referrer",
         "Cross-Origin-Resource-Policy": "same-origin",
         "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self' "
         "'sha256-9xTiqzfwFaL2SGb1rmr8gysEwVVjIvqWAgmZgqFqpEE='; object-src 'none'; base-uri 'none'; "
-        "form-action 'none'; frame-ancestors 'none'"}
+        "form-action 'none'; frame-ancestors 'none'",
+    }
     data = json.loads(server.get("/slides/0/data.json")[1])
-    for path in ["/", "/slides/1/", "/slides/1/data.json", "/slides/1/heat.png", "/slides/1/heat.png?hide=99",
-                 "/images/0/", "/images/0/data.json", "/static/slide.js", "/static/openseadragon/openseadragon.min.js",
-                 data["dzi"], data["dzi"].replace("slide.dzi", "slide_files/0/0_0.jpeg"), "/nothing", "/slides/9/"]:
+    for path in [
+        "/",
+        "/slides/1/",
+        "/slides/1/data.json",
+        "/slides/1/heat.png",
+        "/slides/1/heat.png?hide=99",
+        "/images/0/",
+        "/images/0/data.json",
+        "/static/slide.js",
+        "/static/openseadragon/openseadragon.min.js",
+        data["dzi"],
+        data["dzi"].replace("slide.dzi", "slide_files/0/0_0.jpeg"),
+        "/nothing",
+        "/slides/9/",
+    ]:
         status, headers, _ = server.fetch(path)
         assert status in (200, 400, 404), (path, status)
         assert {name: headers[name] for name in expected} == expected, path
     status, headers, _ = server.fetch("/slides/1/files/report.html")
-    assert headers["Content-Security-Policy"] == ("sandbox allow-same-origin; default-src 'none'; img-src 'self' "
-                                                  "data:; style-src 'unsafe-inline'; base-uri 'none'; "
-                                                  "form-action 'none'; frame-ancestors 'none'")
-    assert {name: headers[name] for name in expected if name != "Content-Security-Policy"} == \
-        {name: value for name, value in expected.items() if name != "Content-Security-Policy"}
+    assert headers["Content-Security-Policy"] == (
+        "sandbox allow-same-origin; default-src 'none'; img-src 'self' "
+        "data:; style-src 'unsafe-inline'; base-uri 'none'; "
+        "form-action 'none'; frame-ancestors 'none'"
+    )
+    assert {name: headers[name] for name in expected if name != "Content-Security-Policy"} == {
+        name: value for name, value in expected.items() if name != "Content-Security-Policy"
+    }
 
 
 def test_requests_for_another_host_are_refused(server):
     """DNS rebinding: a page of evil.example whose name now points at 127.0.0.1 sends `Host: evil.example`."""
     port = server.port
-    for host in ["evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", f"localhost:{port + 1}",
-                 f"127.0.0.1:{port}@evil.example"]:
+    for host in [
+        "evil.example",
+        f"evil.example:{port}",
+        "127.0.0.1.evil.example",
+        f"localhost:{port + 1}",
+        f"127.0.0.1:{port}@evil.example",
+    ]:
         status, headers, body = server.fetch("/slides/1/files/summary.json", host=host)
         assert status == 421 and b"fingerprint" not in body, host
         assert headers["X-Content-Type-Options"] == "nosniff"
@@ -279,8 +354,7 @@ def test_requests_for_another_host_are_refused(server):
 @pytest.fixture(scope="module")
 def shared(results, tmp_path_factory):
     """A copy of the mosaic's result, served with --allow-host, whose files are then swapped under it."""
-    folder = shutil.copytree(results / "slides" / "mosaic", tmp_path_factory.mktemp("shared") / "mosaic",
-                             symlinks=True)
+    folder = shutil.copytree(results / "slides" / "mosaic", tmp_path_factory.mktemp("shared") / "mosaic", symlinks=True)
     running = Server(folder, "--allow-host", "Viewer.lan", "--allow-host", "10.0.0.7")
     yield running, folder
     running.stop()
@@ -364,50 +438,103 @@ def sparse(path: Path, size: int) -> None:
 
 
 MALFORMED = {  # what is done to a copy of a good result -> the file the refusal names, and what it says
-    "no fingerprint": (lambda f: edit_summary(f, lambda s: s["slide"].pop("fingerprint")),
-                       "summary.json", "at slide ('fingerprint' is a required property)"),
-    "fingerprint a number": (lambda f: edit_summary(f, lambda s: s["slide"].update(fingerprint=7)),
-                             "summary.json", "at slide/fingerprint"),
-    "regions not a list": (lambda f: edit_summary(f, lambda s: s["carcinoma_regions"].update(regions={})),
-                           "summary.json", "at carcinoma_regions/regions"),
-    "a colour missing": (lambda f: edit_summary(f, lambda s: s["bundle"]["colors"].pop()),
-                         "summary.json", "differ in number"),
+    "no fingerprint": (
+        lambda f: edit_summary(f, lambda s: s["slide"].pop("fingerprint")),
+        "summary.json",
+        "at slide ('fingerprint' is a required property)",
+    ),
+    "fingerprint a number": (
+        lambda f: edit_summary(f, lambda s: s["slide"].update(fingerprint=7)),
+        "summary.json",
+        "at slide/fingerprint",
+    ),
+    "regions not a list": (
+        lambda f: edit_summary(f, lambda s: s["carcinoma_regions"].update(regions={})),
+        "summary.json",
+        "at carcinoma_regions/regions",
+    ),
+    "a colour missing": (
+        lambda f: edit_summary(f, lambda s: s["bundle"]["colors"].pop()),
+        "summary.json",
+        "differ in number",
+    ),
     "GeoJSON name leaves the folder": (
-        lambda f: edit_summary(f, lambda s: s["files"].update(geojson="../x.geojson.gz")), "summary.json",
-        "at files/geojson"),
-    "NaN": (lambda f: edit_summary(f, lambda s: s["slide"].update(mpp=float("nan"))),
-            "summary.json", "NaN is not a number JSON allows"),
-    "200 000 brackets": (lambda f: (f / "summary.json").write_text("[" * 200_000 + "]" * 200_000),
-                         "summary.json", "nested deeper than 32 levels"),
-    "nested 100 deep": (lambda f: edit_summary(f, lambda s: s.update(x=json.loads("[" * 100 + "]" * 100))),
-                        "summary.json", "nested deeper than 32 levels"),
+        lambda f: edit_summary(f, lambda s: s["files"].update(geojson="../x.geojson.gz")),
+        "summary.json",
+        "at files/geojson",
+    ),
+    "NaN": (
+        lambda f: edit_summary(f, lambda s: s["slide"].update(mpp=float("nan"))),
+        "summary.json",
+        "NaN is not a number JSON allows",
+    ),
+    "200 000 brackets": (
+        lambda f: (f / "summary.json").write_text("[" * 200_000 + "]" * 200_000),
+        "summary.json",
+        "nested deeper than 32 levels",
+    ),
+    "nested 100 deep": (
+        lambda f: edit_summary(f, lambda s: s.update(x=json.loads("[" * 100 + "]" * 100))),
+        "summary.json",
+        "nested deeper than 32 levels",
+    ),
     "summary a link out": (lambda f: link_out(f / "summary.json"), "summary.json", "not a file inside the folder"),
     "tiles.csv a link out": (lambda f: link_out(f / "tiles.csv"), "tiles.csv", "not a file inside the folder"),
-    "tiles.csv without p_carcinoma": (lambda f: (f / "tiles.csv").write_text(
-        (f / "tiles.csv").read_text().replace("p_carcinoma", "p_other", 1)), "tiles.csv", "no p_carcinoma column"),
-    "tiles.csv with a word for a number": (lambda f: edit_tiles(f, lambda r: r.update(x="abc")), "tiles.csv",
-                                           "line 2: invalid literal for int()"),
-    "tiles.csv with a tile outside the grid": (lambda f: edit_tiles(f, lambda r: r.update(row="99999")), "tiles.csv",
-                                               "line 2: cell 99999,"),
-    "tiles.csv with NaN": (lambda f: edit_tiles(f, lambda r: r.update(p_carcinoma="nan")), "tiles.csv",
-                           "line 2: nan is not a finite number"),
+    "tiles.csv without p_carcinoma": (
+        lambda f: (f / "tiles.csv").write_text((f / "tiles.csv").read_text().replace("p_carcinoma", "p_other", 1)),
+        "tiles.csv",
+        "no p_carcinoma column",
+    ),
+    "tiles.csv with a word for a number": (
+        lambda f: edit_tiles(f, lambda r: r.update(x="abc")),
+        "tiles.csv",
+        "line 2: invalid literal for int()",
+    ),
+    "tiles.csv with a tile outside the grid": (
+        lambda f: edit_tiles(f, lambda r: r.update(row="99999")),
+        "tiles.csv",
+        "line 2: cell 99999,",
+    ),
+    "tiles.csv with NaN": (
+        lambda f: edit_tiles(f, lambda r: r.update(p_carcinoma="nan")),
+        "tiles.csv",
+        "line 2: nan is not a finite number",
+    ),
     "tiles.csv over 64 MiB": (lambda f: sparse(f / "tiles.csv", 64 * 2**20 + 1), "tiles.csv", "over the 64 MiB"),
     "heatmap.npz of text": (lambda f: (f / "heatmap.npz").write_text("garbage"), "heatmap.npz", "not a numpy archive"),
-    "heatmap.npz of pickles": (lambda f: write_grid(f, decision=np.array([[None, 1]], dtype=object)),
-                               "heatmap.npz", "decision is object"),
-    "heatmap.npz cut short": (lambda f: sparse(f / "heatmap.npz", (f / "heatmap.npz").stat().st_size // 2),
-                              "heatmap.npz", "not a numpy archive"),
+    "heatmap.npz of pickles": (
+        lambda f: write_grid(f, decision=np.array([[None, 1]], dtype=object)),
+        "heatmap.npz",
+        "decision is object",
+    ),
+    "heatmap.npz cut short": (
+        lambda f: sparse(f / "heatmap.npz", (f / "heatmap.npz").stat().st_size // 2),
+        "heatmap.npz",
+        "not a numpy archive",
+    ),
     "heatmap.npz without decision": (lambda f: write_grid(f, decision=None), "heatmap.npz", "no decision array"),
-    "heatmap.npz shapes differ": (lambda f: write_grid(f, p_carcinoma=np.zeros((3, 3), np.float32)),
-                                  "heatmap.npz", "p_carcinoma is float32 of shape (3, 3)"),
-    "heatmap.npz classes out of range": (lambda f: write_grid(f, decision=np.full((40, 40), 9, np.int8),
-                                                              p_carcinoma=np.zeros((40, 40), np.float32)),
-                                         "heatmap.npz", "decision holds classes outside -1.."),
-    "heatmap.npz of 3000 x 3000 cells": (lambda f: write_grid(f, decision=np.zeros((3000, 3000), np.int8),
-                                                              p_carcinoma=np.zeros((3000, 3000), np.float16)),
-                                         "heatmap.npz", "1 to 4194304 cells"),
-    "heatmap.npz over 512 MiB": (lambda f: sparse(f / "heatmap.npz", 512 * 2**20 + 1), "heatmap.npz",
-                                 "over the 512 MiB limit"),
+    "heatmap.npz shapes differ": (
+        lambda f: write_grid(f, p_carcinoma=np.zeros((3, 3), np.float32)),
+        "heatmap.npz",
+        "p_carcinoma is float32 of shape (3, 3)",
+    ),
+    "heatmap.npz classes out of range": (
+        lambda f: write_grid(f, decision=np.full((40, 40), 9, np.int8), p_carcinoma=np.zeros((40, 40), np.float32)),
+        "heatmap.npz",
+        "decision holds classes outside -1..",
+    ),
+    "heatmap.npz of 3000 x 3000 cells": (
+        lambda f: write_grid(
+            f, decision=np.zeros((3000, 3000), np.int8), p_carcinoma=np.zeros((3000, 3000), np.float16)
+        ),
+        "heatmap.npz",
+        "1 to 4194304 cells",
+    ),
+    "heatmap.npz over 512 MiB": (
+        lambda f: sparse(f / "heatmap.npz", 512 * 2**20 + 1),
+        "heatmap.npz",
+        "over the 512 MiB limit",
+    ),
 }
 
 
@@ -457,8 +584,9 @@ def test_predictions_serve_only_the_overlays_their_records_name(results, tmp_pat
 
 
 def run_view(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "histoboost.cli", "view", *map(str, args)], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "histoboost.cli", "view", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_the_command_line_says_it_in_one_line(server, results, tmp_path):
@@ -470,8 +598,12 @@ def test_the_command_line_says_it_in_one_line(server, results, tmp_path):
     assert f"{folder / 'summary.json'}: not a histoboost slide summary" in done.stderr
     done = run_view(results / "slides" / "mosaic", "--port", server.port)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert f"cannot listen on 127.0.0.1:{server.port} (Address already in use): give another --port, or --port 0 " \
-           "for a free one" in done.stderr and "features already stored" not in done.stderr
+    assert (
+        f"cannot listen on 127.0.0.1:{server.port} (Address already in use): give another --port, or --port 0 "
+        "for a free one"
+        in done.stderr
+        and "features already stored" not in done.stderr
+    )
 
 
 def test_the_heat_layer_of_a_large_grid_is_bounded_and_cached(results, tmp_path):
@@ -481,13 +613,19 @@ def test_the_heat_layer_of_a_large_grid_is_bounded_and_cached(results, tmp_path)
 
     folder = shutil.copytree(results / "slides" / "mosaic", tmp_path / "mosaic", symlinks=True)
     rng = np.random.default_rng(0)
-    write_grid(folder, decision=rng.integers(-1, 3, (2048, 2048), dtype=np.int8),
-               p_carcinoma=rng.random((2048, 2048), dtype=np.float32))
+    write_grid(
+        folder,
+        decision=rng.integers(-1, 3, (2048, 2048), dtype=np.int8),
+        p_carcinoma=rng.random((2048, 2048), dtype=np.float32),
+    )
     running = Server(folder)
     try:
         assert json.loads(running.get("/slides/0/data.json")[1])["grid"]["cell_px"] == 2
-        paths = [f"/slides/0/heat.png?layer={layer}&hide={hide}" for layer in ("carcinoma", "class")
-                 for hide in ("", "0", "1,2")]
+        paths = [
+            f"/slides/0/heat.png?layer={layer}&hide={hide}"
+            for layer in ("carcinoma", "class")
+            for hide in ("", "0", "1,2")
+        ]
         before = running.peak_rss_mib()
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=6) as pool:
@@ -529,8 +667,9 @@ def page(browser):
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     page.errors = []
     # A page without an icon of its own makes Chromium ask for /favicon.ico (a 404): every page states one.
-    page.on("console", lambda m: page.errors.append(f"{m.text} ({m.location.get('url')})") if m.type == "error"
-            else None)
+    page.on(
+        "console", lambda m: page.errors.append(f"{m.text} ({m.location.get('url')})") if m.type == "error" else None
+    )
     page.on("pageerror", lambda e: page.errors.append(str(e)))
     yield page
     page.close()
@@ -546,8 +685,10 @@ def wait_for(page, expression: str, timeout: float = 30) -> None:
         page.wait_for_timeout(50)
 
 
-READY = ("window.viewer && viewer.world.getItemCount() === 2 && window.heatReady "
-         "&& viewer.world.getItemAt(0).getFullyLoaded() && !viewer.isAnimating()")
+READY = (
+    "window.viewer && viewer.world.getItemCount() === 2 && window.heatReady "
+    "&& viewer.world.getItemAt(0).getFullyLoaded() && !viewer.isAnimating()"
+)
 
 
 def open_slide_page(page, server: Server, index: int) -> float:
@@ -559,22 +700,28 @@ def open_slide_page(page, server: Server, index: int) -> float:
 
 def screen_point(page, x: float, y: float) -> dict:
     """Where image-frame pixel (x, y) is on the page, through OpenSeadragon's coordinate API."""
-    return page.evaluate("""([x, y]) => {
+    return page.evaluate(
+        """([x, y]) => {
         const p = viewer.world.getItemAt(0).imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));
         const box = viewer.element.getBoundingClientRect();
         return {x: p.x, y: p.y, pageX: box.left + p.x, pageY: box.top + p.y};
-    }""", [x, y])
+    }""",
+        [x, y],
+    )
 
 
 def drawn(page, point: dict) -> list[int]:
     """The RGB the canvas drawer drew at a viewer-element point (a 3x3 mean)."""
-    return page.evaluate("""(p) => {
+    return page.evaluate(
+        """(p) => {
         const canvas = viewer.drawer.canvas, r = window.devicePixelRatio || 1;
         const d = canvas.getContext('2d').getImageData(Math.round(p.x * r) - 1, Math.round(p.y * r) - 1, 3, 3).data;
         const mean = [0, 0, 0];
         for (let i = 0; i < d.length; i += 4) for (let c = 0; c < 3; c++) mean[c] += d[i + c] / 9;
         return mean.map(Math.round);
-    }""", point)
+    }""",
+        point,
+    )
 
 
 def set_heat(page, layer: str | None = None, opacity: float | None = None, hide_class: int | None = None):
@@ -583,8 +730,9 @@ def set_heat(page, layer: str | None = None, opacity: float | None = None, hide_
     if hide_class is not None:
         page.uncheck(f'#classes input[data-class="{hide_class}"]')
     if opacity is not None:
-        page.eval_on_selector("#opacity", "(e, v) => { e.value = String(v); e.dispatchEvent(new Event('input')); }",
-                              opacity)
+        page.eval_on_selector(
+            "#opacity", "(e, v) => { e.value = String(v); e.dispatchEvent(new Event('input')); }", opacity
+        )
     wait_for(page, "window.heatReady")
     page.wait_for_timeout(300)  # one more frame drawn
 
@@ -669,8 +817,10 @@ def test_a_report_runs_no_script(page, results, tmp_path):
     """report.html is served in a sandbox without scripts: one someone put in a shared folder cannot use the
     viewer's origin (here it would retitle itself and fetch the summary)."""
     folder = shutil.copytree(results / "slides" / "mosaic", tmp_path / "mosaic", symlinks=True)
-    attack = ("<script>document.title = 'ran'; fetch('/slides/0/files/summary.json')</script>"
-              "<img src=x onerror=\"document.title = 'ran'\">")
+    attack = (
+        "<script>document.title = 'ran'; fetch('/slides/0/files/summary.json')</script>"
+        "<img src=x onerror=\"document.title = 'ran'\">"
+    )
     (folder / "report.html").write_text((folder / "report.html").read_text().replace("</body>", attack + "</body>"))
     running = Server(folder)
     try:

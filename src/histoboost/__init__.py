@@ -1,26 +1,38 @@
-"""histoboost: frozen-CNN features + XGBoost for H&E breast histology (normal/benign, in-situ, invasive).
+"""histoboost: frozen-CNN or pathology foundation-model features + XGBoost for H&E breast histology
+(normal/benign, in situ, invasive). Research software; not for diagnosis.
 
-Research software; not for diagnosis.
+The Python API (docs/python.md)::
+
+    import histoboost as hb
+    config = hb.preset("quick")
+    run = hb.cross_validate("data/", config, hb.Runtime(progress=True))
+    model = hb.train("data/", config)
+    model.save("model.zip")
+    model = hb.load_model("model.zip")
+    records, problems = model.predict(["new/a.png"])
+    probs = model.predict_proba(rgb_array)
 """
 
+from .api import cross_validate, load_manifest, load_model, train
 from .config import Config, build_config, preset
-from .data import GROUP_NAMES, ImageRecord, Manifest, load_manifest
+from .data import GROUP_NAMES, ImageRecord, Manifest, Problem
+from .errors import HistoboostError
+from .runtime import Runtime
+from .version import __version__
 
-__version__ = "0.7.0"
-
-
-def __getattr__(name: str):
-    """Heavy parts (torch, timm, xgboost) load on first use, so `import histoboost` stays quick."""
-    if name == "cross_validate":
-        from .evaluate import cross_validate
-
-        return cross_validate
-    if name == "load_bundle":
-        from .bundle import Bundle
-
-        return Bundle.load
-    raise AttributeError(f"module 'histoboost' has no attribute {name!r}")
-
-
-__all__ = ["Config", "GROUP_NAMES", "ImageRecord", "Manifest", "build_config", "cross_validate", "load_bundle", "load_manifest",
-           "preset", "__version__"]
+__all__ = [
+    "GROUP_NAMES",
+    "Config",
+    "HistoboostError",
+    "ImageRecord",
+    "Manifest",
+    "Problem",
+    "Runtime",
+    "__version__",
+    "build_config",
+    "cross_validate",
+    "load_manifest",
+    "load_model",
+    "preset",
+    "train",
+]

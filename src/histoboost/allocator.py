@@ -16,8 +16,13 @@ KEEP_FREED = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1}  # mallopt takes an in
 # keeps freed memory there too. The same as variables, for worker processes histoboost spawns.
 KEEP_FREED_IN_THREADS = {**KEEP_FREED, M_ARENA_MAX: 1}
 KEEP_FREED_ENVIRONMENT = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1), "MALLOC_ARENA_MAX": "1"}
-USER_CHOICE_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX",
-                   "LD_PRELOAD")
+USER_CHOICE_ENV = (
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_ARENA_MAX",
+    "LD_PRELOAD",
+)
 
 
 def mallopt(settings: dict[int, int]) -> str:

@@ -40,8 +40,9 @@ def oriented_shape(height: int, width: int, rot90: int) -> tuple[int, int]:
     return (width, height) if rot90 % 2 else (height, width)
 
 
-def plan_augmentation(image_id: str, index: int, height: int, width: int, config: AugmentConfig,
-                      seed: int) -> AugmentPlan:
+def plan_augmentation(
+    image_id: str, index: int, height: int, width: int, config: AugmentConfig, seed: int
+) -> AugmentPlan:
     """The `index`-th augmentation of an image of `height` x `width` pixels (working resolution)."""
     rng = np.random.default_rng([seed, image_key(image_id), index])
     if config.color == "he":
@@ -139,8 +140,15 @@ def _apply_color(x: Any, plan: AugmentPlan, stain_fit: StainFit | None, channel_
     return xp.clip(xp.round(out) if xp is torch else np.rint(out), 0, 255)
 
 
-def training_view(crop: torch.Tensor, rng: np.random.Generator, stain_fit: StainFit | None,
-                  he_scale: float, he_shift: float, rgb_scale: float, rgb_shift: float) -> torch.Tensor:
+def training_view(
+    crop: torch.Tensor,
+    rng: np.random.Generator,
+    stain_fit: StainFit | None,
+    he_scale: float,
+    he_shift: float,
+    rgb_scale: float,
+    rgb_shift: float,
+) -> torch.Tensor:
     """One random fine-tuning view of a (3, s, s) crop on its device: a random H&E-space change (where the
     image's stains are known), then a random RGB affine change, rot90 and mirror; float32 in [0, 255].
 
@@ -150,9 +158,17 @@ def training_view(crop: torch.Tensor, rng: np.random.Generator, stain_fit: Stain
     empty = np.zeros((0, 4), dtype=np.int64)
     view = crop
     if stain_fit is not None:
-        he = AugmentPlan(0, "he", rng.uniform(1 - he_scale, 1 + he_scale, 2), rng.uniform(-he_shift, he_shift, 2),
-                         0, False, empty)
+        he = AugmentPlan(
+            0, "he", rng.uniform(1 - he_scale, 1 + he_scale, 2), rng.uniform(-he_shift, he_shift, 2), 0, False, empty
+        )
         view = augment_batch(view, [he], stain_fit)[0]
-    rgb = AugmentPlan(0, "rgb_affine", rng.uniform(1 - rgb_scale, 1 + rgb_scale, 3),
-                      rng.uniform(-rgb_shift, rgb_shift, 3), int(rng.integers(4)), bool(rng.integers(2)), empty)
+    rgb = AugmentPlan(
+        0,
+        "rgb_affine",
+        rng.uniform(1 - rgb_scale, 1 + rgb_scale, 3),
+        rng.uniform(-rgb_shift, rgb_shift, 3),
+        int(rng.integers(4)),
+        bool(rng.integers(2)),
+        empty,
+    )
     return augment_batch(view, [rgb])[0]

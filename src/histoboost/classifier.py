@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -32,22 +33,32 @@ def n_classes(config: ClassifierConfig) -> int:
 class BoostedTrees:
     """XGBoost `multi:softprob` with the `hist` tree method, on CPU or CUDA."""
 
-    def __init__(self, config: ClassifierConfig | None = None, seed: int = 0, device: str = "cpu",
-                 n_threads: int | None = None):
+    def __init__(
+        self, config: ClassifierConfig | None = None, seed: int = 0, device: str = "cpu", n_threads: int | None = None
+    ):
         self.config = config or ClassifierConfig()
         self.seed = seed
         self.device = device
         self.n_threads = n_threads or os.cpu_count() or 1
-        self.booster = None
+        self.booster: Any = None  # an xgboost.Booster once fitted (xgboost is imported only where it is used)
         self.best_iteration: int | None = None
 
     def params(self) -> dict:
         c = self.config
         return {
-            "objective": "multi:softprob", "num_class": n_classes(c), "eval_metric": "mlogloss",
-            "tree_method": "hist", "device": self.device, "nthread": self.n_threads, "seed": self.seed,
-            "eta": c.learning_rate, "max_depth": c.max_depth, "subsample": c.subsample,
-            "colsample_bytree": c.colsample_bytree, "max_bin": c.max_bin, "verbosity": 0,
+            "objective": "multi:softprob",
+            "num_class": n_classes(c),
+            "eval_metric": "mlogloss",
+            "tree_method": "hist",
+            "device": self.device,
+            "nthread": self.n_threads,
+            "seed": self.seed,
+            "eta": c.learning_rate,
+            "max_depth": c.max_depth,
+            "subsample": c.subsample,
+            "colsample_bytree": c.colsample_bytree,
+            "max_bin": c.max_bin,
+            "verbosity": 0,
         }
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> BoostedTrees:
@@ -67,8 +78,14 @@ class BoostedTrees:
             train, valid = inner_split(y, np.asarray(groups), self.seed)
             dtrain = self._matrix(X[train], y[train], None if weights is None else weights[train])
             dvalid = xgb.QuantileDMatrix(X[valid], y[valid], ref=dtrain, max_bin=self.config.max_bin)
-            self.booster = xgb.train(self.params(), dtrain, rounds, evals=[(dvalid, "valid")],
-                                     early_stopping_rounds=self.config.early_stopping_rounds, verbose_eval=False)
+            self.booster = xgb.train(
+                self.params(),
+                dtrain,
+                rounds,
+                evals=[(dvalid, "valid")],
+                early_stopping_rounds=self.config.early_stopping_rounds,
+                verbose_eval=False,
+            )
             self.best_iteration = int(self.booster.best_iteration)
         else:
             self.booster = xgb.train(self.params(), self._matrix(X, y, weights), rounds)
@@ -101,8 +118,9 @@ class BoostedTrees:
         return bytes(self.booster.save_raw(raw_format="ubj"))
 
     @classmethod
-    def from_bytes(cls, data: bytes, config: ClassifierConfig | None = None, best_iteration: int | None = None,
-                   device: str = "cpu") -> BoostedTrees:
+    def from_bytes(
+        cls, data: bytes, config: ClassifierConfig | None = None, best_iteration: int | None = None, device: str = "cpu"
+    ) -> BoostedTrees:
         """A model written by `to_bytes`; ValueError when the bytes are not an XGBoost model of the configured
         number of classes."""
         import xgboost as xgb
@@ -132,7 +150,11 @@ class LogisticModel:
     def __init__(self, config: ClassifierConfig | None = None, seed: int = 0):
         self.config = config or ClassifierConfig()
         self.seed = seed
-        self.mean = self.scale = self.coef = self.intercept = None
+        # The fitted arrays: None until `fit` or `from_bytes` sets them.
+        self.mean: Any = None
+        self.scale: Any = None
+        self.coef: Any = None
+        self.intercept: Any = None
         self.best_iteration = None  # no rounds; kept so callers treat both classifiers alike
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> LogisticModel:
@@ -148,8 +170,12 @@ class LogisticModel:
         if len(present) == 1:
             self.intercept[present[0]] = 0.0
             return self
-        model = LogisticRegression(C=self.config.C, max_iter=3000, random_state=self.seed,
-                                   class_weight="balanced" if self.config.class_weight == "balanced" else None)
+        model = LogisticRegression(
+            C=self.config.C,
+            max_iter=3000,
+            random_state=self.seed,
+            class_weight="balanced" if self.config.class_weight == "balanced" else None,
+        )
         model.fit((X - self.mean) / self.scale, y)
         if len(present) == 2:  # scikit-learn's binary form: one row for the second class
             self.coef[present[1]], self.intercept[present] = model.coef_[0], [0.0, model.intercept_[0]]
@@ -171,8 +197,12 @@ class LogisticModel:
 
     def to_bytes(self) -> bytes:
         """Plain JSON arrays: readable anywhere, no pickle."""
-        arrays = {"mean": self.mean, "scale": self.scale, "coef": self.coef,
-                  "intercept": np.where(np.isfinite(self.intercept), self.intercept, -1e30)}
+        arrays = {
+            "mean": self.mean,
+            "scale": self.scale,
+            "coef": self.coef,
+            "intercept": np.where(np.isfinite(self.intercept), self.intercept, -1e30),
+        }
         return json.dumps({"type": "logistic", **{k: np.asarray(v).tolist() for k, v in arrays.items()}}).encode()
 
     @classmethod
@@ -186,25 +216,28 @@ class LogisticModel:
         except (ValueError, TypeError, KeyError, UnicodeDecodeError, RecursionError) as err:
             raise ValueError(f"not a logistic model ({type(err).__name__}: {str(err)[:80]})") from None
         d, k = (model.mean.shape[0] if model.mean.ndim == 1 else -1), n_classes(model.config)
-        shapes_ok = (d > 0 and model.scale.shape == (d,) and model.coef.shape == (k, d)
-                     and model.intercept.shape == (k,))
-        if not shapes_ok or not all(np.isfinite(a).all() for a in (model.mean, model.scale, model.coef, model.intercept)):
+        shapes_ok = d > 0 and model.scale.shape == (d,) and model.coef.shape == (k, d) and model.intercept.shape == (k,)
+        if not shapes_ok or not all(
+            np.isfinite(a).all() for a in (model.mean, model.scale, model.coef, model.intercept)
+        ):
             raise ValueError("not a logistic model (arrays of the wrong shape or not finite)")
         if (model.scale <= 0).any():
             raise ValueError("not a logistic model (a feature scale is not positive)")
         return model
 
 
-def make_classifier(config: ClassifierConfig, seed: int = 0, device: str = "cpu", threads: int | None = None
-                    ) -> BoostedTrees | LogisticModel:
+def make_classifier(
+    config: ClassifierConfig, seed: int = 0, device: str = "cpu", threads: int | None = None
+) -> BoostedTrees | LogisticModel:
     """The configured classifier, unfitted; XGBoost on `threads` threads (default: all cores)."""
     if config.kind == "logistic":
         return LogisticModel(config, seed)
     return BoostedTrees(config, seed, device, threads)
 
 
-def load_classifier(data: bytes, config: ClassifierConfig, best_iteration: int | None = None,
-                    device: str = "cpu") -> BoostedTrees | LogisticModel:
+def load_classifier(
+    data: bytes, config: ClassifierConfig, best_iteration: int | None = None, device: str = "cpu"
+) -> BoostedTrees | LogisticModel:
     """A classifier of the configured kind from the bytes `to_bytes` wrote; ValueError when they are not one."""
     if config.kind == "logistic":
         return LogisticModel.from_bytes(data, config)
@@ -321,9 +354,17 @@ class DecisionRule:
         return asdict(self)
 
 
-def fit_decision_rule(X: np.ndarray, y: np.ndarray, owners: np.ndarray, units: np.ndarray, config: ClassifierConfig,
-                      seed: int = 0, device: str = "cpu", held_out: np.ndarray | None = None,
-                      threads: int | None = None) -> DecisionRule:
+def fit_decision_rule(
+    X: np.ndarray,
+    y: np.ndarray,
+    owners: np.ndarray,
+    units: np.ndarray,
+    config: ClassifierConfig,
+    seed: int = 0,
+    device: str = "cpu",
+    held_out: np.ndarray | None = None,
+    threads: int | None = None,
+) -> DecisionRule:
     """Choose the temperature and threshold from out-of-fold predictions on the training rows only.
 
     Rows `X` (n, d) with class indices `y`, their image `owners` and split `units` (per row). Inner folds
@@ -347,17 +388,22 @@ def fit_decision_rule(X: np.ndarray, y: np.ndarray, owners: np.ndarray, units: n
     if held_out is not None:
         chosen = held_out[first]
         if len(np.unique(image_y[chosen])) < 2 or len(np.unique(image_y[~chosen])) < 2:
-            raise ValueError("choosing a threshold or calibrating needs images of at least 2 classes on both sides "
-                             "of the fine-tuning validation split")
+            raise ValueError(
+                "choosing a threshold or calibrating needs images of at least 2 classes on both sides "
+                "of the fine-tuning validation split"
+            )
         splits = [(np.flatnonzero(~chosen), np.flatnonzero(chosen))]
     else:
         per_class = [len(set(image_units[image_y == c])) for c in np.unique(image_y)]
         n_splits = min(config.inner_folds, *per_class)
         if n_splits < 2 or len(per_class) < 2:
-            raise ValueError("choosing the carcinoma operating point (or calibrating) needs at least 2 split units "
-                             "of each class in the training data: give more images, or pass --decision argmax")
+            raise ValueError(
+                "choosing the carcinoma operating point (or calibrating) needs at least 2 split units "
+                "of each class in the training data: give more images, or pass --decision argmax"
+            )
         splits = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(
-            images, image_y, image_units)
+            images, image_y, image_units
+        )
     oof = np.zeros((len(images), np.bincount(owners)[images[0]], n_classes(config)))
     scored = np.zeros(len(images), dtype=bool)
     for train, valid in splits:

@@ -16,6 +16,9 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from .errors import ConfigError
+from .specs import is_foundation, settings_problem
+
 # Bumped when the meaning of a setting changes, so caches keyed by the stage hashes are not reused.
 SCHEMA_VERSION = 1
 
@@ -30,14 +33,6 @@ ComputeDtype = Literal["float32", "bfloat16"]
 ClassifierKind = Literal["xgboost", "logistic"]
 ClassSchemeName = Literal["groups", "bach4"]
 TrainDtype = Literal["auto", "float32", "bfloat16"]
-
-
-class HistoboostError(Exception):
-    """An error the user can fix: the command line prints its message as one line, no traceback."""
-
-
-class ConfigError(HistoboostError, ValueError):
-    """A configuration value or file that cannot be used; the message says which and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -267,7 +262,9 @@ class Config:
         if stage == "features":
             # Only the extraction settings: each backbone is keyed on its own by the feature store, and
             # the descriptor is chosen from what the store holds.
-            settings["features"] = {k: v for k, v in plain["features"].items() if k not in ("backbones", "descriptor", "weights")}
+            settings["features"] = {
+                k: v for k, v in plain["features"].items() if k not in ("backbones", "descriptor", "weights")
+            }
         if stage == "finetune":  # the crop size it trains on, wherever it was set
             settings["finetune"]["crop_size"] = self.finetune_crop_size
         return settings
@@ -338,12 +335,13 @@ def build_config(
     overrides: dict[str, Any] | None = None,
 ) -> Config:
     """Layer settings with the precedence preset < config file < command-line flags."""
-    config = preset(preset_name)
-    if config_file_data:
-        config = config.merged(config_file_data)
-    if overrides:
-        config = config.merged({k: v for k, v in overrides.items() if v is not None})
-    return config
+    # One merge, checked once: a layer may need the next (a file names a ViT, a flag gives it --mode exact).
+    layered = preset(preset_name).to_dict()
+    for layer in (config_file_data or {}, {k: v for k, v in (overrides or {}).items() if v is not None}):
+        for key, value in layer.items():
+            if key != "schema_version":
+                _merge_into(layered, key.split("."), value)
+    return Config.from_dict(layered)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -364,9 +362,7 @@ def _from_plain(cls: type, data: Any, where: str) -> Any:
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown config key {where + unknown[0]!r}: valid keys here are {', '.join(sorted(names))}"
-        )
+        raise ConfigError(f"unknown config key {where + unknown[0]!r}: valid keys here are {', '.join(sorted(names))}")
     kwargs = {name: _coerce(hints[name], value, where + name) for name, value in data.items()}
     return cls(**kwargs)
 
@@ -376,7 +372,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return _from_plain(hint, value, where + ".")
+        return _from_plain(typing.cast(type, hint), value, where + ".")  # a field annotated with a dataclass
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -439,15 +435,19 @@ def _validate(config: Config) -> None:
         (config.classifier.early_stopping_rounds >= 0, "classifier.early_stopping_rounds must be 0 (off) or more"),
         (config.classifier.C > 0, "classifier.C must be positive"),
         (1 <= config.features.stages <= 4, "features.stages must be 1 to 4"),
-        (config.classifier.target_sensitivity is None or 0 < config.classifier.target_sensitivity <= 1,
-         "classifier.target_sensitivity must be in (0, 1]"),
+        (
+            config.classifier.target_sensitivity is None or 0 < config.classifier.target_sensitivity <= 1,
+            "classifier.target_sensitivity must be in (0, 1]",
+        ),
         (config.classifier.inner_folds >= 2, "classifier.inner_folds must be at least 2"),
         (0 <= config.classifier.refer_below_agreement <= 1, "classifier.refer_below_agreement must be in [0, 1]"),
         (config.evaluate.folds >= 2, "evaluate.folds must be at least 2"),
         (config.finetune.epochs >= 1, "finetune.epochs must be at least 1"),
         (config.finetune.crops_per_image >= 1, "finetune.crops_per_image must be at least 1"),
-        (config.finetune.crop_size is None or config.finetune.crop_size >= 32,
-         "finetune.crop_size must be at least 32 pixels"),
+        (
+            config.finetune.crop_size is None or config.finetune.crop_size >= 32,
+            "finetune.crop_size must be at least 32 pixels",
+        ),
         (config.finetune.batch_size >= 2, "finetune.batch_size must be at least 2 (batch normalisation)"),
         (config.finetune.learning_rate > 0, "finetune.learning_rate must be positive"),
         (0 <= config.finetune.label_smoothing < 1, "finetune.label_smoothing must be in [0, 1)"),
@@ -455,28 +455,50 @@ def _validate(config: Config) -> None:
         (0 < config.finetune.validation_fraction < 1, "finetune.validation_fraction must be in (0, 1)"),
         (config.finetune.patience >= 1, "finetune.patience must be at least 1"),
         (config.finetune.validation_crops >= 1, "finetune.validation_crops must be at least 1"),
-        (0 <= config.finetune.he_scale < 1 and 0 <= config.finetune.he_shift < 1
-         and 0 <= config.finetune.rgb_scale < 1 and 0 <= config.finetune.rgb_shift < 1,
-         "finetune colour strengths must be in [0, 1)"),
+        (
+            0 <= config.finetune.he_scale < 1
+            and 0 <= config.finetune.he_shift < 1
+            and 0 <= config.finetune.rgb_scale < 1
+            and 0 <= config.finetune.rgb_shift < 1,
+            "finetune colour strengths must be in [0, 1)",
+        ),
         (config.seed >= 0, "seed must be a non-negative integer"),
     ]
     # Upper bounds and finiteness: a config can come from a shared bundle, and an absurd value must be one
     # line, not hours of work or an exhausted memory.
     clf, ft = config.classifier, config.finetune
-    numbers = [pre.scale, pre.target_mpp or 1.0, aug.rgb_scale, aug.rgb_shift, aug.he_scale, aug.he_shift, feat.gem_p,
-               clf.C, clf.learning_rate, clf.subsample, clf.colsample_bytree, ft.learning_rate, ft.weight_decay,
-               ft.warmup_epochs, *(pre.stain.target or ())]
+    numbers = [
+        pre.scale,
+        pre.target_mpp or 1.0,
+        aug.rgb_scale,
+        aug.rgb_shift,
+        aug.he_scale,
+        aug.he_shift,
+        feat.gem_p,
+        clf.C,
+        clf.learning_rate,
+        clf.subsample,
+        clf.colsample_bytree,
+        ft.learning_rate,
+        ft.weight_decay,
+        ft.warmup_epochs,
+        *(pre.stain.target or ()),
+    ]
     checks += [
         (all(math.isfinite(v) for v in numbers), "every number in the config must be finite"),
         (pre.target_mpp is None or 0.05 <= pre.target_mpp <= 20, "preprocess.target_mpp must be 0.05 to 20 µm/px"),
         (aug.n_augment <= 1000 and aug.n_crops <= 1000, "augment.n_augment and n_crops must be at most 1000"),
         (aug.crop_size <= 8192, "augment.crop_size must be at most 8192 pixels"),
         (feat.gem_p <= 100, "features.gem_p must be at most 100"),
-        (clf.n_estimators <= 100_000 and clf.max_depth <= 64 and clf.max_bin <= 65536,
-         "classifier.n_estimators, max_depth or max_bin too large"),
+        (
+            clf.n_estimators <= 100_000 and clf.max_depth <= 64 and clf.max_bin <= 65536,
+            "classifier.n_estimators, max_depth or max_bin too large",
+        ),
         (config.evaluate.folds <= 100 and clf.inner_folds <= 100, "folds must be at most 100"),
-        (ft.epochs <= 10_000 and ft.crops_per_image <= 10_000 and ft.batch_size <= 65536,
-         "finetune epochs, crops_per_image or batch_size too large"),
+        (
+            ft.epochs <= 10_000 and ft.crops_per_image <= 10_000 and ft.batch_size <= 65536,
+            "finetune epochs, crops_per_image or batch_size too large",
+        ),
         (config.seed < 2**32, "seed must be below 2**32"),
     ]
     stain = pre.stain
@@ -490,7 +512,19 @@ def _validate(config: Config) -> None:
         if not sep and len(feat.backbones) > 1:
             checks.append((False, f"weights {item!r} names no backbone: with several, use NAME=PATH"))
         elif sep and name not in feat.backbones:
-            checks.append((False, f"weights for {name!r}, which is not among the backbones ({', '.join(feat.backbones)})"))
+            checks.append(
+                (False, f"weights for {name!r}, which is not among the backbones ({', '.join(feat.backbones)})")
+            )
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    # What the backbones allow, refused here so that no caller meets it after work has started.
+    problem = settings_problem(feat.backbones, feat.mode, feat.crop_pooling, feat.stages)
+    if problem:
+        raise ConfigError(problem)
+    frozen = [name for name in feat.backbones if is_foundation(name)]
+    if config.finetune.enabled and frozen:
+        raise ConfigError(
+            f"{frozen[0]} is a foundation model: histoboost uses it frozen (its features are already "
+            "histology's); drop --finetune"
+        )

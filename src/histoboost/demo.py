@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import write_text_atomic
-from .storage import write_bytes
+from .storage import write_bytes, write_text_atomic
 
 DEMO_VERSION = 2
 SIZE = 1024
@@ -67,19 +66,22 @@ def synthetic_tissue(group: int, rng: np.random.Generator) -> tuple[np.ndarray, 
     """Haematoxylin and eosin concentration maps (SIZE, SIZE) of one synthetic image."""
     from scipy.ndimage import gaussian_filter
 
-    eosin = 0.35 + 0.25 * _smooth_noise(rng, 24) + 0.25 * np.clip(gaussian_filter(rng.normal(size=(SIZE, SIZE)),
-                                                                                   (2, 14)) * 6, -1, 1)
+    eosin = (
+        0.35
+        + 0.25 * _smooth_noise(rng, 24)
+        + 0.25 * np.clip(gaussian_filter(rng.normal(size=(SIZE, SIZE)), (2, 14)) * 6, -1, 1)
+    )
     haem = np.zeros((SIZE, SIZE))
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     fat = rng.integers(0, 6)
     for _ in range(fat):  # adipocytes: empty white circles
         cx, cy, r = rng.uniform(0, SIZE), rng.uniform(0, SIZE), rng.uniform(30, 70)
-        eosin[(xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2] *= 0.05
+        eosin[(xx - cx) ** 2 + (yy - cy) ** 2 < r**2] *= 0.05
     nuclei = []
     if group == 0:
         for _ in range(rng.integers(1, 9)):
             cx, cy, r = rng.uniform(80, SIZE - 80), rng.uniform(80, SIZE - 80), rng.uniform(25, 50)
-            eosin[(xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2] *= 0.1  # lumen
+            eosin[(xx - cx) ** 2 + (yy - cy) ** 2 < r**2] *= 0.1  # lumen
             n = int(2 * np.pi * (r + 8) / 11)
             for a in np.linspace(0, 2 * np.pi, n, endpoint=False):
                 nuclei.append((cx + (r + 8) * np.cos(a), cy + (r + 8) * np.sin(a), 4.5, 3.5, a, 1.0))
@@ -87,14 +89,22 @@ def synthetic_tissue(group: int, rng: np.random.Generator) -> tuple[np.ndarray, 
     elif group == 1:
         for _ in range(rng.integers(1, 4)):
             cx, cy, r = rng.uniform(130, SIZE - 130), rng.uniform(130, SIZE - 130), rng.uniform(45, 110)
-            inside = (xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2
+            inside = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
             eosin[inside] = 0.25 + 0.1 * eosin[inside]
             for a in np.linspace(0, 2 * np.pi, int(2 * np.pi * r / 12), endpoint=False):
                 nuclei.append((cx + r * np.cos(a), cy + r * np.sin(a), 5.5, 2.5, a + np.pi / 2, 1.1))
             for _ in range(int(0.55 * r * r / 40)):
                 rho, a = r * 0.92 * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
-                nuclei.append((cx + rho * np.cos(a), cy + rho * np.sin(a), rng.uniform(4.5, 6.5),
-                               rng.uniform(4.0, 5.5), rng.uniform(0, np.pi), rng.uniform(1.0, 1.3)))
+                nuclei.append(
+                    (
+                        cx + rho * np.cos(a),
+                        cy + rho * np.sin(a),
+                        rng.uniform(4.5, 6.5),
+                        rng.uniform(4.0, 5.5),
+                        rng.uniform(0, np.pi),
+                        rng.uniform(1.0, 1.3),
+                    )
+                )
         nuclei += _scattered(rng, 100, (2.0, 6.0), (1.5, 2.5), 0.9)
     else:
         for _ in range(rng.integers(3, 30)):  # infiltrating cords and nests
@@ -102,9 +112,16 @@ def synthetic_tissue(group: int, rng: np.random.Generator) -> tuple[np.ndarray, 
             angle, length = rng.uniform(0, np.pi), rng.integers(5, 25)
             for t in range(length):
                 jitter = rng.normal(0, 6, 2)
-                nuclei.append((cx + 12 * t * np.cos(angle) + jitter[0], cy + 12 * t * np.sin(angle) + jitter[1],
-                               rng.uniform(5.0, 9.0), rng.uniform(3.5, 7.5), rng.uniform(0, np.pi),
-                               rng.uniform(1.0, 1.5)))
+                nuclei.append(
+                    (
+                        cx + 12 * t * np.cos(angle) + jitter[0],
+                        cy + 12 * t * np.sin(angle) + jitter[1],
+                        rng.uniform(5.0, 9.0),
+                        rng.uniform(3.5, 7.5),
+                        rng.uniform(0, np.pi),
+                        rng.uniform(1.0, 1.5),
+                    )
+                )
         nuclei += _scattered(rng, int(rng.integers(60, 250)), (4.0, 8.5), (3.5, 7.0), 1.2)
     for cx, cy, rx, ry, angle, strength in nuclei:
         _stamp_nucleus(haem, cx, cy, rx, ry, angle, strength, rng)
@@ -112,8 +129,9 @@ def synthetic_tissue(group: int, rng: np.random.Generator) -> tuple[np.ndarray, 
     return np.clip(haem, 0, 3), np.clip(eosin, 0, 2)
 
 
-def render(concentrations: tuple[np.ndarray, np.ndarray], stain: tuple[float, float, float],
-           rng: np.random.Generator) -> np.ndarray:
+def render(
+    concentrations: tuple[np.ndarray, np.ndarray], stain: tuple[float, float, float], rng: np.random.Generator
+) -> np.ndarray:
     """RGB uint8 by Beer-Lambert with a patient's stain strength (H, E) and eosin hue shift."""
     haem, eosin = concentrations
     e_vector = E_VECTOR + np.array([0.0, 0.0, stain[2]])
@@ -122,14 +140,32 @@ def render(concentrations: tuple[np.ndarray, np.ndarray], stain: tuple[float, fl
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
-def _scattered(rng: np.random.Generator, n: int, rx: tuple[float, float], ry: tuple[float, float],
-               strength: float) -> list[tuple]:
-    return [(rng.uniform(0, SIZE), rng.uniform(0, SIZE), rng.uniform(*rx), rng.uniform(*ry),
-             rng.uniform(0, np.pi), strength) for _ in range(n)]
+def _scattered(
+    rng: np.random.Generator, n: int, rx: tuple[float, float], ry: tuple[float, float], strength: float
+) -> list[tuple]:
+    return [
+        (
+            rng.uniform(0, SIZE),
+            rng.uniform(0, SIZE),
+            rng.uniform(*rx),
+            rng.uniform(*ry),
+            rng.uniform(0, np.pi),
+            strength,
+        )
+        for _ in range(n)
+    ]
 
 
-def _stamp_nucleus(haem: np.ndarray, cx: float, cy: float, rx: float, ry: float, angle: float,
-                   strength: float, rng: np.random.Generator) -> None:
+def _stamp_nucleus(
+    haem: np.ndarray,
+    cx: float,
+    cy: float,
+    rx: float,
+    ry: float,
+    angle: float,
+    strength: float,
+    rng: np.random.Generator,
+) -> None:
     """Add one soft-edged, slightly textured ellipse of haematoxylin to the map, in place."""
     r = int(np.ceil(max(rx, ry))) + 2
     x0, y0 = int(cx) - r, int(cy) - r

@@ -25,19 +25,22 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torchvision.ops import roi_align
 
-from . import __version__, storage
+from . import storage
 from .augment import AugmentPlan, augment_batch, plan_augmentations
 from .backbones import Backbone
-from .config import Config, HistoboostError, PreprocessConfig
+from .config import Config, PreprocessConfig
 from .data import ImageRecord, Manifest, Problem, read_image, working_scale
-from .foundation import settings_problem
+from .errors import DataError, FeatureStoreError, HistoboostError
+from .runtime import Runtime
+from .specs import settings_problem
 from .stain import STAIN_FAILURE_FIX, StainError, StainFit, StainQC, fit_macenko, normalize_safely
+from .version import __version__
 
 _STORE_NAME = re.compile(r"^[A-Za-z0-9_.-]+-[0-9a-f]{16}$")
 # 2: images keyed by the content key of their decoded pixels, not their file bytes;
@@ -45,10 +48,6 @@ _STORE_NAME = re.compile(r"^[A-Za-z0-9_.-]+-[0-9a-f]{16}$")
 STORE_FORMAT = 3
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class FeatureStoreError(HistoboostError):
-    """The feature store cannot be used as found; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,7 @@ class ImageFeatures:
 
 # -- preparing one image ----
 
+
 @dataclass(frozen=True)
 class PreparedImage:
     """One image at the working resolution, stain-normalised, with its augmentation plans."""
@@ -83,32 +83,45 @@ class PreparedImage:
 def prepare_image(path: str | Path, image_id: str, mpp: float | None, config: Config) -> PreparedImage:
     """Decode, scale, stain-normalise and plan one image: the one preprocessing that training,
     cross-validation and prediction share. Raises StainError, or DataError for an image too small."""
-    from .data import DataError
+    return prepare_pixels(read_image(path, working_scale(mpp, config.preprocess)), image_id, config)
 
-    rgb = read_image(path, working_scale(mpp, config.preprocess))
+
+def prepare_pixels(rgb: np.ndarray, image_id: str, config: Config) -> PreparedImage:
+    """`prepare_image` of pixels already at the working resolution (an array given in Python)."""
     if min(rgb.shape[:2]) < config.augment.crop_size:
-        raise DataError(f"too small: {rgb.shape[1]}x{rgb.shape[0]} px at the working scale, smaller than the "
-                        f"{config.augment.crop_size} px crop")
+        raise DataError(
+            f"too small: {rgb.shape[1]}x{rgb.shape[0]} px at the working scale, smaller than the "
+            f"{config.augment.crop_size} px crop"
+        )
     normalised, qc, fallback = normalize_safely(rgb, config.preprocess.stain)
     plans = plan_augmentations(image_id, rgb.shape[0], rgb.shape[1], config.augment, config.seed)
-    return PreparedImage(normalised, qc, plans, fit_macenko(normalised) if config.augment.color == "he" else None,
-                         fallback)
+    return PreparedImage(
+        normalised, qc, plans, fit_macenko(normalised) if config.augment.color == "he" else None, fallback
+    )
 
 
 # -- describing one image ------------------------------------------------------------------------
 
 
-def describe_image(image: np.ndarray, plans: list[AugmentPlan], backbone: Backbone, config: Config,
-                   device: str | torch.device = "cpu", batch_size: int = 8, stain_fit=None,
-                   keep_crops: bool = False) -> ImageFeatures:
+def describe_image(
+    image: np.ndarray,
+    plans: list[AugmentPlan],
+    backbone: Backbone,
+    config: Config,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    stain_fit=None,
+    keep_crops: bool = False,
+) -> ImageFeatures:
     """Descriptors of one stain-normalised RGB uint8 image (H, W, 3) under its augmentation plans."""
     feat = config.features
     base = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
     pooled, whole, crops = [], [], []
     with torch.inference_mode(), autocast(device, feat.dtype):
         for chunk in _chunks(plans, batch_size):
-            crop_desc, pooled_desc, whole_desc = describe_views(augment_batch(base, chunk, stain_fit),
-                                                                [p.boxes for p in chunk], backbone, config, batch_size)
+            crop_desc, pooled_desc, whole_desc = describe_views(
+                augment_batch(base, chunk, stain_fit), [p.boxes for p in chunk], backbone, config, batch_size
+            )
             crops.append(crop_desc)
             pooled.append(pooled_desc)
             whole.append(whole_desc)
@@ -121,8 +134,9 @@ def describe_image(image: np.ndarray, plans: list[AugmentPlan], backbone: Backbo
     )
 
 
-def describe_views(batch: torch.Tensor, boxes: list[np.ndarray], backbone: Backbone, config: Config,
-                   batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def describe_views(
+    batch: torch.Tensor, boxes: list[np.ndarray], backbone: Backbone, config: Config, batch_size: int = 8
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Descriptors of a batch of views (B, 3, H, W) float in [0, 255], each with its own crop boxes:
     crops (B, C, D), crops pooled (B, D) and the whole view (B, D). The views may be one image's
     augmentations or different images (a slide's tiles); call inside inference mode."""
@@ -135,8 +149,9 @@ def describe_views(batch: torch.Tensor, boxes: list[np.ndarray], backbone: Backb
         crop_desc = torch.cat([roi_pool(m, boxes, stride) for m, stride in maps], dim=2)
         whole = torch.cat([m.mean(dim=(2, 3)) for m, _ in maps], dim=1)
     else:
-        crop_desc = torch.stack([_exact_crops(backbone, view, b, batch_size, feat.stages)
-                                 for view, b in zip(batch, boxes)])
+        crop_desc = torch.stack(
+            [_exact_crops(backbone, view, b, batch_size, feat.stages) for view, b in zip(batch, boxes)]
+        )
         # A ViT sees the whole view at its input size: a low-resolution overview (as eva's BACH protocol).
         whole = backbone.embed(batch, feat.stages)
     return crop_desc, pool_crops(crop_desc, feat.crop_pooling, feat.gem_p), whole
@@ -148,10 +163,12 @@ def roi_pool(fmap: torch.Tensor, boxes: list[np.ndarray], stride: int) -> torch.
     `roi_align` with one output bin and adaptive sampling averages bilinear samples about one per
     feature cell across the window; `aligned=True` puts pixel box edges on the right cell centres.
     """
-    rois = torch.cat([
-        torch.cat([torch.full((len(b), 1), float(i)), torch.as_tensor(b, dtype=torch.float32)], dim=1)
-        for i, b in enumerate(boxes)
-    ]).to(fmap.device)
+    rois = torch.cat(
+        [
+            torch.cat([torch.full((len(b), 1), float(i)), torch.as_tensor(b, dtype=torch.float32)], dim=1)
+            for i, b in enumerate(boxes)
+        ]
+    ).to(fmap.device)
     out = roi_align(fmap, rois, output_size=1, spatial_scale=1.0 / stride, sampling_ratio=-1, aligned=True)
     return out.view(len(boxes), -1, fmap.shape[1])
 
@@ -165,8 +182,9 @@ def pool_crops(crops: torch.Tensor, how: str, p: float = 3.0) -> torch.Tensor:
     return crops.clamp(min=1e-6).pow(p).mean(dim=1).pow(1.0 / p)
 
 
-def _exact_crops(backbone: Backbone, view: torch.Tensor, boxes: np.ndarray, batch_size: int,
-                 stages: int = 1) -> torch.Tensor:
+def _exact_crops(
+    backbone: Backbone, view: torch.Tensor, boxes: np.ndarray, batch_size: int, stages: int = 1
+) -> torch.Tensor:
     """The network on every crop of one augmented view (3, H, W), each crop embedded on its own: (C, D)."""
     out = []
     for chunk in _chunks(list(boxes), batch_size):
@@ -183,7 +201,7 @@ def autocast(device: str | torch.device, dtype: str):
 
 def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 # -- the feature store ---------------------------------------------------------------------------
@@ -199,7 +217,7 @@ def default_cache_dir() -> Path | str:
 class FeatureStore:
     """One folder per (backbone, weights, feature settings), one `.npz` file per image content key."""
 
-    def __init__(self, root: Path, meta: dict, preprocess: PreprocessConfig | None = None):
+    def __init__(self, root: Path | str, meta: dict, preprocess: PreprocessConfig | None = None):
         self.root = root
         self.meta = meta
         self.preprocess = preprocess
@@ -221,30 +239,41 @@ class FeatureStore:
         fsspec URL (`s3://bucket/cache`): then each image's features are one object, put once."""
         import timm
 
-        settings = {"format": STORE_FORMAT, "backbone": backbone.identity, "timm": timm.__version__,
-                    "settings": config.stage_settings("features")}
+        settings = {
+            "format": STORE_FORMAT,
+            "backbone": backbone.identity,
+            "timm": timm.__version__,
+            "settings": config.stage_settings("features"),
+        }
         key = _hash(settings)
         root = storage.join(storage.location(cache_dir), "features", f"{backbone.name}-{key}")
         index = storage.join(root, "index.json")
         if storage.exists(index):
             found = read_index(index)
             if {k: found.get(k) for k in settings} != settings:
-                raise FeatureStoreError(f"{root} holds features made with other settings than its name says: "
-                                        f"delete it (histoboost cache prune --key {storage.name_of(root)}) to re-extract")
+                raise FeatureStoreError(
+                    f"{root} holds features made with other settings than its name says: "
+                    f"delete it (histoboost cache prune --key {storage.name_of(root)}) to re-extract"
+                )
             if not storage.is_url(index):
                 try:
                     os.utime(index)  # "last used", for `cache list` and `cache prune --older-than`
                 except OSError:  # a read-only store (shared, mounted) is still good for reading
                     pass
             return cls(root, found, config.preprocess)
-        meta = {**settings, "key": storage.name_of(root), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "versions": library_versions()}
+        meta = {
+            **settings,
+            "key": storage.name_of(root),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "versions": library_versions(),
+        }
         try:
             storage.make_folder(root)
             storage.write_bytes(index, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
         except OSError as err:
-            raise FeatureStoreError(f"{root}: cannot create the feature store ({err.strerror or err}): give a "
-                                    "writable --cache-dir") from None
+            raise FeatureStoreError(
+                f"{root}: cannot create the feature store ({err.strerror or err}): give a writable --cache-dir"
+            ) from None
         return cls(root, meta, config.preprocess)
 
     def path(self, image_id: str) -> Path | str:
@@ -263,8 +292,7 @@ class FeatureStore:
                     return None
             raw.seek(0)
             with np.load(raw) as arrays:
-                crops = arrays["crops"] if "crops" in arrays else None
-                boxes = arrays["boxes"] if "boxes" in arrays else None
+                crops, boxes = arrays.get("crops"), arrays.get("boxes")  # NpzFile is a Mapping
                 fallback = str(arrays["stain_fallback"]) if "stain_fallback" in arrays else ""
                 return ImageFeatures(arrays["pooled"], arrays["whole"], crops, boxes, fallback)
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):  # damaged: recompute
@@ -278,15 +306,20 @@ class FeatureStore:
     def save(self, image_id: str, features: ImageFeatures) -> None:
         """Publish one image's features at once (`storage.write_bytes`): readers on any machine see the whole
         file or none."""
-        arrays = {"pooled": features.pooled, "whole": features.whole,
-                  "stain_fallback": np.array(features.stain_fallback)}
-        if features.crops is not None:
+        arrays = {
+            "pooled": features.pooled,
+            "whole": features.whole,
+            "stain_fallback": np.array(features.stain_fallback),
+        }
+        if features.crops is not None and features.boxes is not None:  # kept together
             arrays.update(crops=features.crops, boxes=features.boxes)
         try:
             storage.write_npz(self.path(image_id), arrays)
         except OSError as err:  # disk full, read-only: what was stored before stays
-            raise FeatureStoreError(f"{self.root}: cannot store features ({err.strerror or err}): free space or give "
-                                    "a writable --cache-dir; rerun to resume") from None
+            raise FeatureStoreError(
+                f"{self.root}: cannot store features ({err.strerror or err}): free space or give "
+                "a writable --cache-dir; rerun to resume"
+            ) from None
 
 
 def read_index(index: Path | str) -> dict:
@@ -306,7 +339,9 @@ def _stores(cache_dir: str | Path) -> list[Path]:
     base = storage.local_folder(cache_dir, "cache list and prune") / "features"
     if not base.is_dir():
         return []
-    return sorted(p for p in base.iterdir() if _STORE_NAME.match(p.name) and p.is_dir() and (p / "index.json").is_file())
+    return sorted(
+        p for p in base.iterdir() if _STORE_NAME.match(p.name) and p.is_dir() and (p / "index.json").is_file()
+    )
 
 
 def _is_ours(root: Path) -> bool:
@@ -327,20 +362,27 @@ def list_stores(cache_dir: str | Path) -> list[dict]:
         except FeatureStoreError:
             meta = {"damaged": True}
         stats = [f.stat() for f in [index, *root.glob("*.npz")] if not f.name.startswith(".") and f.exists()]
-        stores.append({
-            "key": root.name, "path": str(root), "backbone": meta.get("backbone", {}).get("name", "damaged index"),
-            "images": len(stats) - 1, "bytes": sum(st.st_size for st in stats[1:]),
-            "last_used": time.strftime("%Y-%m-%d %H:%M", time.localtime(max(st.st_mtime for st in stats))),
-            "settings": meta.get("settings", {}),
-        })
+        stores.append(
+            {
+                "key": root.name,
+                "path": str(root),
+                "backbone": meta.get("backbone", {}).get("name", "damaged index"),
+                "images": len(stats) - 1,
+                "bytes": sum(st.st_size for st in stats[1:]),
+                "last_used": time.strftime("%Y-%m-%d %H:%M", time.localtime(max(st.st_mtime for st in stats))),
+                "settings": meta.get("settings", {}),
+            }
+        )
     return stores
 
 
-def prune_stores(cache_dir: str | Path, keys: Iterable[str] = (), older_than_days: float | None = None,
-                 everything: bool = False) -> list[str]:
-    """Delete the named stores, those unused for `older_than_days`, or all, and clear temporary files
-    of dead writers; a store that a live run holds a lease on is kept. Only histoboost's stores (see `_stores` and `_is_ours`) are ever touched: a store
-    whose index is damaged or not histoboost's is left for the user to delete. Returns what was removed."""
+def prune_stores(
+    cache_dir: str | Path, keys: Iterable[str] = (), older_than_days: float | None = None, everything: bool = False
+) -> list[str]:
+    """Delete the named stores, those unused for `older_than_days`, or all, and clear temporary files of dead
+    writers; a store that a live run holds a lease on is kept. Only histoboost's stores (see `_stores` and
+    `_is_ours`) are ever touched: a store whose index is damaged or not histoboost's is left for the user to delete.
+    Returns what was removed."""
     removed = []
     now = time.time()
     keys = set(keys)
@@ -348,8 +390,9 @@ def prune_stores(cache_dir: str | Path, keys: Iterable[str] = (), older_than_day
         storage.clear_abandoned(root)
         if storage.foreign_lease(root):  # a run here or on another machine is writing into it now
             if everything or root.name in keys:
-                warnings.warn(f"{root}: kept: a run is writing into it (a fresh lease); prune it when that run ends",
-                              stacklevel=2)
+                warnings.warn(
+                    f"{root}: kept: a run is writing into it (a fresh lease); prune it when that run ends", stacklevel=2
+                )
             continue
         last = max(f.stat().st_mtime for f in [root / "index.json", *root.glob("*.npz")])
         stale = older_than_days is not None and now - last > older_than_days * 86400
@@ -378,17 +421,25 @@ class ExtractResult:
         return self.computed / self.seconds if self.seconds else 0.0
 
 
-def extract_features(manifest: Manifest, config: Config, backbone: Backbone, cache_dir: str | Path,
-                     device: str | torch.device = "cpu", batch_size: int = 8, keep_crops: bool = False,
-                     progress: bool = True, engine=None, shard: tuple[int, int] | None = None) -> ExtractResult:
-    """Describe every image of the manifest (or of its `shard` K of N) not yet in the store; each result is saved
-    as soon as it is computed, so an interrupted run resumes where it stopped. On a Dask `engine`, chunks of
-    images are tasks: workers read the files by path and write into the store, and return only small records."""
+def extract_features(
+    manifest: Manifest,
+    config: Config,
+    backbone: Backbone,
+    runtime: Runtime | None = None,
+    keep_crops: bool = False,
+    shard: tuple[int, int] | None = None,
+) -> ExtractResult:
+    """Describe every image of the manifest (or of its `shard` K of N) not yet in the runtime's store; each result
+    is saved as soon as it is computed, so an interrupted run resumes where it stopped. On the runtime's Dask
+    engine, chunks of images are tasks: workers read the files by path and write into the store, and return only
+    small records."""
     from tqdm.auto import tqdm
 
     from .engine import shard_of
 
-    store = FeatureStore.open(cache_dir, config, backbone)
+    runtime = runtime or Runtime()
+    device, batch_size, progress, engine = runtime.device, runtime.batch, runtime.progress, runtime.engine
+    store = FeatureStore.open(runtime.cache_dir or default_cache_dir(), config, backbone)
     storage.clear_abandoned(store.root)
     result = ExtractResult(store)
     records = shard_of(manifest.records, shard, lambda r: r.image_id) if shard else list(manifest.records)
@@ -405,8 +456,7 @@ def extract_features(manifest: Manifest, config: Config, backbone: Backbone, cac
         bar.update(1)
 
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc=f"{backbone.name} features", unit="img", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc=f"{backbone.name} features", unit="img", disable=not progress, dynamic_ncols=True)
     with storage.Lease(store.root):  # for the whole run: prune elsewhere keeps the store while workers write
         _extract(todo, config, backbone, store, device, batch_size, keep_crops, engine, tally)
     bar.close()
@@ -415,8 +465,17 @@ def extract_features(manifest: Manifest, config: Config, backbone: Backbone, cac
     return result
 
 
-def _extract(todo: list[ImageRecord], config: Config, backbone: Backbone, store: FeatureStore, device, batch_size: int,
-             keep_crops: bool, engine, tally: Callable[[ImageOutcome], None]) -> None:
+def _extract(
+    todo: list[ImageRecord],
+    config: Config,
+    backbone: Backbone,
+    store: FeatureStore,
+    device,
+    batch_size: int,
+    keep_crops: bool,
+    engine,
+    tally: Callable[[ImageOutcome], None],
+) -> None:
     """`extract_features`' work: in this process, or as chunks of images on the engine's workers."""
     from .engine import EngineError, TaskLost
 
@@ -424,18 +483,33 @@ def _extract(todo: list[ImageRecord], config: Config, backbone: Backbone, store:
         extract_records(todo, config, backbone, store, device, batch_size, keep_crops, on_outcome=tally)
     else:
         # Workers may run elsewhere, in another folder: every path they get is absolute.
-        weights = config.weights_for(backbone.name)
-        weights = Path(weights).absolute() if isinstance(weights, (str, Path)) else weights
+        configured = config.weights_for(backbone.name)
+        weights = Path(configured).absolute() if configured is not None else None
         root = store.root if storage.is_url(store.root) else Path(store.root).absolute()
         todo = [replace(r, path=Path(r.path).absolute()) for r in todo]
         size = max(1, min(16, -(-len(todo) // (4 * max(1, engine.workers)))))
-        tasks = [(chunk, config, backbone.name, weights, root, store.meta, str(device), batch_size, keep_crops,
-                  engine.threads) for chunk in _chunks(todo, size)]
+        tasks = [
+            ExtractTask(
+                tuple(chunk),
+                config,
+                backbone.name,
+                weights,
+                root,
+                store.meta,
+                str(device),
+                batch_size,
+                keep_crops,
+                engine.threads,
+            )
+            for chunk in _chunks(todo, size)
+        ]
         lost, finished = [], 0
-        for task, outcomes in engine.map(extract_task, tasks, split=_one_image_per_task):
+        for task, outcomes in engine.map(extract_task, tasks, split=ExtractTask.one_image_each):
             if isinstance(outcomes, TaskLost):  # only ever a one-image task: the image kills its workers
-                lost += [ImageOutcome(r.image_id, problem=Problem(r.path, f"not described: {outcomes.reason}",
-                                                                  POISON_FIX)) for r in task[0]]
+                lost += [
+                    ImageOutcome(r.image_id, problem=Problem(r.path, f"not described: {outcomes.reason}", POISON_FIX))
+                    for r in task.records
+                ]
                 continue
             finished += 1
             for outcome in outcomes:
@@ -458,9 +532,16 @@ class ImageOutcome:
     qc: StainQC | None = None
 
 
-def extract_records(records: list[ImageRecord], config: Config, backbone: Backbone, store: FeatureStore,
-                    device: str | torch.device = "cpu", batch_size: int = 8, keep_crops: bool = False,
-                    on_outcome: Callable[[ImageOutcome], None] | None = None) -> list[ImageOutcome]:
+def extract_records(
+    records: list[ImageRecord],
+    config: Config,
+    backbone: Backbone,
+    store: FeatureStore,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    keep_crops: bool = False,
+    on_outcome: Callable[[ImageOutcome], None] | None = None,
+) -> list[ImageOutcome]:
     """Describe `records` into `store`, saving each image as soon as it is done. Decoding runs a thread ahead of
     the network."""
 
@@ -477,8 +558,9 @@ def extract_records(records: list[ImageRecord], config: Config, backbone: Backbo
             if isinstance(prepared, StainError):
                 outcome = ImageOutcome(record.image_id, Problem(record.path, str(prepared), STAIN_FAILURE_FIX))
             else:
-                features = describe_image(prepared.rgb, prepared.plans, backbone, config, device, batch_size,
-                                          prepared.stain_fit, keep_crops)
+                features = describe_image(
+                    prepared.rgb, prepared.plans, backbone, config, device, batch_size, prepared.stain_fit, keep_crops
+                )
                 store.save(store.entry(record), replace(features, stain_fallback=prepared.stain_fallback))
                 outcome = ImageOutcome(record.image_id, qc=prepared.qc)
             outcomes.append(outcome)
@@ -487,25 +569,43 @@ def extract_records(records: list[ImageRecord], config: Config, backbone: Backbo
     return outcomes
 
 
-def extract_task(records: list[ImageRecord], config: Config, backbone_name: str, weights, store_root, store_meta: dict,
-                 device: str, batch_size: int, keep_crops: bool, threads: int) -> list[ImageOutcome]:
-    """One engine task: a chunk of images described on a worker into the store opened by the client. The worker's
-    backbone is built once per process; the threads are checked, since the features' bytes depend on them."""
+@dataclass(frozen=True)
+class ExtractTask:
+    """One engine task: a chunk of images to describe on a worker into the store the client opened (its root and
+    meta), with the backbone named (built on the worker) and the client's device, batch and threads."""
+
+    records: tuple[ImageRecord, ...]
+    config: Config
+    backbone: str
+    weights: Any
+    store_root: Any
+    store_meta: dict
+    device: str
+    batch_size: int
+    keep_crops: bool
+    threads: int
+
+    def one_image_each(self) -> list[ExtractTask]:
+        """The chunk split into one task per image, to find an image that kills its workers ([] if one already)."""
+        return [replace(self, records=(record,)) for record in self.records] if len(self.records) > 1 else []
+
+
+def extract_task(task: ExtractTask) -> list[ImageOutcome]:
+    """Run an `ExtractTask` on a worker. The worker's backbone is built once per process; the threads are checked,
+    since the features' bytes depend on them."""
     from .backbones import create_backbone
     from .engine import check_threads, process_resource
 
-    check_threads(threads)
-    backbone = process_resource(("backbone", backbone_name, str(weights), device),
-                                lambda: create_backbone(backbone_name, weights, device))
-    store = FeatureStore(store_root, store_meta, config.preprocess)
+    check_threads(task.threads)
+    backbone = process_resource(
+        ("backbone", task.backbone, str(task.weights), task.device),
+        lambda: create_backbone(task.backbone, task.weights, task.device),
+    )
+    store = FeatureStore(task.store_root, task.store_meta, task.config.preprocess)
     # A task run again (its worker died) skips what its first run stored: nothing is done twice.
-    todo = [r for r in records if not store.has(store.entry(r), keep_crops)]
-    done = [ImageOutcome(r.image_id) for r in records if r not in todo]
-    return done + extract_records(todo, config, backbone, store, device, batch_size, keep_crops)
-
-
-def _one_image_per_task(task: tuple) -> list[tuple]:
-    return [([record], *task[1:]) for record in task[0]] if len(task[0]) > 1 else []
+    todo = [r for r in task.records if not store.has(store.entry(r), task.keep_crops)]
+    done = [ImageOutcome(r.image_id) for r in task.records if r not in todo]
+    return done + extract_records(todo, task.config, backbone, store, task.device, task.batch_size, task.keep_crops)
 
 
 @dataclass
@@ -521,26 +621,29 @@ class DatasetFeatures:
     @property
     def provenance(self) -> dict:
         e = self.extraction
-        return {**self.backbone.identity, "store": str(e.store.root), "computed": e.computed, "reused": e.reused,
-                "seconds": round(e.seconds, 2)}
+        return {
+            **self.backbone.identity,
+            "store": str(e.store.root),
+            "computed": e.computed,
+            "reused": e.reused,
+            "seconds": round(e.seconds, 2),
+        }
 
 
-def describe_dataset(manifest: Manifest, config: Config, cache_dir: str | Path | None = None,
-                     device: str | torch.device = "cpu", batch_size: int = 8, progress: bool = True, engine=None
-                     ) -> list[DatasetFeatures]:
-    """Each configured backbone's features for every image, extracting only what the store lacks.
+def describe_dataset(manifest: Manifest, config: Config, runtime: Runtime | None = None) -> list[DatasetFeatures]:
+    """Each configured backbone's features for every image, extracting only what the runtime's store lacks.
     Raises DataError listing the images that could not be described."""
     from .backbones import create_backbone
-    from .data import DataError
 
+    runtime = runtime or Runtime()
     out = []
     for name in config.features.backbones:
-        backbone = create_backbone(name, config.weights_for(name), device)
-        result = extract_features(manifest, config, backbone, cache_dir or default_cache_dir(), device, batch_size,
-                                  progress=progress, engine=engine)
+        backbone = create_backbone(name, config.weights_for(name), runtime.device)
+        result = extract_features(manifest, config, backbone, runtime)
         if result.problems:
-            raise DataError(f"{len(result.problems)} image(s) could not be described with {name}",
-                            tuple(result.problems))
+            raise DataError(
+                f"{len(result.problems)} image(s) could not be described with {name}", tuple(result.problems)
+            )
         X, owners, fallbacks = _load_rows(manifest, result.store, config.features.descriptor)
         out.append(DatasetFeatures(backbone, result, X, owners, fallbacks))
     return out
@@ -587,10 +690,16 @@ def _hash(obj: dict) -> str:
 def library_versions() -> dict[str, str]:
     """Versions of what computes features (and, where installed, the classifier), for provenance."""
     import importlib.metadata
+
     import timm
 
-    versions = {"histoboost": __version__, "torch": torch.__version__, "timm": timm.__version__,
-                "numpy": np.__version__, "python": platform.python_version()}
+    versions = {
+        "histoboost": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
     try:
         versions["xgboost"] = importlib.metadata.version("xgboost")
     except importlib.metadata.PackageNotFoundError:

@@ -18,6 +18,7 @@ loop is short, shares our preprocessing and keys, and resumes exactly.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -30,17 +31,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import storage
 from .augment import image_key, training_view
-from .backbones import Backbone, create_backbone, file_sha256
-from .config import Config, FinetuneConfig, HistoboostError
-from .data import GROUP_NAMES, DataError, Manifest, Problem, read_image, working_scale, write_text_atomic
+from .backbones import Backbone, TimmModel, create_backbone, file_sha256
+from .config import Config, FinetuneConfig
+from .data import GROUP_NAMES, DataError, Manifest, Problem, read_image, working_scale
+from .errors import FinetuneError
 from .stain import StainError, StainFit, fit_macenko, normalize_safely
+from .storage import write_text_atomic
 
 CARD_FORMAT = 1
-
-
-class FinetuneError(HistoboostError):
-    """Fine-tuning cannot run as asked; the message says why and what to change."""
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,13 @@ class FinetuneResult:
 
 def refuse_foundation(name: str) -> None:
     """Fine-tuning adapts CNNs (batch-norm stages, a new head); foundation models are used frozen."""
-    from .foundation import FOUNDATION
+    from .specs import is_foundation
 
-    if name in FOUNDATION:
-        raise FinetuneError(f"{name} is a foundation model: histoboost uses it frozen (its features are already "
-                            "histology's); drop --finetune")
+    if is_foundation(name):
+        raise FinetuneError(
+            f"{name} is a foundation model: histoboost uses it frozen (its features are already "
+            "histology's); drop --finetune"
+        )
 
 
 def card_path(weights: Path) -> Path:
@@ -83,8 +85,9 @@ def card_path(weights: Path) -> Path:
 # -- preparing the images ------------------------------------------------------------------------
 
 
-def prepare_training_images(manifest: Manifest, config: Config, units: np.ndarray, threads: int | None = None,
-                            progress: bool = True) -> list[TrainingImage]:
+def prepare_training_images(
+    manifest: Manifest, config: Config, units: np.ndarray, threads: int | None = None, progress: bool = True
+) -> list[TrainingImage]:
     """Read, scale and stain-normalise every image once (in threads); raises DataError listing the images
     that cannot be used (too small for the crop, or unreadable)."""
     from tqdm.auto import tqdm
@@ -96,8 +99,12 @@ def prepare_training_images(manifest: Manifest, config: Config, units: np.ndarra
         try:
             rgb = read_image(record.path, working_scale(record.mpp, config.preprocess))
             if min(rgb.shape[:2]) < size:
-                return Problem(record.path, f"{rgb.shape[1]}x{rgb.shape[0]} px at the working scale is smaller "
-                               f"than the {size} px fine-tuning crop", "use a smaller --finetune-crop-size")
+                return Problem(
+                    record.path,
+                    f"{rgb.shape[1]}x{rgb.shape[0]} px at the working scale is smaller "
+                    f"than the {size} px fine-tuning crop",
+                    "use a smaller --finetune-crop-size",
+                )
             normalised, _, _ = normalize_safely(rgb, config.preprocess.stain)
         except (OSError, ValueError, StainError) as err:
             return Problem(record.path, f"cannot be prepared for fine-tuning ({err})", "check or remove the image")
@@ -108,8 +115,16 @@ def prepare_training_images(manifest: Manifest, config: Config, units: np.ndarra
         return TrainingImage(record.image_id, normalised, fit, record.group, str(units[i]))
 
     with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
-        loaded = list(tqdm(pool.map(load, range(len(manifest))), total=len(manifest), desc="preparing images",
-                           unit="img", disable=not progress, leave=False))
+        loaded = list(
+            tqdm(
+                pool.map(load, range(len(manifest))),
+                total=len(manifest),
+                desc="preparing images",
+                unit="img",
+                disable=not progress,
+                leave=False,
+            )
+        )
     problems = [p for p in loaded if isinstance(p, Problem)]
     if problems:
         raise DataError(f"{len(problems)} image(s) cannot be used for fine-tuning", tuple(problems))
@@ -119,14 +134,17 @@ def prepare_training_images(manifest: Manifest, config: Config, units: np.ndarra
 def validation_split(groups: np.ndarray, units: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Which images form the validation part (bool per image): about `fraction` of the split units,
     stratified by class, whole units only, so validation measures new patients as the test does."""
-    from sklearn.model_selection import StratifiedGroupKFold
     import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
 
     n_splits = max(2, round(1 / fraction))
     per_class = [len(set(units[groups == g])) for g in np.unique(groups)]
     if len(per_class) < 2 or min(per_class) < 2:
-        raise FinetuneError("fine-tuning needs at least 2 split units (patients, blocks or images) of every class "
-                            "to keep some for validation; add images or split by a finer unit")
+        raise FinetuneError(
+            "fine-tuning needs at least 2 split units (patients, blocks or images) of every class "
+            "to keep some for validation; add images or split by a finer unit"
+        )
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     classes = set(np.unique(groups))
     with warnings.catch_warnings():
@@ -151,8 +169,9 @@ def data_fingerprint(images: list[TrainingImage]) -> str:
 # -- the model -----------------------------------------------------------------------------------
 
 
-def trainable_backbone(name: str, base_weights: str | Path | None, freeze_stages: int, seed: int,
-                       device: str) -> tuple[Backbone, list[nn.Module]]:
+def trainable_backbone(
+    name: str, base_weights: str | Path | None, freeze_stages: int, seed: int, device: str
+) -> tuple[Backbone, list[nn.Module]]:
     """The backbone with a fresh 3-class head, trainable except its stem and first `freeze_stages`
     feature levels; returns it with the frozen modules (kept in eval mode: their batch statistics stay)."""
     backbone = create_backbone(name, base_weights, "cpu")
@@ -167,15 +186,16 @@ def trainable_backbone(name: str, base_weights: str | Path | None, freeze_stages
     return backbone, frozen
 
 
-def frozen_modules(model: nn.Module, stages: int) -> list[nn.Module]:
+def frozen_modules(model: TimmModel, stages: int) -> list[nn.Module]:
     """The stem and the network up to its `stages`-th feature level (timm's `feature_info`), as the
     modules to freeze, in order; 0 freezes nothing."""
     if stages == 0:
         return []
     info = model.feature_info
     if stages > len(info) - 1:
-        raise FinetuneError(f"freeze_stages {stages}: this network has {len(info)} feature levels; freeze at most "
-                            f"{len(info) - 1}")
+        raise FinetuneError(
+            f"freeze_stages {stages}: this network has {len(info)} feature levels; freeze at most {len(info) - 1}"
+        )
     top, _, sub = info[stages - 1]["module"].partition(".")
     frozen = []
     for name, child in model.named_children():
@@ -183,7 +203,7 @@ def frozen_modules(model: nn.Module, stages: int) -> list[nn.Module]:
             frozen.append(child)
             continue
         if not sub:
-            return frozen + [child]
+            return [*frozen, child]
         for inner_name, inner in child.named_children():  # e.g. EfficientNet's blocks.0 .. blocks.<sub>
             frozen.append(inner)
             if inner_name == sub:
@@ -200,8 +220,15 @@ def _train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
 # -- training ------------------------------------------------------------------------------------
 
 
-def finetune(images: list[TrainingImage], config: Config, backbone_name: str, out: str | Path,
-             base_weights: str | Path | None = None, device: str = "cpu", progress: bool = True) -> FinetuneResult:
+def finetune(
+    images: list[TrainingImage],
+    config: Config,
+    backbone_name: str,
+    out: str | Path,
+    base_weights: str | Path | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> FinetuneResult:
     """Fine-tune `backbone_name` on `images` and write `out` (safetensors) and its card (.json).
 
     An existing `out` made with the same settings and data is reused; a checkpoint of an interrupted
@@ -229,12 +256,17 @@ def finetune(images: list[TrainingImage], config: Config, backbone_name: str, ou
     optimizer = _optimizer(model, ft)
     steps_per_epoch = math.ceil(len(train) * ft.crops_per_image / ft.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(round(ft.warmup_epochs * steps_per_epoch), ft.epochs * steps_per_epoch))
+        optimizer, warmup_cosine(round(ft.warmup_epochs * steps_per_epoch), ft.epochs * steps_per_epoch)
+    )
     train_groups = np.array([im.group for im in train])
-    weights = (len(train) / (len(GROUP_NAMES) * np.maximum(np.bincount(train_groups, minlength=3), 1))
-               if ft.class_balance else np.ones(len(GROUP_NAMES)))
-    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device),
-                                  label_smoothing=ft.label_smoothing)
+    weights = (
+        len(train) / (len(GROUP_NAMES) * np.maximum(np.bincount(train_groups, minlength=3), 1))
+        if ft.class_balance
+        else np.ones(len(GROUP_NAMES))
+    )
+    loss_fn = nn.CrossEntropyLoss(
+        weight=torch.tensor(weights, dtype=torch.float32, device=device), label_smoothing=ft.label_smoothing
+    )
     use_bf16 = ft.dtype == "bfloat16" or (ft.dtype == "auto" and torch.device(device).type == "cuda")
 
     state = _resume(out, key) or {"epoch": 0, "history": [], "best": None, "best_epoch": 0, "best_loss": math.inf}
@@ -246,8 +278,14 @@ def finetune(images: list[TrainingImage], config: Config, backbone_name: str, ou
     cudnn = torch.backends.cudnn
     was = cudnn.deterministic, cudnn.benchmark
     cudnn.deterministic, cudnn.benchmark = True, False  # same seed, same weights on CUDA too
-    bar = tqdm(total=ft.epochs * steps_per_epoch, initial=state["epoch"] * steps_per_epoch, unit="step",
-               desc=f"fine-tuning {backbone_name}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=ft.epochs * steps_per_epoch,
+        initial=state["epoch"] * steps_per_epoch,
+        unit="step",
+        desc=f"fine-tuning {backbone_name}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     stale = state["epoch"] - state["best_epoch"] if state["best_epoch"] else 0
     for epoch in range(state["epoch"] + 1, ft.epochs + 1):
         if stale >= ft.patience:
@@ -269,17 +307,28 @@ def finetune(images: list[TrainingImage], config: Config, backbone_name: str, ou
             bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.3f}")
         val_loss, val_acc = evaluate_images(model, backbone, val_batches, use_bf16, device)
         seconds = time.perf_counter() - start
-        state["history"].append({"epoch": epoch, "train_loss": round(float(np.mean(losses)), 5),
-                                 "val_loss": round(val_loss, 5), "val_accuracy": round(val_acc, 5),
-                                 "learning_rate": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2)})
+        state["history"].append(
+            {
+                "epoch": epoch,
+                "train_loss": round(float(np.mean(losses)), 5),
+                "val_loss": round(val_loss, 5),
+                "val_accuracy": round(val_acc, 5),
+                "learning_rate": optimizer.param_groups[0]["lr"],
+                "seconds": round(seconds, 2),
+            }
+        )
         if val_loss < state["best_loss"]:
-            state.update(best={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                         best_epoch=epoch, best_loss=val_loss)
+            state.update(
+                best={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                best_epoch=epoch,
+                best_loss=val_loss,
+            )
             stale = 0
         else:
             stale += 1
-        state.update(epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                     scheduler=scheduler.state_dict())
+        state.update(
+            epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict()
+        )
         _checkpoint(out, key, state)
         bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.3f}", val_acc=f"{val_acc:.2f}")
     bar.close()
@@ -290,22 +339,34 @@ def finetune(images: list[TrainingImage], config: Config, backbone_name: str, ou
     return FinetuneResult(out, json.loads(card_path(out).read_text()))
 
 
-def _optimizer(model: nn.Module, ft: FinetuneConfig) -> torch.optim.Optimizer:
+def _optimizer(model: TimmModel, ft: FinetuneConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters: weight decay on weights only (not biases or norms), the
     new head at 10x the backbone's learning rate."""
     head = {id(p) for p in model.get_classifier().parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
     body = [p for p in params if id(p) not in head]
-    return torch.optim.AdamW([
-        {"params": [p for p in body if p.ndim > 1], "lr": ft.learning_rate, "weight_decay": ft.weight_decay},
-        {"params": [p for p in body if p.ndim <= 1], "lr": ft.learning_rate, "weight_decay": 0.0},
-        {"params": [p for p in params if id(p) in head], "lr": 10 * ft.learning_rate, "weight_decay": ft.weight_decay},
-    ])
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in body if p.ndim > 1], "lr": ft.learning_rate, "weight_decay": ft.weight_decay},
+            {"params": [p for p in body if p.ndim <= 1], "lr": ft.learning_rate, "weight_decay": 0.0},
+            {
+                "params": [p for p in params if id(p) in head],
+                "lr": 10 * ft.learning_rate,
+                "weight_decay": ft.weight_decay,
+            },
+        ]
+    )
 
 
-def finetune_cached(images: list[TrainingImage], config: Config, backbone_name: str, cache_dir: Path,
-                    base_weights: str | Path | None = None, device: str = "cpu", progress: bool = True
-                    ) -> FinetuneResult:
+def finetune_cached(
+    images: list[TrainingImage],
+    config: Config,
+    backbone_name: str,
+    cache_dir: Path,
+    base_weights: str | Path | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> FinetuneResult:
     """`finetune` into the cache (`<cache>/finetune/<backbone>-<key>/`), so that cross-validation reruns
     and resumes reuse the weights of every fold already fine-tuned."""
     base = create_backbone(backbone_name, base_weights, "cpu").identity
@@ -316,11 +377,13 @@ def finetune_cached(images: list[TrainingImage], config: Config, backbone_name: 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
     """Learning-rate factor per step: linear warm-up to 1, then cosine decay to 0 at `total_steps`."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     return factor
 
 
@@ -329,17 +392,21 @@ def _training_batches(train: list[TrainingImage], config: Config, epoch: int, de
     a fresh random view; everything drawn from (seed, epoch, image, crop)."""
     ft, size = config.finetune, config.finetune_crop_size
     order = np.random.default_rng([config.seed, epoch]).permutation(
-        [(i, j) for i in range(len(train)) for j in range(ft.crops_per_image)])
+        [(i, j) for i in range(len(train)) for j in range(ft.crops_per_image)]
+    )
     for start in range(0, len(order), ft.batch_size):
         views, labels = [], []
-        for i, j in order[start:start + ft.batch_size]:
+        for i, j in order[start : start + ft.batch_size]:
             image = train[i]
             rng = np.random.default_rng([config.seed, epoch, image_key(image.image_id), j])
             h, w = image.rgb.shape[:2]
             y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-            crop = torch.from_numpy(np.ascontiguousarray(image.rgb[y:y + size, x:x + size])).permute(2, 0, 1)
-            views.append(training_view(crop.to(device), rng, image.stain_fit, ft.he_scale, ft.he_shift,
-                                       ft.rgb_scale, ft.rgb_shift))
+            crop = torch.from_numpy(np.ascontiguousarray(image.rgb[y : y + size, x : x + size])).permute(2, 0, 1)
+            views.append(
+                training_view(
+                    crop.to(device), rng, image.stain_fit, ft.he_scale, ft.he_shift, ft.rgb_scale, ft.rgb_shift
+                )
+            )
             labels.append(image.group)
         yield torch.stack(views), torch.tensor(labels, device=device)
 
@@ -352,13 +419,14 @@ def _validation_batches(val: list[TrainingImage], config: Config, device: str) -
         rng = np.random.default_rng([config.seed, image_key(image.image_id), 7919])
         h, w = image.rgb.shape[:2]
         ys, xs = rng.integers(0, h - size + 1, count), rng.integers(0, w - size + 1, count)
-        crops = np.stack([image.rgb[y:y + size, x:x + size] for y, x in zip(ys, xs)])
+        crops = np.stack([image.rgb[y : y + size, x : x + size] for y, x in zip(ys, xs)])
         out.append((torch.from_numpy(crops).permute(0, 3, 1, 2), image.group))  # uint8: 4x less memory
     return out
 
 
-def evaluate_images(model: nn.Module, backbone: Backbone, batches: list[tuple[torch.Tensor, int]], bf16: bool,
-                    device: str) -> tuple[float, float]:
+def evaluate_images(
+    model: nn.Module, backbone: Backbone, batches: list[tuple[torch.Tensor, int]], bf16: bool, device: str
+) -> tuple[float, float]:
     """Image-level log loss and accuracy of the mean crop probability."""
     model.eval()
     losses, correct = [], 0
@@ -375,8 +443,12 @@ def evaluate_images(model: nn.Module, backbone: Backbone, batches: list[tuple[to
 
 def finetune_key(config: Config, base_sha256: str, fingerprint: str) -> str:
     """What determines the weights: settings, seed, preprocessing, base weights and data."""
-    body = {"format": CARD_FORMAT, "settings": config.stage_settings("finetune"), "base_weights_sha256": base_sha256,
-            "data": fingerprint}
+    body = {
+        "format": CARD_FORMAT,
+        "settings": config.stage_settings("finetune"),
+        "base_weights_sha256": base_sha256,
+        "data": fingerprint,
+    }
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
@@ -389,8 +461,9 @@ def _existing(out: Path, key: str) -> dict | None:
     except (OSError, json.JSONDecodeError):
         card = {}
     if card.get("key") != key:
-        raise FinetuneError(f"{out} exists and was not made with these settings and images: choose another --out "
-                            "or remove it")
+        raise FinetuneError(
+            f"{out} exists and was not made with these settings and images: choose another --out or remove it"
+        )
     if file_sha256(out) != card.get("weights_sha256"):
         raise FinetuneError(f"{out} does not match the sha256 in its card {card_path(out)}: remove both and rerun")
     return card
@@ -401,10 +474,11 @@ def _checkpoint_path(out: Path) -> Path:
 
 
 def _checkpoint(out: Path, key: str, state: dict) -> None:
+    """The state after an epoch, published at once (`storage.write_bytes`): a kill never leaves half a file."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    torch.save({**state, "key": key}, tmp)
-    os.replace(tmp, _checkpoint_path(out))
+    buffer = io.BytesIO()
+    torch.save({**state, "key": key}, buffer)
+    storage.write_bytes(_checkpoint_path(out), buffer.getvalue())
 
 
 def _resume(out: Path, key: str) -> dict | None:
@@ -420,32 +494,50 @@ def _resume(out: Path, key: str) -> dict | None:
 
 def _write_weights(out: Path, state: dict, card: dict) -> None:
     """The weights (safetensors), then the card with their sha256; both atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)  # readable like the card beside it, for sharing
-    card["weights_sha256"] = file_sha256(tmp)
+    data = save({k: v.contiguous() for k, v in state.items()}, metadata={"format": "pt"})
+    card["weights_sha256"] = hashlib.sha256(data).hexdigest()
     write_text_atomic(card_path(out), json.dumps(card, indent=2) + "\n")
-    os.replace(tmp, out)
+    storage.write_bytes(out, data)
 
 
-def _card(name: str, backbone: Backbone, base: dict, key: str, fingerprint: str, config: Config,
-          train: list[TrainingImage], val: list[TrainingImage], state: dict, device: str) -> dict:
+def _card(
+    name: str,
+    backbone: Backbone,
+    base: dict,
+    key: str,
+    fingerprint: str,
+    config: Config,
+    train: list[TrainingImage],
+    val: list[TrainingImage],
+    state: dict,
+    device: str,
+) -> dict:
     from .features import library_versions
 
     history = state["history"]
     return {
-        "format": CARD_FORMAT, "key": key, "backbone": name, "architecture": backbone.architecture,
-        "base_weights_sha256": base["weights_sha256"], "base_weights_source": base["weights_source"],
-        "classes": list(GROUP_NAMES), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": str(device),
+        "format": CARD_FORMAT,
+        "key": key,
+        "backbone": name,
+        "architecture": backbone.architecture,
+        "base_weights_sha256": base["weights_sha256"],
+        "base_weights_source": base["weights_source"],
+        "classes": list(GROUP_NAMES),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "device": str(device),
         "settings": config.stage_settings("finetune"),
-        "data": {"fingerprint": fingerprint,
-                 "train_images": sorted(im.image_id for im in train),
-                 "validation_images": sorted(im.image_id for im in val),
-                 "per_group": {GROUP_NAMES[g]: int(sum(im.group == g for im in train + val)) for g in range(3)},
-                 "validation_units": sorted({im.unit for im in val})},
-        "best_epoch": state["best_epoch"], "epochs_run": len(history),
+        "data": {
+            "fingerprint": fingerprint,
+            "train_images": sorted(im.image_id for im in train),
+            "validation_images": sorted(im.image_id for im in val),
+            "per_group": {GROUP_NAMES[g]: int(sum(im.group == g for im in train + val)) for g in range(3)},
+            "validation_units": sorted({im.unit for im in val}),
+        },
+        "best_epoch": state["best_epoch"],
+        "epochs_run": len(history),
         "stopped_early": len(history) < config.finetune.epochs,
-        "history": history, "versions": library_versions(),
+        "history": history,
+        "versions": library_versions(),
     }

@@ -19,15 +19,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import storage
-from .config import HistoboostError
+from .errors import OutputError
 
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 RUN_MARKER = "config.json"  # every run folder histoboost writes has one
 _STAGING = ".staging-"  # in the name of a staging folder: .NAME.staging-RANDOM.HOST.PID.RANDOM.tmp
-
-
-class OutputError(HistoboostError):
-    """An output place cannot be used; the message says what to do."""
 
 
 def check_output(path: Path, force: bool = False, folder: bool = True) -> Path:
@@ -38,11 +34,15 @@ def check_output(path: Path, force: bool = False, folder: bool = True) -> Path:
         if not force:
             raise OutputError(f"{path} exists: choose another --out, or pass --force to replace it")
         if folder != path.is_dir():
-            raise OutputError(f"{path} is {'a file' if path.is_file() else 'a folder'}: give "
-                              f"{'a folder' if folder else 'a file name'} for --out")
+            raise OutputError(
+                f"{path} is {'a file' if path.is_file() else 'a folder'}: give "
+                f"{'a folder' if folder else 'a file name'} for --out"
+            )
         if folder and any(path.iterdir()) and not (path / RUN_MARKER).is_file():
-            raise OutputError(f"{path} holds files but is no histoboost run folder (no {RUN_MARKER}): --force "
-                              "replaces only run folders; choose another --out")
+            raise OutputError(
+                f"{path} holds files but is no histoboost run folder (no {RUN_MARKER}): --force "
+                "replaces only run folders; choose another --out"
+            )
     if not folder and not path.parent.is_dir():
         raise OutputError(f"{path.parent}: no such folder for --out {path}: create it first")
     check_writable(path.parent)  # a run folder's missing parents are made when it is written
@@ -76,8 +76,11 @@ def staged_folder(out: Path, force: bool = False) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     storage.clear_abandoned(out.parent, pattern=f".*{_STAGING}*.tmp")
     with storage.Lease(out.parent):
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name[:100]}{_STAGING}", suffix=f".{storage.writer_id()}.tmp",
-                                        dir=out.parent))
+        staging = Path(
+            tempfile.mkdtemp(
+                prefix=f".{out.name[:100]}{_STAGING}", suffix=f".{storage.writer_id()}.tmp", dir=out.parent
+            )
+        )
         try:
             yield staging
         except BaseException:
@@ -90,8 +93,9 @@ def staged_folder(out: Path, force: bool = False) -> Iterator[Path]:
             else:
                 os.rename(staging, out)  # fails, rather than replaces, if `out` appeared meanwhile
         except OSError as err:
-            raise OutputError(f"{out}: could not be put in place ({err.strerror}); the finished results are in "
-                              f"{staging}") from None
+            raise OutputError(
+                f"{out}: could not be put in place ({err.strerror}); the finished results are in {staging}"
+            ) from None
 
 
 def _exchange(a: Path, b: Path) -> None:

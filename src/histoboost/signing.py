@@ -14,14 +14,9 @@ import os
 import stat
 from pathlib import Path
 
-from .config import HistoboostError
-
+from .errors import SigningError
 
 SIGNATURE_BYTES = 64  # an Ed25519 signature
-
-
-class SigningError(HistoboostError):
-    """A key or signature cannot be used; the message says why."""
 
 
 def generate_key(private_out: str | Path) -> tuple[Path, Path]:
@@ -35,8 +30,9 @@ def generate_key(private_out: str | Path) -> tuple[Path, Path]:
         if path.exists():
             raise SigningError(f"{path} exists: choose another name; never overwrite a key")
     key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     fd = os.open(private_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
@@ -55,8 +51,9 @@ def private_key(path: str | Path):
     except OSError as err:
         raise SigningError(f"{path}: cannot read the signing key ({err.strerror})") from None
     except (ValueError, TypeError) as err:
-        raise SigningError(f"{path}: not an unencrypted PEM private key ({str(err)[:80]}): make one with "
-                           "histoboost keygen") from None
+        raise SigningError(
+            f"{path}: not an unencrypted PEM private key ({str(err)[:80]}): make one with histoboost keygen"
+        ) from None
     if not isinstance(key, Ed25519PrivateKey):
         raise SigningError(f"{path}: a {type(key).__name__}, not an Ed25519 key: make one with histoboost keygen")
     return key
@@ -88,16 +85,22 @@ def verify(message: bytes, signature: str | Path, public_key: str | Path) -> Non
     try:
         fd = os.open(signature, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
-        raise SigningError(f"no signature {signature} beside the bundle, and a trusted key was required: get the "
-                           ".sig from the bundle's author, or do not use it") from None
+        raise SigningError(
+            f"no signature {signature} beside the bundle, and a trusted key was required: get the "
+            ".sig from the bundle's author, or do not use it"
+        ) from None
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode) or info.st_size != SIGNATURE_BYTES:
-            raise SigningError(f"{signature} is not a {SIGNATURE_BYTES}-byte Ed25519 signature file: get the .sig "
-                               "from the bundle's author, or do not use it")
+            raise SigningError(
+                f"{signature} is not a {SIGNATURE_BYTES}-byte Ed25519 signature file: get the .sig "
+                "from the bundle's author, or do not use it"
+            )
         data = handle.read(SIGNATURE_BYTES)
     try:
         key.verify(data, message)
     except InvalidSignature:
-        raise SigningError(f"the signature {signature} does not verify with {public_key}: the bundle was altered or "
-                           "signed by someone else; do not use it") from None
+        raise SigningError(
+            f"the signature {signature} does not verify with {public_key}: the bundle was altered or "
+            "signed by someone else; do not use it"
+        ) from None

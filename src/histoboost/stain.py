@@ -18,8 +18,9 @@ from typing import Literal
 import numpy as np
 from torchstain.numpy.utils import lab2rgb, rgb2lab
 
-from .config import HistoboostError, PreprocessConfig, StainConfig
+from .config import PreprocessConfig, StainConfig
 from .data import ImageRecord, Problem, read_record
+from .errors import StainError
 
 # What to do about an image whose stains cannot be normalised (validation already refused blank ones).
 STAIN_FAILURE_FIX = "if it shows tissue, try --stain reinhard or none, or another --stain-reference; if not, remove it"
@@ -43,10 +44,6 @@ ANGLE_PERCENTILE = 1.0  # robust extremes of the stain-vector angles (Macenko's 
 MIN_TISSUE_FRACTION = 0.01
 MIN_TISSUE_PIXELS = 500
 MIN_STAIN_ANGLE = 2.0  # degrees between the two stain vectors below which they are one colour
-
-
-class StainError(HistoboostError, ValueError):
-    """Normalisation is impossible for this image (e.g. blank); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +84,7 @@ def tissue_mask(rgb: np.ndarray, rule: TissueRule = "any") -> np.ndarray:
     and Macenko then washes them out; `any` keeps their tissue.
     """
     od = optical_density(rgb) >= OD_BETA
-    return od.any(axis=-1) if rule == "any" else od.all(axis=-1)
+    return np.any(od, axis=-1) if rule == "any" else np.all(od, axis=-1)
 
 
 def fit_macenko(rgb: np.ndarray, rule: TissueRule = "any") -> StainFit:
@@ -126,8 +123,12 @@ def render_stains(concentrations: np.ndarray, he: np.ndarray, shape: tuple[int, 
     return np.clip(rgb, 0, 255).astype(np.uint8).reshape(shape)
 
 
-def macenko_normalize(rgb: np.ndarray, he_ref: np.ndarray = MACENKO_HE_REF,
-                      max_c_ref: np.ndarray = MACENKO_MAX_C_REF, fit: StainFit | None = None) -> np.ndarray:
+def macenko_normalize(
+    rgb: np.ndarray,
+    he_ref: np.ndarray = MACENKO_HE_REF,
+    max_c_ref: np.ndarray = MACENKO_MAX_C_REF,
+    fit: StainFit | None = None,
+) -> np.ndarray:
     """Re-render an RGB uint8 image with the reference stain vectors and concentration scale."""
     fit = fit or fit_macenko(rgb)
     concentrations = stain_concentrations(optical_density(rgb), fit.he)
@@ -256,8 +257,9 @@ def _require_tissue(n_tissue: int, n_pixels: int) -> None:
         )
 
 
-def check_images(records: Sequence[ImageRecord], preprocess: PreprocessConfig, threads: int | None = None,
-                 progress: bool = False) -> tuple[dict[str, StainQC], list[Problem]]:
+def check_images(
+    records: Sequence[ImageRecord], preprocess: PreprocessConfig, threads: int | None = None, progress: bool = False
+) -> tuple[dict[str, StainQC], list[Problem]]:
     """Normalise each image at its working resolution and check the result (for `inspect`).
 
     Returns QC measurements by image id, and one problem per image that cannot be normalised
@@ -267,15 +269,23 @@ def check_images(records: Sequence[ImageRecord], preprocess: PreprocessConfig, t
 
     normalizer = Normalizer(preprocess.stain)
 
-    def one(record: ImageRecord) -> StainQC | StainError:
+    def one(record: ImageRecord) -> StainQC | StainError | None:
         try:
             return normalizer.normalize_with_qc(read_record(record, preprocess))[1]
         except StainError as err:
             return err
 
     with ThreadPoolExecutor(max_workers=max(1, threads or os.cpu_count() or 1)) as pool:
-        results = list(tqdm(pool.map(one, records), total=len(records), desc="checking stain", unit="img",
-                            disable=not progress, leave=False))
+        results = list(
+            tqdm(
+                pool.map(one, records),
+                total=len(records),
+                desc="checking stain",
+                unit="img",
+                disable=not progress,
+                leave=False,
+            )
+        )
     qcs: dict[str, StainQC] = {}
     problems: list[Problem] = []
     for record, result in zip(records, results):
@@ -283,10 +293,19 @@ def check_images(records: Sequence[ImageRecord], preprocess: PreprocessConfig, t
             problems.append(Problem(record.path, str(result), STAIN_FAILURE_FIX))
         elif result is not None:
             qcs[record.image_id] = result
-            fallback = {"reinhard": "Reinhard's normalisation (or none, if that fails too)",
-                        "none": "the un-normalised image", "keep": "this output anyway"}[preprocess.stain.on_failure]
-            problems.extend(Problem(record.path, f"stain normalisation: {flag}",
-                                    f"check the image (out of focus, faded or not H&E?); histoboost will use {fallback} "
-                                    "and refer it (preprocess.stain.on_failure)", "warning")
-                            for flag in result.flags)
+            fallback = {
+                "reinhard": "Reinhard's normalisation (or none, if that fails too)",
+                "none": "the un-normalised image",
+                "keep": "this output anyway",
+            }[preprocess.stain.on_failure]
+            problems.extend(
+                Problem(
+                    record.path,
+                    f"stain normalisation: {flag}",
+                    f"check the image (out of focus, faded or not H&E?); histoboost will use {fallback} "
+                    "and refer it (preprocess.stain.on_failure)",
+                    "warning",
+                )
+                for flag in result.flags
+            )
     return qcs, problems

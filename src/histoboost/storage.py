@@ -18,8 +18,9 @@ import shutil
 import threading
 import uuid
 from pathlib import Path
+from typing import TypeGuard
 
-from .config import HistoboostError
+from .errors import StorageError
 
 HOSTNAME_ENV = "HISTOBOOST_HOSTNAME"  # overrides the machine name (tests simulate two machines with it)
 LEASE_REFRESH_SECONDS = 10.0  # a lease holder touches its lease this often
@@ -43,7 +44,7 @@ def writer_id() -> str:
     return f"{host()}.{os.getpid()}.{_PROCESS_ID}"
 
 
-def is_url(location: Location) -> bool:
+def is_url(location: Location) -> TypeGuard[str]:
     return isinstance(location, str) and "://" in location and not location.startswith("file://")
 
 
@@ -51,15 +52,16 @@ def location(text: str | Path) -> Location:
     """A folder given by the user: a Path, or an fsspec URL kept as text (`file://` becomes a Path)."""
     text = str(text)
     if text.startswith("file://"):
-        return Path(text[len("file://"):])
+        return Path(text[len("file://") :])
     return text if "://" in text else Path(text)
 
 
 def local_folder(place: Location, purpose: str) -> Path:
     """`place` as a local (or mounted) folder; a URL is refused in one line, since `purpose` needs a file system."""
     if is_url(place):
-        raise StorageError(f"{place}: {purpose} need a folder, not a URL: give --cache-dir (or $HISTOBOOST_CACHE) "
-                              "as a folder")
+        raise StorageError(
+            f"{place}: {purpose} need a folder, not a URL: give --cache-dir (or $HISTOBOOST_CACHE) as a folder"
+        )
     return Path(place)
 
 
@@ -73,10 +75,6 @@ def name_of(target: Location) -> str:
     return str(target).rstrip("/").rsplit("/", 1)[-1] if is_url(target) else Path(target).name
 
 
-class StorageError(HistoboostError):
-    """A store location that cannot be used; the message says what to do."""
-
-
 def _fs(url: str):
     """fsspec's file system for `url`; one line when its protocol is unknown or its package is missing."""
     import fsspec
@@ -85,8 +83,10 @@ def _fs(url: str):
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise StorageError(f"{url}: cannot open this URL ({reason}): install the fsspec package for its protocol "
-                           "(s3fs for s3://, gcsfs for gs://, adlfs for az://) or give a folder") from None
+        raise StorageError(
+            f"{url}: cannot open this URL ({reason}): install the fsspec package for its protocol "
+            "(s3fs for s3://, gcsfs for gs://, adlfs for az://) or give a folder"
+        ) from None
 
 
 def make_folder(folder: Location) -> None:
@@ -138,6 +138,12 @@ def write_bytes(target: Location, data: bytes) -> None:
         raise
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a UTF-8 text file all at once (`write_bytes`: temporary, fsync, rename), so readers never see half a
+    file. File names that are not UTF-8 (surrogate escapes) are written as their original bytes."""
+    write_bytes(Path(path), text.encode("utf-8", errors="surrogateescape"))
+
+
 def write_npz(target: Location, arrays: dict, compressed: bool = False) -> None:
     """numpy arrays as one .npz, published at once (`write_bytes`)."""
     import io
@@ -167,7 +173,7 @@ def _writer_of(tmp_name: str) -> str:
     """The writer id (host.pid.random) in a temporary's name; "" when it names none."""
     if not tmp_name.endswith(_TEMP_SUFFIX):
         return ""
-    parts = tmp_name[:-len(_TEMP_SUFFIX)].rsplit(".", 3)  # .NAME (may hold dots) . HOST . PID . RANDOM
+    parts = tmp_name[: -len(_TEMP_SUFFIX)].rsplit(".", 3)  # .NAME (may hold dots) . HOST . PID . RANDOM
     return ".".join(parts[1:]) if len(parts) == 4 and parts[2].isdigit() else ""
 
 
@@ -194,8 +200,9 @@ class Lease:
                 self.path = None
                 return self
             stop = threading.Event()
-            thread = threading.Thread(target=_keep, args=(self.path, stop, self.refresh), daemon=True,
-                                      name="histoboost-lease")
+            thread = threading.Thread(
+                target=_keep, args=(self.path, stop, self.refresh), daemon=True, name="histoboost-lease"
+            )
             thread.start()
             _HELD[self.path] = [1, stop, thread]
         return self
@@ -248,7 +255,7 @@ def live_leases(folder: Path, now: float) -> set[str]:
     except writers on this machine whose process is dead."""
     fresh = set()
     for lease in folder.glob(f"{_LEASE_PREFIX}*"):
-        writer = lease.name[len(_LEASE_PREFIX):]
+        writer = lease.name[len(_LEASE_PREFIX) :]
         try:
             if now - lease.stat().st_mtime <= LEASE_FRESH_SECONDS and not _dead_here(writer):
                 fresh.add(writer)
@@ -269,8 +276,9 @@ def foreign_lease(folder: Path) -> bool:
     return now is not None and bool(live_leases(folder, now) - {writer_id()})
 
 
-def clear_abandoned(folder: Location, abandoned_after: float = ABANDONED_AFTER_SECONDS,
-                    pattern: str | None = None) -> list[str]:
+def clear_abandoned(
+    folder: Location, abandoned_after: float = ABANDONED_AFTER_SECONDS, pattern: str | None = None
+) -> list[str]:
     """Remove temporaries (files, or folders such as staged run folders) whose writer is gone, and stale leases. A
     temporary is abandoned when its writer ran on this machine and its process is dead, or when its writer holds
     no fresh lease and it is older than `abandoned_after` on the file server's clock. `pattern`: only the
@@ -293,11 +301,10 @@ def clear_abandoned(folder: Location, abandoned_after: float = ABANDONED_AFTER_S
             age = now - tmp.stat().st_mtime
         except FileNotFoundError:
             continue
-        if (writer and _dead_here(writer)) or (writer not in leases and age > abandoned_after):
-            if _remove(tmp):
-                removed.append(tmp.name)
+        if ((writer and _dead_here(writer)) or (writer not in leases and age > abandoned_after)) and _remove(tmp):
+            removed.append(tmp.name)
     for lease in folder.glob(f"{_LEASE_PREFIX}*"):
-        if lease.name[len(_LEASE_PREFIX):] not in leases:
+        if lease.name[len(_LEASE_PREFIX) :] not in leases:
             _remove(lease)
     return removed
 
@@ -341,6 +348,8 @@ def json_depth(value, limit: int) -> int:
     while stack and deepest <= limit:
         node, level = stack.pop()
         deepest = max(deepest, level)
-        stack.extend((child, level + 1) for child in
-                     (node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()))
+        stack.extend(
+            (child, level + 1)
+            for child in (node.values() if isinstance(node, dict) else node if isinstance(node, list) else ())
+        )
     return deepest

@@ -15,9 +15,9 @@ import warnings
 
 from PIL import Image
 
-from .. import __version__
-from ..config import HistoboostError
 from ..data import DataError
+from ..errors import HistoboostError
+from ..version import __version__
 from . import catalogue, dataset, experiment, model, slide, view
 from .options import parents, print_problems
 
@@ -44,8 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         where = f"{err.filename}: " if err.filename else ""
-        print(f"histoboost: error: {where}{err.strerror or err} (fix it and rerun: finished work is reused; --debug "
-              "shows the traceback)", file=sys.stderr)
+        print(
+            f"histoboost: error: {where}{err.strerror or err} (fix it and rerun: finished work is reused; --debug "
+            "shows the traceback)",
+            file=sys.stderr,
+        )
         return 1
     except DataError as err:
         print_problems(err.problems)

@@ -10,12 +10,24 @@ from pathlib import Path
 
 from .. import storage
 from ..slides.reader import MAX_PIXELS
-from .options import Parents, UsageError, batch_size, bundle_weights, count, device_of, engine_of, positive, shard, share
+from .options import (
+    Parents,
+    UsageError,
+    bundle_weights,
+    count,
+    engine_of,
+    positive,
+    runtime_of,
+    shard,
+    share,
+)
 
 
 def add_commands(commands, p: Parents) -> None:
     slide = commands.add_parser(
-        "slide", parents=[p.common, p.trust, p.engine], help="score whole-slide images (SVS, NDPI, MRXS, TIFF, ...) with a bundle",
+        "slide",
+        parents=[p.common, p.trust, p.engine],
+        help="score whole-slide images (SVS, NDPI, MRXS, TIFF, ...) with a bundle",
         description="Find the tissue, tile it at the bundle's training field of view and µm/px, score every tile with "
         "the bundle's own features and decision rule, and write OUT/<slide>/ (tiles.csv, heatmap.png, heatmap.npz, "
         "mask.png, <slide>.geojson.gz for QuPath, summary.json, report.html) and OUT/slides.csv. A slide that fails "
@@ -23,43 +35,89 @@ def add_commands(commands, p: Parents) -> None:
     )
     slide.add_argument("model", type=Path, metavar="MODEL", help="bundle folder or .zip from histoboost train")
     slide.add_argument("slides", type=Path, nargs="+", metavar="SLIDE_OR_DIR")
-    slide.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (one sub-folder per slide)")
+    slide.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="output folder (one sub-folder per slide)"
+    )
     group = slide.add_argument_group("geometry")
     group.add_argument("--mpp", type=positive, help="the slides' µm/px, for files that state none (never guessed)")
-    group.add_argument("--train-mpp", type=positive,
-                       help="µm/px of the bundle's training images, for bundles that do not record it (default 0.42, BACH's)")
+    group.add_argument(
+        "--train-mpp",
+        type=positive,
+        help="µm/px of the bundle's training images, for bundles that do not record it (default 0.42, BACH's)",
+    )
     group.add_argument("--tile-um", type=positive, help="tile side in µm (default: the training images' field of view)")
-    group.add_argument("--stride-um", type=positive, help="distance between tiles in µm (default: the tile side; "
-                       "smaller gives a finer, overlapping grid)")
-    group.add_argument("--min-tissue", type=share, default=0.5, help="score a tile when this share is tissue (default 0.5)")
-    group.add_argument("--tissue-mask", type=Path, metavar="PNG", help="a tissue mask image (non-zero = tissue) "
-                       "covering the whole slide, instead of the automatic one (one slide only)")
-    group.add_argument("--roi", type=Path, metavar="GEOJSON",
-                       help="only tissue inside these polygons (a QuPath annotation export; one slide only)")
-    group.add_argument("--max-pixels", type=positive, default=MAX_PIXELS, metavar="N",
-                       help="refuse, from its header, a slide of more full-resolution pixels (default 2e10: 200,000 x "
-                       "100,000); a slide without a pyramid must also fit a thumbnail (docs/slides.md)")
+    group.add_argument(
+        "--stride-um",
+        type=positive,
+        help="distance between tiles in µm (default: the tile side; smaller gives a finer, overlapping grid)",
+    )
+    group.add_argument(
+        "--min-tissue", type=share, default=0.5, help="score a tile when this share is tissue (default 0.5)"
+    )
+    group.add_argument(
+        "--tissue-mask",
+        type=Path,
+        metavar="PNG",
+        help="a tissue mask image (non-zero = tissue) "
+        "covering the whole slide, instead of the automatic one (one slide only)",
+    )
+    group.add_argument(
+        "--roi",
+        type=Path,
+        metavar="GEOJSON",
+        help="only tissue inside these polygons (a QuPath annotation export; one slide only)",
+    )
+    group.add_argument(
+        "--max-pixels",
+        type=positive,
+        default=MAX_PIXELS,
+        metavar="N",
+        help="refuse, from its header, a slide of more full-resolution pixels (default 2e10: 200,000 x "
+        "100,000); a slide without a pyramid must also fit a thumbnail (docs/slides.md)",
+    )
     group = slide.add_argument_group("scoring")
-    group.add_argument("--slide-augmentations", type=count(0, 1000), default=0, metavar="A",
-                       help="augmented views per tile for the map (default 0: one un-augmented view)")
-    group.add_argument("--confirm-top", type=count(0), default=20, metavar="K",
-                       help="re-score the K tiles most likely carcinoma with the bundle's full augmentation vote (default 20)")
-    group.add_argument("--stain-fit", choices=["slide", "tile"], default="slide",
-                       help="fit the stain normalisation once per slide (default) or per tile, as predict does per image")
+    group.add_argument(
+        "--slide-augmentations",
+        type=count(0, 1000),
+        default=0,
+        metavar="A",
+        help="augmented views per tile for the map (default 0: one un-augmented view)",
+    )
+    group.add_argument(
+        "--confirm-top",
+        type=count(0),
+        default=20,
+        metavar="K",
+        help="re-score the K tiles most likely carcinoma with the bundle's full augmentation vote (default 20)",
+    )
+    group.add_argument(
+        "--stain-fit",
+        choices=["slide", "tile"],
+        default="slide",
+        help="fit the stain normalisation once per slide (default) or per tile, as predict does per image",
+    )
     group.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     group.add_argument("--batch-size", type=count(1), help="tiles per network batch (default: 8 on CPU, 48 on CUDA)")
     group.add_argument("--readers", type=count(1, 64), default=2, help="tile-reading threads (default 2)")
-    group.add_argument("--shard", type=shard, metavar="K/N", help="only share K of N of the slides (by file name), "
-                       "for job arrays; writes OUT/slides-K-of-N.csv")
-    group.add_argument("--cache-dir", type=storage.location, help="where finished tiles are kept so an interrupted slide resumes "
-                       "(default: $HISTOBOOST_CACHE or ~/.cache/histoboost)")
+    group.add_argument(
+        "--shard",
+        type=shard,
+        metavar="K/N",
+        help="only share K of N of the slides (by file name), for job arrays; writes OUT/slides-K-of-N.csv",
+    )
+    group.add_argument(
+        "--cache-dir",
+        type=storage.location,
+        help="where finished tiles are kept so an interrupted slide resumes "
+        "(default: $HISTOBOOST_CACHE or ~/.cache/histoboost)",
+    )
     slide.set_defaults(run=_slide)
 
 
 def _slide(args: argparse.Namespace) -> int:
     from ..bundle import Bundle
     from ..slides import SlideSettings
-    from ..slides.run import check_slides_out, find_slides, predict_slides, slide_geometry, table_name
+    from ..slides.run import check_slides_out, find_slides, slide_geometry, table_name
 
     missing = [str(p) for p in args.slides if not p.exists()]
     if missing:
@@ -75,29 +133,40 @@ def _slide(args: argparse.Namespace) -> int:
     if args.cache_dir is not None:
         storage.local_folder(args.cache_dir, "slide tile caches")
     check_slides_out(args.out, args.shard)  # before any work
-    device = device_of(args.device)
-    bundle = Bundle.load(args.model, device, args.expect_sha256, args.trusted_key, bundle_weights(args))
-    settings = SlideSettings(args.mpp, args.train_mpp, args.tile_um, args.stride_um, args.min_tissue,
-                             args.slide_augmentations, args.confirm_top, args.stain_fit,
-                             str(args.tissue_mask) if args.tissue_mask else None, str(args.roi) if args.roi else None,
-                             args.max_pixels)
+    bundle = Bundle.load(args.model, runtime_of(args), args.expect_sha256, args.trusted_key, bundle_weights(args))
+    settings = SlideSettings(
+        args.mpp,
+        args.train_mpp,
+        args.tile_um,
+        args.stride_um,
+        args.min_tissue,
+        args.slide_augmentations,
+        args.confirm_top,
+        args.stain_fit,
+        str(args.tissue_mask) if args.tissue_mask else None,
+        str(args.roi) if args.roi else None,
+        args.max_pixels,
+    )
 
     def report(row: dict) -> None:
         if row["status"] == "ok":
             refer = f"; refer: {row['refer']}" if row["refer"] else ""
-            print(f"{row['slide']}: {row['call']} ({row['carcinoma_regions']} carcinoma region(s), tissue "
-                  f"{row['tissue_mm2']} mm²{refer}) -> {row['out']}")
+            print(
+                f"{row['slide']}: {row['call']} ({row['carcinoma_regions']} carcinoma region(s), tissue "
+                f"{row['tissue_mm2']} mm²{refer}) -> {row['out']}"
+            )
         else:
             print(f"histoboost: error: {row['error']}", file=sys.stderr)  # the message names the slide
 
-    for note in slide_geometry(bundle, settings).notes:
+    for note in slide_geometry(bundle.predictor, settings).notes:
         print(f"histoboost: warning: {note}", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the notes above, said once rather than per slide
         with engine_of(args) as engine:
-            rows = predict_slides(bundle, slides, args.out, settings, device, batch_size(args, device), args.readers,
-                                  args.cache_dir, progress=not args.quiet, on_result=report, engine=engine,
-                                  shard=args.shard, bundle_path=args.model, bundle_weights=bundle_weights(args))
-    print(f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} slide(s) scored -> "
-          f"{args.out / table_name(args.shard)} (research use only)")
+            bundle.predictor = bundle.predictor.using(runtime_of(args, engine))
+            rows = bundle.predict_slides(slides, args.out, settings, on_result=report, shard=args.shard)
+    print(
+        f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} slide(s) scored -> "
+        f"{args.out / table_name(args.shard)} (research use only)"
+    )
     return 1 if any(r["status"] != "ok" for r in rows) else 0

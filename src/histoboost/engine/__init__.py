@@ -7,86 +7,42 @@ function runs in both places and gives the same bytes at the same threads per pr
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
 
-from ..config import HistoboostError
+from ..errors import EngineError
+from .core import (
+    ENGINES,
+    SCHEDULER_ENV,
+    Engine,
+    EngineSpec,
+    LocalEngine,
+    TaskLost,
+    check_threads,
+    process_resource,
+    shard_of,
+)
 
-ENGINES = ("local", "dask")
-SCHEDULER_ENV = "HISTOBOOST_SCHEDULER"
-
-
-class EngineError(HistoboostError):
-    """The engine cannot start or reach its workers; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class TaskLost:
-    """A task whose worker died every time it ran it (a poison input): its outcome instead of a result."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """How to run: `local`, or `dask` on the scheduler at `scheduler` (an address) or in `scheduler_file`; with
-    neither, `dask` starts a LocalCluster of `workers` processes. `threads` is torch's and XGBoost's threads in
-    each process (equal threads give equal bytes); `memory_limit` is per LocalCluster worker, e.g. "4GiB"."""
-
-    kind: str = "local"
-    scheduler: str | None = None
-    scheduler_file: str | None = None
-    workers: int | None = None
-    threads: int | None = None
-    memory_limit: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in ENGINES:
-            raise EngineError(f"unknown engine {self.kind!r}: use one of {', '.join(ENGINES)}")
-        if self.kind == "local" and (self.scheduler or self.scheduler_file):
-            raise EngineError("--scheduler and --scheduler-file need --engine dask")
-
-
-class LocalEngine:
-    """Tasks one after the other in this process."""
-
-    kind = "local"
-    dashboard = None
-
-    def __init__(self, threads: int | None = None):
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.threads = threads  # None: torch's default and XGBoost on all cores
-        self.workers = 1
-
-    def share(self, value: Any) -> Any:
-        """A large argument many tasks read (a feature matrix): here, the value itself."""
-        return value
-
-    def map(self, fn: Callable, tasks: Sequence[tuple], split: Callable | None = None
-            ) -> Iterator[tuple[tuple, Any]]:
-        """(task, fn(*task)) for each task, in order."""
-        for task in tasks:
-            yield task, fn(*task)
-
-    def describe(self) -> dict:
-        import torch
-
-        return {"engine": "local", "workers": 1, "threads_per_worker": torch.get_num_threads()}
-
-    def close(self) -> None:
-        pass
+__all__ = [
+    "ENGINES",
+    "SCHEDULER_ENV",
+    "Engine",
+    "EngineError",
+    "EngineSpec",
+    "LocalEngine",
+    "TaskLost",
+    "check_threads",
+    "open_engine",
+    "process_resource",
+    "shard_of",
+]
 
 
 @contextmanager
-def open_engine(spec: EngineSpec | None = None) -> Iterator[Any]:
+def open_engine(spec: EngineSpec | None = None) -> Iterator[Engine]:
     """The engine for `spec`, closed (its LocalCluster shut down, the caller's environment restored) at the end."""
     spec = spec or EngineSpec()
+    engine: Engine
     if spec.kind == "local":
         engine = LocalEngine(spec.threads)
     else:
@@ -99,36 +55,3 @@ def open_engine(spec: EngineSpec | None = None) -> Iterator[Any]:
         yield engine
     finally:
         engine.close()
-
-
-def shard_of(items: Sequence, shard: tuple[int, int], key: Callable[[Any], str]) -> list:
-    """Share K of N (K from 1) of `items`, by a hash of each item's key: the same items whatever the order they
-    come in or the machine, and every item in exactly one share (for job arrays that run no engine at all)."""
-    import hashlib
-
-    k, n = shard
-    return [item for item in items
-            if int.from_bytes(hashlib.sha256(key(item).encode()).digest()[:8], "big") % n == k - 1]
-
-
-def check_threads(threads: int) -> None:
-    """Refuse to compute at another thread count than asked: a result's bytes depend on it."""
-    import torch
-
-    if torch.get_num_threads() != threads:
-        raise EngineError(f"this process runs torch with {torch.get_num_threads()} threads, not the {threads} asked: "
-                          "a Dask worker needs histoboost's worker settings (registered when histoboost connects)")
-
-
-_RESOURCES: dict[Any, Any] = {}
-_RESOURCES_LOCK = threading.Lock()
-
-
-def process_resource(key: Any, factory: Callable[[], Any]) -> Any:
-    """One object per process and key, built on first use (a worker's backbone or bundle): tasks carry only the
-    key (names, paths, hashes), never the model, and a worker builds it once however many tasks it runs."""
-    with _RESOURCES_LOCK:
-        if key not in _RESOURCES:
-            _RESOURCES.clear()  # one model at a time: a worker moving to another backbone frees the last one
-            _RESOURCES[key] = factory()
-        return _RESOURCES[key]

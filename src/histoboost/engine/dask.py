@@ -18,7 +18,8 @@ import distributed
 from distributed import WorkerPlugin
 
 from ..allocator import KEEP_FREED_ENVIRONMENT
-from . import SCHEDULER_ENV, EngineError, EngineSpec, TaskLost
+from ..errors import EngineError
+from .core import SCHEDULER_ENV, EngineSpec, Task, TaskLost
 
 PLUGIN_NAME = "histoboost"
 WORKER_WAIT_SECONDS = 300.0  # batch-queued workers may take minutes to join
@@ -58,7 +59,7 @@ class WorkerSettings(WorkerPlugin):
         mallopt(KEEP_FREED_IN_THREADS)
 
     def teardown(self, worker=None) -> None:
-        from . import _RESOURCES, _RESOURCES_LOCK
+        from .core import _RESOURCES, _RESOURCES_LOCK
 
         with _RESOURCES_LOCK:
             _RESOURCES.clear()
@@ -90,21 +91,25 @@ class DaskEngine:
             # blamed twice and lost. 1.0: a worker holds only the task it runs.
             "distributed.scheduler.worker-saturation": 1.0,
         }
-        self.client = None
+        self.client: Any = None  # a distributed.Client once connected; None only while connecting fails
         self.caller_environment = caller_environment
         where = address or spec.scheduler_file
         try:
             if where:
-                check_scheduler(address or _address_in(spec.scheduler_file), where)
+                check_scheduler(address or _address_in(str(spec.scheduler_file)), where)
             with dask.config.set(settings):
                 if where:
                     # timeout: Dask's distributed.comm.timeouts.connect (30 s unless configured)
                     self.client = distributed.Client(address, scheduler_file=spec.scheduler_file)
                 else:
                     self.cluster = distributed.LocalCluster(
-                        n_workers=spec.workers or max(1, (os.cpu_count() or 1) // self.threads), threads_per_worker=1,
-                        processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                        memory_limit=spec.memory_limit or "auto")
+                        n_workers=spec.workers or max(1, (os.cpu_count() or 1) // self.threads),
+                        threads_per_worker=1,
+                        processes=True,
+                        host="127.0.0.1",
+                        dashboard_address="127.0.0.1:0",
+                        memory_limit=spec.memory_limit or "auto",
+                    )
                     self.client = distributed.Client(self.cluster)
             self.client.register_plugin(WorkerSettings(self.threads), name=PLUGIN_NAME)
             self._wait_for_workers(where)
@@ -115,10 +120,13 @@ class DaskEngine:
             self.close()
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             if not where:
-                raise EngineError(f"cannot start a local Dask cluster ({reason}): check --workers and --memory-limit")\
-                    from None
-            raise EngineError(f"cannot reach the Dask scheduler at {where} ({reason}): start it (dask scheduler) "
-                              f"or fix --scheduler, --scheduler-file or ${SCHEDULER_ENV}") from None
+                raise EngineError(
+                    f"cannot start a local Dask cluster ({reason}): check --workers and --memory-limit"
+                ) from None
+            raise EngineError(
+                f"cannot reach the Dask scheduler at {where} ({reason}): start it (dask scheduler) "
+                f"or fix --scheduler, --scheduler-file or ${SCHEDULER_ENV}"
+            ) from None
         finally:
             _restore(caller_environment)
         workers = self.client.scheduler_info()["workers"].values()
@@ -131,22 +139,25 @@ class DaskEngine:
         try:
             self.client.wait_for_workers(1, timeout=WORKER_WAIT_SECONDS)
         except TimeoutError:
-            raise EngineError(f"no Dask worker joined the scheduler at {where} in {WORKER_WAIT_SECONDS:.0f} s: start "
-                              "workers (dask worker ADDRESS) or wait for your batch jobs, then rerun") from None
+            raise EngineError(
+                f"no Dask worker joined the scheduler at {where} in {WORKER_WAIT_SECONDS:.0f} s: start "
+                "workers (dask worker ADDRESS) or wait for your batch jobs, then rerun"
+            ) from None
 
     def share(self, value: Any) -> Any:
         """Send a large argument (a feature matrix) to the workers once, not once per task."""
         return self.client.scatter(value, broadcast=True)
 
-    def map(self, fn: Callable, tasks: Sequence[tuple], split: Callable[[tuple], list[tuple]] | None = None
-            ) -> Iterator[tuple[tuple, Any]]:
+    def map(
+        self, fn: Callable[[Task], Any], tasks: Sequence[Task], split: Callable[[Task], list[Task]] | None = None
+    ) -> Iterator[tuple[Task, Any]]:
         """(task, result) as tasks finish. A task whose workers died (KilledWorker) is split by `split` and its
         pieces run again; one that cannot be split yields TaskLost. Task errors are raised here."""
         from distributed import KilledWorker, as_completed
 
         pending = {}
         for task in tasks:
-            pending[self.client.submit(fn, *task, pure=False)] = task
+            pending[self.client.submit(fn, task, pure=False)] = task
         finished = as_completed(list(pending))
         for future in finished:
             task = pending.pop(future)
@@ -156,7 +167,7 @@ class DaskEngine:
                 pieces = split(task) if split else []
                 if len(pieces) > 1:
                     for piece in pieces:
-                        again = self.client.submit(fn, *piece, pure=False)
+                        again = self.client.submit(fn, piece, pure=False)
                         pending[again] = piece
                         finished.add(again)
                     continue
@@ -168,14 +179,21 @@ class DaskEngine:
     def memory_note(self) -> str:
         """Why every task's worker may have died, and the fix: the workers' memory limit against what one needs."""
         limit = f"{self.memory_limit / 2**30:.2f} GiB per worker" if self.memory_limit else "none set"
-        return (f"the workers' memory limit ({limit}) is likely below what one needs (a worker extracting the quick "
-                f"preset's features peaked at {WORKER_PEAK_GIB} GiB on a 2-core test machine, more for bigger crops or "
-                "networks): raise --memory-limit, run fewer workers per machine, or read the workers' logs")
+        return (
+            f"the workers' memory limit ({limit}) is likely below what one needs (a worker extracting the quick "
+            f"preset's features peaked at {WORKER_PEAK_GIB} GiB on a 2-core test machine, more for bigger crops or "
+            "networks): raise --memory-limit, run fewer workers per machine, or read the workers' logs"
+        )
 
     def describe(self) -> dict:
         info = self.client.scheduler_info()["workers"]
-        return {"engine": "dask", "scheduler": self.client.scheduler.address, "workers": len(info),
-                "threads_per_worker": self.threads, "dashboard": self.dashboard}
+        return {
+            "engine": "dask",
+            "scheduler": self.client.scheduler.address,
+            "workers": len(info),
+            "threads_per_worker": self.threads,
+            "dashboard": self.dashboard,
+        }
 
     def close(self) -> None:
         if self.client is not None:
@@ -199,15 +217,19 @@ def check_scheduler(address: str, where: str) -> None:
     except (ValueError, TypeError):
         raise EngineError(f"{where}: {address!r} is not a Dask address: give e.g. tcp://HOST:8786") from None
     if scheme not in SCHEMES:
-        raise EngineError(f"{where}: the {scheme}:// transport is not supported: use tcp://, tls:// (with Dask's TLS "
-                          "settings) or inproc://")
+        raise EngineError(
+            f"{where}: the {scheme}:// transport is not supported: use tcp://, tls:// (with Dask's TLS "
+            "settings) or inproc://"
+        )
     if scheme == "tls":
         tls = dask.config.get("distributed.comm.tls", {}) or {}
         client = tls.get("client", {}) or {}
         if not (tls.get("ca-file") and client.get("cert")):
-            raise EngineError(f"{where}: tls:// needs Dask's TLS settings: set distributed.comm.tls.ca-file and "
-                              "distributed.comm.tls.client.cert (and .key) in Dask's config, e.g. "
-                              "DASK_DISTRIBUTED__COMM__TLS__CA_FILE=ca.pem")
+            raise EngineError(
+                f"{where}: tls:// needs Dask's TLS settings: set distributed.comm.tls.ca-file and "
+                "distributed.comm.tls.client.cert (and .key) in Dask's config, e.g. "
+                "DASK_DISTRIBUTED__COMM__TLS__CA_FILE=ca.pem"
+            )
         return  # a TLS server answers only after the TLS handshake, which Dask's client makes
     if scheme == "inproc":
         return
@@ -217,8 +239,10 @@ def check_scheduler(address: str, where: str) -> None:
         sock = socket.create_connection((host, port), timeout=seconds)
     except (OSError, ValueError) as err:
         reason = getattr(err, "strerror", None) or str(err).splitlines()[0] or type(err).__name__
-        raise EngineError(f"cannot reach the Dask scheduler at {where} ({reason}): start it (dask scheduler) or fix "
-                          f"--scheduler, --scheduler-file or ${SCHEDULER_ENV}") from None
+        raise EngineError(
+            f"cannot reach the Dask scheduler at {where} ({reason}): start it (dask scheduler) or fix "
+            f"--scheduler, --scheduler-file or ${SCHEDULER_ENV}"
+        ) from None
     head = b""
     with sock:
         try:
@@ -227,8 +251,10 @@ def check_scheduler(address: str, where: str) -> None:
         except OSError:  # silent for Dask's connect timeout, or reset: not a Dask server
             pass
     if len(head) < 8 or not 0 < struct.unpack("<Q", head)[0] <= MAX_HANDSHAKE_BYTES:
-        raise EngineError(f"{where}: the service at {host}:{port} does not answer like a Dask scheduler: give the "
-                          "scheduler's address (dask scheduler prints it)")
+        raise EngineError(
+            f"{where}: the service at {host}:{port} does not answer like a Dask scheduler: give the "
+            "scheduler's address (dask scheduler prints it)"
+        )
 
 
 def _address_in(scheduler_file: str) -> str:
@@ -239,8 +265,10 @@ def _address_in(scheduler_file: str) -> str:
         with open(scheduler_file, encoding="utf-8") as handle:
             address = json.load(handle)["address"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise EngineError(f"{scheduler_file}: not a Dask scheduler file ({type(err).__name__}: {err}): give the file "
-                          "that dask scheduler --scheduler-file wrote") from None
+        raise EngineError(
+            f"{scheduler_file}: not a Dask scheduler file ({type(err).__name__}: {err}): give the file "
+            "that dask scheduler --scheduler-file wrote"
+        ) from None
     if not isinstance(address, str):
         raise EngineError(f"{scheduler_file}: not a Dask scheduler file (its address is not text)")
     return address

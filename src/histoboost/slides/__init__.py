@@ -17,4 +17,5 @@ def __getattr__(name: str):
         return getattr(run, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = ["Slide", "SlideError", "SlideResult", "SlideSettings", "open_slide", "predict_slide", "predict_slides"]

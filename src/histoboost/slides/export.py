@@ -53,20 +53,44 @@ def tile_rows(grid: TileGrid, scores: TileScores, scheme: ClassScheme) -> list[d
     rows = []
     for i, (x0, y0, x1, y1) in enumerate(grid.boxes.tolist()):
         k = int(scores.decision[i])
-        rows.append({
-            "x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0, "row": int(grid.rows[i]), "col": int(grid.cols[i]),
-            "tissue_fraction": round(float(grid.tissue[i]), 4),
-            **{f"p_{c}": round(float(p), 6) for c, p in zip(scheme.classes, scores.probs[i])},
-            "p_carcinoma": round(float(p_carcinoma[i]), 6), "class": scheme.classes[k], "group": scheme.groups[k],
-            "agreement": round(float(scores.agreement[i]), 3), "confirmed": int(scores.confirmed[i]),
-            "refer": scores.refer[i],
-        })
+        rows.append(
+            {
+                "x": x0,
+                "y": y0,
+                "width": x1 - x0,
+                "height": y1 - y0,
+                "row": int(grid.rows[i]),
+                "col": int(grid.cols[i]),
+                "tissue_fraction": round(float(grid.tissue[i]), 4),
+                **{f"p_{c}": round(float(p), 6) for c, p in zip(scheme.classes, scores.probs[i])},
+                "p_carcinoma": round(float(p_carcinoma[i]), 6),
+                "class": scheme.classes[k],
+                "group": scheme.groups[k],
+                "agreement": round(float(scores.agreement[i]), 3),
+                "confirmed": int(scores.confirmed[i]),
+                "refer": scores.refer[i],
+            }
+        )
     return rows
 
 
 def write_tiles_csv(path: Path, rows: list[dict], scheme: ClassScheme) -> None:
-    fields = ["x", "y", "width", "height", "row", "col", "tissue_fraction", *(f"p_{c}" for c in scheme.classes),
-              "p_carcinoma", "class", "group", "agreement", "confirmed", "refer"]
+    fields = [
+        "x",
+        "y",
+        "width",
+        "height",
+        "row",
+        "col",
+        "tissue_fraction",
+        *(f"p_{c}" for c in scheme.classes),
+        "p_carcinoma",
+        "class",
+        "group",
+        "agreement",
+        "confirmed",
+        "refer",
+    ]
     path.write_text(csv_text(rows, fields), encoding="utf-8")
 
 
@@ -81,9 +105,18 @@ def write_heatmap_npz(path: Path, grid: TileGrid, scores: TileScores, scheme: Cl
     decision[grid.rows, grid.cols] = scores.decision
     tissue[grid.rows, grid.cols] = grid.tissue
     p_carcinoma = np.where(decision >= 0, probs[..., np.asarray(scheme.groups) > 0].sum(axis=-1), np.nan)
-    np.savez_compressed(path, probs=probs, p_carcinoma=p_carcinoma.astype(np.float32), decision=decision,
-                        tissue=tissue, classes=np.array(scheme.classes), start=np.array(grid.start),
-                        tile_px=np.float64(grid.tile_px), stride_px=np.float64(grid.stride_px), mpp=np.float64(mpp))
+    np.savez_compressed(
+        path,
+        probs=probs,
+        p_carcinoma=p_carcinoma.astype(np.float32),
+        decision=decision,
+        tissue=tissue,
+        classes=np.array(scheme.classes),
+        start=np.array(grid.start),
+        tile_px=np.float64(grid.tile_px),
+        stride_px=np.float64(grid.stride_px),
+        mpp=np.float64(mpp),
+    )
 
 
 # -- pictures -------------------------------------------------------------------------------------------
@@ -109,12 +142,27 @@ def footprints(grid: TileGrid, factor: float, shape: tuple[int, int]) -> list[tu
     """Each tile's cell on a picture with `factor` full-resolution px per pixel: the stride-sized square at the
     tile's centre (the tile itself when tiles do not overlap), clipped to the picture."""
     cells = (_cell(box, grid.stride_px) for box in grid.boxes.tolist())
-    return [(max(0, round(x0 / factor)), max(0, round(y0 / factor)), min(shape[1], round(x1 / factor)),
-             min(shape[0], round(y1 / factor))) for x0, y0, x1, y1 in cells]
+    return [
+        (
+            max(0, round(x0 / factor)),
+            max(0, round(y0 / factor)),
+            min(shape[1], round(x1 / factor)),
+            min(shape[0], round(y1 / factor)),
+        )
+        for x0, y0, x1, y1 in cells
+    ]
 
 
-def write_heatmap_png(path: Path, thumb: np.ndarray, factor: float, grid: TileGrid, scores: TileScores,
-                      scheme: ClassScheme, mpp: float, title: str) -> None:
+def write_heatmap_png(
+    path: Path,
+    thumb: np.ndarray,
+    factor: float,
+    grid: TileGrid,
+    scores: TileScores,
+    scheme: ClassScheme,
+    mpp: float,
+    title: str,
+) -> None:
     """Two panels over the slide thumbnail: p(carcinoma) per tile (cividis, colour-blind safe) and the class
     of each tile (Okabe-Ito colours), with a colour bar, a legend and a scale bar."""
     import matplotlib
@@ -137,19 +185,31 @@ def write_heatmap_png(path: Path, thumb: np.ndarray, factor: float, grid: TileGr
     aspect = w / max(h, 1)
     fig, axes = plt.subplots(1, 2, figsize=(min(16, 2 * 6 * aspect + 2), 6.8), dpi=110, squeeze=True)
     image = axes[0].imshow(thumb)
-    image = axes[0].imshow(np.ma.masked_invalid(p_map), cmap="cividis", vmin=0, vmax=1, alpha=0.6,
-                           interpolation="nearest")
+    image = axes[0].imshow(
+        np.ma.masked_invalid(p_map), cmap="cividis", vmin=0, vmax=1, alpha=0.6, interpolation="nearest"
+    )
     fig.colorbar(image, ax=axes[0], fraction=0.046, pad=0.02, label="p(carcinoma) = p(in situ) + p(invasive)")
     axes[1].imshow(thumb)
     axes[1].imshow(class_rgba, interpolation="nearest")
-    axes[1].legend(handles=[Patch(color=np.asarray(class_color(scheme, k)) / 255, label=c)
-                            for k, c in enumerate(scheme.classes)], loc="upper right", fontsize=8, framealpha=0.85)
+    # matplotlib takes any RGB sequence as a colour; its stubs name tuples only.
+    axes[1].legend(
+        handles=[
+            Patch(color=np.asarray(class_color(scheme, k)) / 255, label=c)  # type: ignore[arg-type]
+            for k, c in enumerate(scheme.classes)
+        ],
+        loc="upper right",
+        fontsize=8,
+        framealpha=0.85,
+    )
     for ax, label in zip(axes, ("carcinoma probability per tile", "class per tile")):
         ax.set_title(label, fontsize=10)
         ax.set_axis_off()
         _scale_bar(ax, w, h, factor * mpp)
-    fig.suptitle(f"{title}\nResearch use only: the image classifier's scores on slide tiles; no slide-level "
-                 "accuracy has been measured.", fontsize=9)
+    fig.suptitle(
+        f"{title}\nResearch use only: the image classifier's scores on slide tiles; no slide-level "
+        "accuracy has been measured.",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -158,12 +218,19 @@ def write_heatmap_png(path: Path, thumb: np.ndarray, factor: float, grid: TileGr
 def _scale_bar(ax, w: int, h: int, um_per_pixel: float) -> None:
     """A bar of a round length (about a fifth of the picture) in the lower left corner."""
     target = w * um_per_pixel / 5
-    length = max((c * 10**e for e in range(0, 6) for c in (1, 2, 5) if c * 10**e <= target), default=1)
+    length = max((c * 10**e for e in range(6) for c in (1, 2, 5) if c * 10**e <= target), default=1)
     px = length / um_per_pixel
     x, y = 0.04 * w, 0.95 * h
     ax.plot([x, x + px], [y, y], color="black", linewidth=3, solid_capstyle="butt")
-    ax.text(x + px / 2, y - 0.015 * h, f"{length / 1000:g} mm" if length >= 1000 else f"{length:g} µm",
-            ha="center", va="bottom", fontsize=8, bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0})
+    ax.text(
+        x + px / 2,
+        y - 0.015 * h,
+        f"{length / 1000:g} mm" if length >= 1000 else f"{length:g} µm",
+        ha="center",
+        va="bottom",
+        fontsize=8,
+        bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0},
+    )
 
 
 # -- QuPath GeoJSON -------------------------------------------------------------------------------------
@@ -174,8 +241,11 @@ def carcinoma_regions(grid: TileGrid, scores: TileScores, scheme: ClassScheme, s
     pixels (tile cells merged, clipped to the slide), largest first."""
     import shapely
 
-    cells = [shapely.box(*_cell(box, grid.stride_px)) for box, k in zip(grid.boxes.tolist(), scores.decision)
-             if scheme.groups[int(k)] > 0]
+    cells = [
+        shapely.box(*_cell(box, grid.stride_px))
+        for box, k in zip(grid.boxes.tolist(), scores.decision)
+        if scheme.groups[int(k)] > 0
+    ]
     if not cells:
         return []
     union = shapely.make_valid(shapely.unary_union(cells).intersection(shapely.box(0, 0, *size)))
@@ -194,8 +264,18 @@ def _cell(box: list[int], stride: float) -> tuple[float, float, float, float]:
     return cx - half, cy - half, cx + half, cy + half
 
 
-def write_geojson(path: Path, rows: list[dict], scheme: ClassScheme, size: tuple[int, int], tissue,
-                  regions: list, region_classes: list[str], region_mm2: list[float], ids: str, mpp: float) -> int:
+def write_geojson(
+    path: Path,
+    rows: list[dict],
+    scheme: ClassScheme,
+    size: tuple[int, int],
+    tissue,
+    regions: list,
+    region_classes: list[str],
+    region_mm2: list[float],
+    ids: str,
+    mpp: float,
+) -> int:
     """A gzipped FeatureCollection for QuPath (File > Import objects): one "tile" detection per scored tile,
     an annotation outlining the tissue and one per carcinoma region. Ids are UUIDv5 of (`ids`, the object),
     so the same slide and bundle give the same file. Returns the number of features."""
@@ -207,23 +287,47 @@ def write_geojson(path: Path, rows: list[dict], scheme: ClassScheme, size: tuple
         box = shapely.box(row["x"], row["y"], row["x"] + row["width"], row["y"] + row["height"]).intersection(frame)
         k = scheme.classes.index(row["class"])
         measurements = {f"p_{c}": row[f"p_{c}"] for c in scheme.classes}
-        measurements.update(p_carcinoma=row["p_carcinoma"], tissue_fraction=row["tissue_fraction"],
-                            agreement=row["agreement"])
-        features.append(_feature(f"{ids}|tile|{row['x']},{row['y']},{row['width']},{row['height']}", box, {
-            "objectType": "tile", "isLocked": True,
-            "classification": {"name": row["class"], "color": list(class_color(scheme, k))},
-            "measurements": {m: v for m, v in measurements.items() if math.isfinite(v)},
-        }))
+        measurements.update(
+            p_carcinoma=row["p_carcinoma"], tissue_fraction=row["tissue_fraction"], agreement=row["agreement"]
+        )
+        features.append(
+            _feature(
+                f"{ids}|tile|{row['x']},{row['y']},{row['width']},{row['height']}",
+                box,
+                {
+                    "objectType": "tile",
+                    "isLocked": True,
+                    "classification": {"name": row["class"], "color": list(class_color(scheme, k))},
+                    "measurements": {m: v for m, v in measurements.items() if math.isfinite(v)},
+                },
+            )
+        )
     if not tissue.is_empty:
-        features.append(_feature(f"{ids}|tissue", tissue, {
-            "objectType": "annotation", "name": f"tissue ({tissue.area * mpp**2 / 1e6:.2f} mm²)",
-            "classification": {"name": "Tissue", "color": list(TISSUE_COLOR)},
-            "measurements": {"area_mm2": round(tissue.area * mpp**2 / 1e6, 4)}}))
+        features.append(
+            _feature(
+                f"{ids}|tissue",
+                tissue,
+                {
+                    "objectType": "annotation",
+                    "name": f"tissue ({tissue.area * mpp**2 / 1e6:.2f} mm²)",
+                    "classification": {"name": "Tissue", "color": list(TISSUE_COLOR)},
+                    "measurements": {"area_mm2": round(tissue.area * mpp**2 / 1e6, 4)},
+                },
+            )
+        )
     for n, (region, name, area) in enumerate(zip(regions, region_classes, region_mm2), start=1):
-        features.append(_feature(f"{ids}|region|{n}", region, {
-            "objectType": "annotation", "name": f"carcinoma region {n} ({area:.2f} mm² of tissue, mostly {name})",
-            "classification": {"name": f"Carcinoma region {name}", "color": list(REGION_COLOR)},
-            "measurements": {"tissue_area_mm2": round(area, 4)}}))
+        features.append(
+            _feature(
+                f"{ids}|region|{n}",
+                region,
+                {
+                    "objectType": "annotation",
+                    "name": f"carcinoma region {n} ({area:.2f} mm² of tissue, mostly {name})",
+                    "classification": {"name": f"Carcinoma region {name}", "color": list(REGION_COLOR)},
+                    "measurements": {"tissue_area_mm2": round(area, 4)},
+                },
+            )
+        )
     with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as out:
         out.write(b'{"type": "FeatureCollection", "features": [\n')
         for n, feature in enumerate(features):
@@ -235,8 +339,12 @@ def write_geojson(path: Path, rows: list[dict], scheme: ClassScheme, size: tuple
 def _feature(key: str, geometry, properties: dict) -> dict:
     from shapely.geometry import mapping
 
-    return {"type": "Feature", "id": str(uuid.uuid5(_NAMESPACE, key)),
-            "geometry": json.loads(json.dumps(mapping(polygonal(geometry)))), "properties": properties}
+    return {
+        "type": "Feature",
+        "id": str(uuid.uuid5(_NAMESPACE, key)),
+        "geometry": json.loads(json.dumps(mapping(polygonal(geometry)))),
+        "properties": properties,
+    }
 
 
 # -- report ---------------------------------------------------------------------------------------------
@@ -260,38 +368,57 @@ def write_report(path: Path, summary: dict, rows: list[dict], top: list[int], pi
     carcinoma tiles with their probabilities."""
     e = html.escape
     call = summary["call"]
-    table = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in [
-        ("slide", summary["slide"]["path"]), ("call", f"{call['group']} ({call['rule']})"),
-        ("refer", "; ".join(summary["refer"]) or "no"), ("tissue", f"{summary['tissue']['area_mm2']:.2f} mm²"),
-        *((f"area {c}", f"{a:.2f} mm²") for c, a in summary["area_mm2"].items()),
-        ("carcinoma regions", f"{summary['carcinoma_regions']['count']} (largest "
-                              f"{summary['carcinoma_regions']['largest_mm2']:.2f} mm²)"),
-        ("tiles", f"{summary['tiles']['scored']} scored of {summary['tiles']['in_grid']} in the grid "
-                  f"({summary['tiles']['confirmed']} confirmed with the full vote)"),
-        ("tile", f"{summary['geometry']['tile_um']:.0f} µm at {summary['geometry']['working_mpp']:.3g} µm/px, "
-                 f"stride {summary['geometry']['stride_um']:.0f} µm"),
-        ("stain", summary["stain"]), ("µm/px", f"{summary['slide']['mpp']:.4g} ({summary['slide']['mpp_source']})"),
-        ("bundle", summary["bundle"]["sha256"]), ("histoboost", summary["histoboost"]),
-    ])
+    table = "".join(
+        f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>"
+        for k, v in [
+            ("slide", summary["slide"]["path"]),
+            ("call", f"{call['group']} ({call['rule']})"),
+            ("refer", "; ".join(summary["refer"]) or "no"),
+            ("tissue", f"{summary['tissue']['area_mm2']:.2f} mm²"),
+            *((f"area {c}", f"{a:.2f} mm²") for c, a in summary["area_mm2"].items()),
+            (
+                "carcinoma regions",
+                f"{summary['carcinoma_regions']['count']} (largest "
+                f"{summary['carcinoma_regions']['largest_mm2']:.2f} mm²)",
+            ),
+            (
+                "tiles",
+                f"{summary['tiles']['scored']} scored of {summary['tiles']['in_grid']} in the grid "
+                f"({summary['tiles']['confirmed']} confirmed with the full vote)",
+            ),
+            (
+                "tile",
+                f"{summary['geometry']['tile_um']:.0f} µm at {summary['geometry']['working_mpp']:.3g} µm/px, "
+                f"stride {summary['geometry']['stride_um']:.0f} µm",
+            ),
+            ("stain", summary["stain"]),
+            ("µm/px", f"{summary['slide']['mpp']:.4g} ({summary['slide']['mpp_source']})"),
+            ("bundle", summary["bundle"]["sha256"]),
+            ("histoboost", summary["histoboost"]),
+        ]
+    )
     tiles = "".join(
         f"<figure><img src='{e(pic)}' width=192 height=192><figcaption>#{n} x={rows[i]['x']} y={rows[i]['y']}<br>"
         f"{e(rows[i]['class'])}, p(carcinoma) {rows[i]['p_carcinoma']:.3f}"
         f"{' (confirmed)' if rows[i]['confirmed'] else ''}</figcaption></figure>"
-        for n, (i, pic) in enumerate(zip(top, pictures), start=1))
+        for n, (i, pic) in enumerate(zip(top, pictures), start=1)
+    )
     text = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,"><title>histoboost slide: {e(summary['slide']['name'])}</title>
+<html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">\
+<title>histoboost slide: {e(summary["slide"]["name"])}</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}} th{{text-align:left;padding-right:1em}}
-figure{{display:inline-block;margin:4px;font-size:12px}} img{{max-width:100%}} .warn{{background:#fff3cd;padding:.5em}}</style>
+figure{{display:inline-block;margin:4px;font-size:12px}} img{{max-width:100%}} \
+.warn{{background:#fff3cd;padding:.5em}}</style>
 </head><body>
-<h1>{e(summary['slide']['name'])}</h1>
+<h1>{e(summary["slide"]["name"])}</h1>
 <p class="warn"><b>Research use only; not for diagnosis.</b> No slide-level accuracy has been measured (no labelled
 slides were available): the tile scores are the image classifier's, trained on microscopy fields, applied to regions
 of this slide.</p>
 <img src="heatmap.png" alt="heat map">
 <h2>Summary</h2><table>{table}</table>
 <h2>Tissue mask</h2><img src="mask-outline.png" alt="tissue mask outlined on the thumbnail">
-<h2>Tiles most likely carcinoma</h2>{tiles or '<p>none scored</p>'}
-<p>Files: tiles.csv, heatmap.npz, {e(summary['files']['geojson'])} (QuPath: File &gt; Import objects; Measure &gt;
+<h2>Tiles most likely carcinoma</h2>{tiles or "<p>none scored</p>"}
+<p>Files: tiles.csv, heatmap.npz, {e(summary["files"]["geojson"])} (QuPath: File &gt; Import objects; Measure &gt;
 Show measurement maps), summary.json.</p>
 </body></html>
 """

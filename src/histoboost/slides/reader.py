@@ -12,23 +12,25 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from ..config import HistoboostError
+from ..errors import SlideError
+
+if TYPE_CHECKING:
+    from openslide import AbstractSlide
 
 MPP_RANGE = (0.1, 2.0)  # µm/px of real slides: 0.11 (100x oil) to about 2 (5x); outside it a tag is wrong
 MPP_XY_TOLERANCE = 0.02  # mpp-x and mpp-y may differ by rounding, not by a real anisotropy
 MAX_PIXELS = 2e10  # full-resolution pixels a slide may claim (--max-pixels): 200,000 x 100,000, a large real slide
 MAX_THUMBNAIL_READ = 2**30  # pixels decoded for a thumbnail (about 10 s of JPEG): a level within it, or refused
-PYRAMID_FIX = ("make a pyramid: vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg (or bfconvert -pyramid-"
-               "resolutions 6 -pyramid-scale 2, or QuPath's OME-TIFF export)")
+PYRAMID_FIX = (
+    "make a pyramid: vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg (or bfconvert -pyramid-"
+    "resolutions 6 -pyramid-scale 2, or QuPath's OME-TIFF export)"
+)
 _BLOCK = 2048  # level pixels per side of one read of a thumbnail (16 MiB of RGBA): memory bounded whatever the slide
-
-
-class SlideError(HistoboostError):
-    """A slide cannot be read or used; the message names the file and the fix."""
 
 
 @dataclass
@@ -36,7 +38,7 @@ class Slide:
     """An open slide: `read` regions of its image frame at any µm/px."""
 
     path: Path
-    handle: object  # openslide.AbstractSlide
+    handle: AbstractSlide
     mpp: float  # µm/px at full resolution
     mpp_source: str  # "openslide.mpp-x/y", "TIFF resolution tags", "--mpp"
     origin: tuple[int, int]  # level-0 position of the image frame's (0, 0): the bounds offset
@@ -72,7 +74,7 @@ class Slide:
         region = self.handle.read_region((x0 + self.origin[0], y0 + self.origin[1]), level, (w, h))
         rgb = _on_white(region)
         if rgb.size != tuple(out_size):
-            rgb = rgb.resize(tuple(out_size), Image.Resampling.LANCZOS)
+            rgb = rgb.resize(out_size, Image.Resampling.LANCZOS)
         return np.asarray(rgb, dtype=np.uint8)
 
     def thumbnail(self, mpp: float) -> tuple[np.ndarray, float]:
@@ -88,7 +90,7 @@ class Slide:
             for tx in range(0, width, block):
                 tw, th = min(block, width - tx), min(block, height - ty)
                 box = (round(tx * factor), round(ty * factor), round((tx + tw) * factor), round((ty + th) * factor))
-                out[ty:ty + th, tx:tx + tw] = self.read(box, (tw, th), level)
+                out[ty : ty + th, tx : tx + tw] = self.read(box, (tw, th), level)
         return out, factor
 
     def close(self) -> None:
@@ -109,11 +111,15 @@ def open_slide(path: str | Path, mpp: float | None = None, max_pixels: float = M
         handle = openslide.open_slide(str(path))
     except (openslide.OpenSlideError, Image.UnidentifiedImageError, OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise SlideError(f"{path}: not a slide or image OpenSlide can read ({reason}): check the file (a truncated "
-                         "copy?) or convert it to pyramidal TIFF") from None
+        raise SlideError(
+            f"{path}: not a slide or image OpenSlide can read ({reason}): check the file (a truncated "
+            "copy?) or convert it to pyramidal TIFF"
+        ) from None
     except Image.DecompressionBombError:
-        raise SlideError(f"{path}: a plain image too large to decode whole: convert it to a pyramidal TIFF "
-                         "(e.g. vips tiffsave --tile --pyramid)") from None
+        raise SlideError(
+            f"{path}: a plain image too large to decode whole: convert it to a pyramidal TIFF "
+            "(e.g. vips tiffsave --tile --pyramid)"
+        ) from None
     try:
         return _describe(path, handle, mpp, max_pixels)
     except BaseException:
@@ -125,26 +131,42 @@ def _describe(path: Path, handle, mpp: float | None, max_pixels: float = MAX_PIX
     props = dict(handle.properties)
     _check_pixels(path, handle, max_pixels)
     own, source = _stated_mpp(handle, props, path)
-    if own is None and mpp is None:
-        raise SlideError(f"{path}: the file states no µm/px (no openslide.mpp-x/y or resolution tags): pass --mpp "
-                         "with the scanner's value, e.g. --mpp 0.25 for a 40x scan")
     if mpp is not None:
         own, source = mpp, "--mpp"
+    elif own is None:
+        raise SlideError(
+            f"{path}: the file states no µm/px (no openslide.mpp-x/y or resolution tags): pass --mpp "
+            "with the scanner's value, e.g. --mpp 0.25 for a 40x scan"
+        )
     if not MPP_RANGE[0] <= own <= MPP_RANGE[1]:
-        raise SlideError(f"{path}: {own:g} µm/px ({source}) is outside {MPP_RANGE[0]}-{MPP_RANGE[1]} µm/px, so it is "
-                         "wrong: pass the scanner's value with --mpp")
+        raise SlideError(
+            f"{path}: {own:g} µm/px ({source}) is outside {MPP_RANGE[0]}-{MPP_RANGE[1]} µm/px, so it is "
+            "wrong: pass the scanner's value with --mpp"
+        )
     bounds = [props.get(f"openslide.bounds-{k}") for k in ("x", "y", "width", "height")]
     width, height = handle.dimensions
-    if all(b is not None for b in bounds):
-        bx, by, bw, bh = (int(b) for b in bounds)
+    stated = [b for b in bounds if b is not None]
+    if len(stated) == len(bounds):
+        bx, by, bw, bh = (int(b) for b in stated)
         origin, size = (bx, by), (bw, bh)
     else:
         origin, size = (0, 0), (width, height)
     if min(size) <= 0:
-        raise SlideError(f"{path}: OpenSlide finds no image data in it (an image frame of {size[0]}x{size[1]} px): "
-                         "the file is damaged or empty; check it with openslide-show-properties")
-    return Slide(path, handle, float(own), source, origin, size, slide_fingerprint(path, props),
-                 props.get("openslide.vendor", "image"), props)
+        raise SlideError(
+            f"{path}: OpenSlide finds no image data in it (an image frame of {size[0]}x{size[1]} px): "
+            "the file is damaged or empty; check it with openslide-show-properties"
+        )
+    return Slide(
+        path,
+        handle,
+        float(own),
+        source,
+        origin,
+        size,
+        slide_fingerprint(path, props),
+        props.get("openslide.vendor", "image"),
+        props,
+    )
 
 
 def _check_pixels(path: Path, handle, max_pixels: float) -> None:
@@ -153,14 +175,18 @@ def _check_pixels(path: Path, handle, max_pixels: float) -> None:
     width, height = handle.dimensions
     pyramid = "" if handle.level_count > 1 else " without a pyramid"
     if width * height > max_pixels:
-        raise SlideError(f"{path}: claims {width}x{height} px{pyramid}, over the --max-pixels budget of "
-                         f"{max_pixels:.3g}: a damaged header? If the slide is real, pass a larger --max-pixels"
-                         + (f", or {PYRAMID_FIX}" if pyramid else ""))
+        raise SlideError(
+            f"{path}: claims {width}x{height} px{pyramid}, over the --max-pixels budget of "
+            f"{max_pixels:.3g}: a damaged header? If the slide is real, pass a larger --max-pixels"
+            + (f", or {PYRAMID_FIX}" if pyramid else "")
+        )
     smallest = width * height / handle.level_downsamples[-1] ** 2
     if smallest > MAX_THUMBNAIL_READ:
-        raise SlideError(f"{path}: a {width}x{height} px slide{pyramid or ' whose smallest level'} holds "
-                         f"{smallest:.3g} px, more than a thumbnail may decode ({MAX_THUMBNAIL_READ:.3g}): "
-                         f"{PYRAMID_FIX}")
+        raise SlideError(
+            f"{path}: a {width}x{height} px slide{pyramid or ' whose smallest level'} holds "
+            f"{smallest:.3g} px, more than a thumbnail may decode ({MAX_THUMBNAIL_READ:.3g}): "
+            f"{PYRAMID_FIX}"
+        )
 
 
 def _stated_mpp(handle, props: dict[str, str], path: Path) -> tuple[float | None, str]:

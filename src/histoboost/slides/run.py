@@ -1,10 +1,11 @@
 """One slide from file to outputs, and many slides into one folder with a slides.csv.
 
-`predict_slide` opens the slide, makes (or takes) the tissue mask, lays the tile grid at the bundle's field
-of view and µm/px, scores the tiles (`score`) and writes the outputs (`export`) into OUT/<result name>/ (`result_name`), staged
-and renamed into place so a folder is whole or absent. Settings are one typed object, written into
-summary.json and hashed into the tile cache's key. Whatever goes wrong with one slide (a damaged file, a
-forged header, memory, a full disk) becomes that slide's one line in slides.csv, locally and on Dask.
+`predict_slide` opens the slide, makes (or takes) the tissue mask, lays the tile grid at the model's field
+of view and µm/px, scores the tiles with the model's `inference.Predictor` (`score`) and writes the outputs
+(`export`) into OUT/<result name>/ (`result_name`), staged and renamed into place so a folder is whole or absent.
+Settings are one typed object, written into summary.json and hashed into the tile cache's key. Whatever goes wrong
+with one slide (a damaged file, a forged header, memory, a full disk) becomes that slide's one line in slides.csv,
+locally and on Dask.
 """
 
 from __future__ import annotations
@@ -12,17 +13,22 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from openslide import OpenSlideError
 from PIL.Image import DecompressionBombError
 
-from .. import __version__, storage
-from ..config import HistoboostError
-from ..data import write_text_atomic
+from .. import storage
+from ..errors import HistoboostError
+from ..inference import Predictor
 from ..outputs import OutputError, check_writable, csv_text, staged_folder
+from ..runtime import Runtime
+from ..storage import write_text_atomic
+from ..version import __version__
 from . import export
 from .reader import MAX_PIXELS, Slide, SlideError, open_slide
 from .score import Geometry, TileCache, TileScores, cache_key, score_tiles
@@ -31,18 +37,45 @@ from .tissue import MASK_MPP, mask_area_mm2, mask_from_geojson, mask_from_png, m
 
 BACH_MPP = 0.42  # µm/px of BACH's microscopy images (Aresta et al. 2019): assumed for bundles that do not know
 BACH_FIELD_PX = 1536  # shorter side of the shared BACH copies: with 0.42 µm/px a 645 µm field
-SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
-                  ".png", ".jpg", ".jpeg"}
+SLIDE_SUFFIXES = {
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".dcm",
+    ".png",
+    ".jpg",
+    ".jpeg",
+}
 MIN_TISSUE_MM2 = 1.0  # below this a slide-level call rests on too little tissue: referred
-RESEARCH_ONLY = ("Research use only; not for diagnosis. No slide-level accuracy has been measured: tile scores are "
-                 "the image classifier's, applied to slide regions.")
+RESEARCH_ONLY = (
+    "Research use only; not for diagnosis. No slide-level accuracy has been measured: tile scores are "
+    "the image classifier's, applied to slide regions."
+)
 # What reading or writing one slide may raise (MemoryError includes numpy's _ArrayMemoryError, ValueError
 # tifffile's errors): the slide's one line, never the run's end.
 SLIDE_FAILURES = (HistoboostError, OSError, ValueError, MemoryError, OpenSlideError, DecompressionBombError)
-TABLE_FIELDS = ["slide", "status", "call", "tissue_mm2", "carcinoma_regions", "largest_region_mm2", "refer", "out",
-                "error"]  # slides.csv's first columns (then area_<class>_mm2 per class)
-CALL_RULE = ("the most severe group decided on a tile confirmed with the bundle's full augmentation vote "
-             "(every scored tile when nothing was confirmed); normal/benign when none")
+TABLE_FIELDS = [
+    "slide",
+    "status",
+    "call",
+    "tissue_mm2",
+    "carcinoma_regions",
+    "largest_region_mm2",
+    "refer",
+    "out",
+    "error",
+]  # slides.csv's first columns (then area_<class>_mm2 per class)
+CALL_RULE = (
+    "the most severe group decided on a tile confirmed with the bundle's full augmentation vote "
+    "(every scored tile when nothing was confirmed); normal/benign when none"
+)
 
 
 @dataclass(frozen=True)
@@ -92,37 +125,40 @@ class SlideResult:
     scores: TileScores
 
 
-def slide_geometry(bundle, settings: SlideSettings) -> Geometry:
-    """Tile side and working µm/px from the bundle (its training images' field of view and the resolution its
-    classifier saw), with the user's overrides; bundles that do not record them assume BACH's 0.42 µm/px."""
-    data = bundle.meta["training_data"]
+def slide_geometry(predictor: Predictor, settings: SlideSettings) -> Geometry:
+    """Tile side and working µm/px from the model (its training images' field of view and the resolution its
+    classifier saw), with the user's overrides; models that do not record them assume BACH's 0.42 µm/px."""
+    data = predictor.identity.geometry
     notes = []
-    train_mpp = settings.train_mpp or data.get("mpp")
+    train_mpp = settings.train_mpp or data.mpp
     if train_mpp is None:
         train_mpp = BACH_MPP
-        notes.append(f"the bundle does not know its training images' µm/px: assumed BACH's {BACH_MPP} (override "
-                     "with --train-mpp)")
-    working = data.get("working_mpp") if settings.train_mpp is None else None
+        notes.append(
+            f"the bundle does not know its training images' µm/px: assumed BACH's {BACH_MPP} (override "
+            "with --train-mpp)"
+        )
+    working = data.working_mpp if settings.train_mpp is None else None
     if working is None:
-        pre = bundle.config.preprocess
-        working = pre.target_mpp if pre.target_mpp is not None and data.get("mpp") else train_mpp / pre.scale
-    field_px = data.get("field_px")
+        pre = predictor.config.preprocess
+        working = pre.target_mpp if pre.target_mpp is not None and data.mpp else train_mpp / pre.scale
+    field_px = data.field_px
     if field_px is None and settings.tile_um is None:
         field_px = BACH_FIELD_PX
         notes.append(f"the bundle does not record its training images' size: assumed BACH's {BACH_FIELD_PX} px")
-    tile_um = settings.tile_um or field_px * train_mpp
+    tile_um = settings.tile_um or (field_px or BACH_FIELD_PX) * train_mpp  # field_px is set when tile_um is not
     return Geometry(float(tile_um), float(settings.stride_um or tile_um), float(working), tuple(notes))
 
 
-def predict_slide(bundle, path: str | Path, out: str | Path, settings: SlideSettings = SlideSettings(),
-                  device: str = "cpu", batch_size: int = 8, threads: int = 2, cache_dir: str | Path | None = None,
-                  progress: bool = False) -> SlideResult:
-    """Score one slide with a loaded bundle and write its outputs into `out` (OUT/<result_name>/ for the CLI)."""
+def predict_slide(
+    predictor: Predictor, path: str | Path, out: str | Path, settings: SlideSettings = SlideSettings()
+) -> SlideResult:
+    """Score one slide with a model and write its outputs into `out` (OUT/<result_name>/ for the CLI), on the
+    predictor's runtime (its cache folder keeps finished tiles, so an interrupted slide resumes)."""
     from ..features import default_cache_dir
 
     started = time.perf_counter()
     path, out = Path(path), Path(out).absolute()
-    geometry = slide_geometry(bundle, settings)
+    geometry = slide_geometry(predictor, settings)
     for note in geometry.notes:
         warnings.warn(note, stacklevel=2)
     slide = open_slide(path, settings.mpp, settings.max_pixels)
@@ -131,20 +167,25 @@ def predict_slide(bundle, path: str | Path, out: str | Path, settings: SlideSett
         layout = tissue_tiles(slide, geometry, settings)
         kept = layout.kept
         if len(kept) == 0:
-            raise SlideError(f"{path}: no tile of {geometry.tile_um:.0f} µm is {settings.min_tissue:.0%} tissue "
-                             f"(tissue found: {layout.tissue_mm2:.2f} mm²): a blank slide? Give the "
-                             "tissue with --tissue-mask or --roi, or lower --min-tissue")
-        key = cache_key(slide, bundle.sha256, kept, geometry, settings.scoring())
-        cache = TileCache(storage.local_folder(cache_dir or default_cache_dir(), "slide tile caches") / "slides"
-                          / key[:32])
-        scores = score_tiles(bundle, slide, kept, geometry, settings.augmentations, settings.confirm_top,
-                             settings.stain_fit, device, batch_size, threads, cache, progress)
+            raise SlideError(
+                f"{path}: no tile of {geometry.tile_um:.0f} µm is {settings.min_tissue:.0%} tissue "
+                f"(tissue found: {layout.tissue_mm2:.2f} mm²): a blank slide? Give the "
+                "tissue with --tissue-mask or --roi, or lower --min-tissue"
+            )
+        key = cache_key(slide, predictor.identity.sha256, kept, geometry, settings.scoring())
+        cache_dir = predictor.runtime.cache_dir or default_cache_dir()
+        cache = TileCache(storage.local_folder(cache_dir, "slide tile caches") / "slides" / key[:32])
+        scores = score_tiles(
+            predictor, slide, kept, geometry, settings.augmentations, settings.confirm_top, settings.stain_fit, cache
+        )
         try:
             with staged_folder(out, force=True) as staging:
-                result = _write(staging, bundle, slide, layout, scores, geometry, settings, started, cache.reused)
+                result = _write(staging, predictor, slide, layout, scores, geometry, settings, started, cache.reused)
         except OSError as err:  # a full disk, a folder gone: name the slide and the file
-            raise SlideError(f"{path}: its results could not be written to {err.filename or out} "
-                             f"({err.strerror or err}): free some space or choose another --out") from None
+            raise SlideError(
+                f"{path}: its results could not be written to {err.filename or out} "
+                f"({err.strerror or err}): free some space or choose another --out"
+            ) from None
         return SlideResult(path, out, result[0], result[1], kept, scores)
     finally:
         slide.close()
@@ -155,8 +196,15 @@ def tissue_tiles(slide: Slide, geometry: Geometry, settings: SlideSettings) -> T
     thumb, factor = slide.thumbnail(max(MASK_MPP, slide.mpp))
     mask, mask_source = _mask(slide, thumb, factor, settings)
     grid = tile_grid(mask, factor, slide.size, geometry.tile_um / slide.mpp, geometry.stride_um / slide.mpp)
-    return TissueTiles(thumb, factor, mask, mask_source, mask_area_mm2(mask, factor * slide.mpp), grid,
-                       grid.subset(grid.tissue >= settings.min_tissue))
+    return TissueTiles(
+        thumb,
+        factor,
+        mask,
+        mask_source,
+        mask_area_mm2(mask, factor * slide.mpp),
+        grid,
+        grid.subset(grid.tissue >= settings.min_tissue),
+    )
 
 
 def _mask(slide: Slide, thumb: np.ndarray, factor: float, settings: SlideSettings) -> tuple[np.ndarray, str]:
@@ -184,16 +232,27 @@ def _check_out(out: Path, slide: Slide) -> None:
             fingerprint = None
         if fingerprint == slide.fingerprint:
             return
-        raise SlideError(f"{out} holds the result of another slide ({fingerprint}): give another --out, or rename "
-                         f"{slide.path.name} (two slides of the same name cannot share an output folder)")
+        raise SlideError(
+            f"{out} holds the result of another slide ({fingerprint}): give another --out, or rename "
+            f"{slide.path.name} (two slides of the same name cannot share an output folder)"
+        )
     if any(out.iterdir()):
         raise SlideError(f"{out} holds files that are not a histoboost slide result: give another --out")
 
 
-def _write(folder: Path, bundle, slide: Slide, layout: TissueTiles, scores: TileScores, geometry: Geometry,
-           settings: SlideSettings, started: float, reused: int) -> tuple[dict, list[dict]]:
+def _write(
+    folder: Path,
+    predictor: Predictor,
+    slide: Slide,
+    layout: TissueTiles,
+    scores: TileScores,
+    geometry: Geometry,
+    settings: SlideSettings,
+    started: float,
+    reused: int,
+) -> tuple[dict, list[dict]]:
     thumb, factor, mask, grid, kept = layout.thumb, layout.factor, layout.mask, layout.grid, layout.kept
-    scheme = bundle.classes
+    scheme, model = predictor.classes, predictor.identity
     mpp = slide.mpp
     rows = export.tile_rows(kept, scores, scheme)
     export.write_tiles_csv(folder / "tiles.csv", rows, scheme)
@@ -202,53 +261,97 @@ def _write(folder: Path, bundle, slide: Slide, layout: TissueTiles, scores: Tile
     export.write_mask_outline_png(folder / "mask-outline.png", thumb, mask)
     display_mpp = max(mpp, max(slide.size) * mpp / export.HEATMAP_MAX_SIDE)
     picture, picture_factor = (thumb, factor) if display_mpp >= factor * mpp else slide.thumbnail(display_mpp)
-    export.write_heatmap_png(folder / "heatmap.png", picture, picture_factor, kept, scores, scheme, mpp, slide.path.name)
+    export.write_heatmap_png(
+        folder / "heatmap.png", picture, picture_factor, kept, scores, scheme, mpp, slide.path.name
+    )
     regions = export.carcinoma_regions(kept, scores, scheme, slide.size)
     region_classes = [_region_class(region, kept, scores, scheme) for region in regions]
     tissue = mask_outline(mask, factor)
     region_mm2 = [export.tissue_mm2(region, tissue, mpp) for region in regions]
     geojson = f"{result_name(slide.path)}.geojson.gz"
-    ids = f"{slide.fingerprint}|{bundle.sha256}"
+    ids = f"{slide.fingerprint}|{model.sha256}"
     cell_mm2 = (kept.stride_px * mpp) ** 2 / 1e6
-    area = {c: round(float(kept.tissue[scores.decision == k].sum() * cell_mm2), 4) for k, c in enumerate(scheme.classes)}
+    area = {
+        c: round(float(kept.tissue[scores.decision == k].sum() * cell_mm2), 4) for k, c in enumerate(scheme.classes)
+    }
     p_carcinoma = export.carcinoma(scheme, scores.probs)
     top = [int(i) for i in np.argsort(-p_carcinoma, kind="stable")[:8]]
-    summary = {
+    summary: dict[str, Any] = {
         "research_use_only": RESEARCH_ONLY,
-        "slide": {"path": str(slide.path.resolve()), "name": slide.path.name, "fingerprint": slide.fingerprint,
-                  "vendor": slide.vendor, "mpp": mpp, "mpp_source": slide.mpp_source,
-                  "size": list(slide.size), "bounds_offset": list(slide.origin),
-                  "levels": [round(d, 4) for d in slide.downsamples],
-                  "coordinates": "full-resolution pixels from the bounds offset (QuPath's and Deep Zoom's origin)"},
-        "bundle": {"sha256": bundle.sha256, "classes": list(scheme.classes), "groups": list(scheme.groups),
-                   "colors": [list(export.class_color(scheme, k)) for k in range(len(scheme.classes))],
-                   "histoboost": bundle.meta["histoboost"]},
+        "slide": {
+            "path": str(slide.path.resolve()),
+            "name": slide.path.name,
+            "fingerprint": slide.fingerprint,
+            "vendor": slide.vendor,
+            "mpp": mpp,
+            "mpp_source": slide.mpp_source,
+            "size": list(slide.size),
+            "bounds_offset": list(slide.origin),
+            "levels": [round(d, 4) for d in slide.downsamples],
+            "coordinates": "full-resolution pixels from the bounds offset (QuPath's and Deep Zoom's origin)",
+        },
+        "bundle": {
+            "sha256": model.sha256,
+            "classes": list(scheme.classes),
+            "groups": list(scheme.groups),
+            "colors": [list(export.class_color(scheme, k)) for k in range(len(scheme.classes))],
+            "histoboost": model.histoboost,
+        },
         "histoboost": __version__,
         "settings": asdict(settings),
-        "geometry": {**asdict(geometry), "notes": list(geometry.notes), "tile_px": geometry.tile_size(),
-                     "tile_px_full_resolution": round(kept.tile_px, 3), "grid": list(grid.shape)},
-        "tissue": {"area_mm2": round(layout.tissue_mm2, 4), "mask": layout.mask_source,
-                   "mask_mpp": round(factor * mpp, 4)},
-        "tiles": {"in_grid": len(grid), "scored": len(kept), "below_min_tissue": len(grid) - len(kept),
-                  "confirmed": int(scores.confirmed.sum()), "referred": sum(bool(r) for r in scores.refer)},
+        "geometry": {
+            **asdict(geometry),
+            "notes": list(geometry.notes),
+            "tile_px": geometry.tile_size(),
+            "tile_px_full_resolution": round(kept.tile_px, 3),
+            "grid": list(grid.shape),
+        },
+        "tissue": {
+            "area_mm2": round(layout.tissue_mm2, 4),
+            "mask": layout.mask_source,
+            "mask_mpp": round(factor * mpp, 4),
+        },
+        "tiles": {
+            "in_grid": len(grid),
+            "scored": len(kept),
+            "below_min_tissue": len(grid) - len(kept),
+            "confirmed": int(scores.confirmed.sum()),
+            "referred": sum(bool(r) for r in scores.refer),
+        },
         "stain": scores.stain,
         "area_mm2": area,
-        "carcinoma_regions": {"count": len(regions), "largest_mm2": round(max(region_mm2, default=0.0), 4),
-                              "area": "tissue inside the region's tile cells",
-                              "regions": [{"area_mm2": round(a, 4), "class": c, "bounds": [round(b) for b in r.bounds]}
-                                          for r, c, a in zip(regions, region_classes, region_mm2)]},
+        "carcinoma_regions": {
+            "count": len(regions),
+            "largest_mm2": round(max(region_mm2, default=0.0), 4),
+            "area": "tissue inside the region's tile cells",
+            "regions": [
+                {"area_mm2": round(a, 4), "class": c, "bounds": [round(b) for b in r.bounds]}
+                for r, c, a in zip(regions, region_classes, region_mm2)
+            ],
+        },
         "call": _call(scores, scheme),
         "refer": _referral(layout.tissue_mm2, scores),
-        "top_tiles": [{k: rows[i][k] for k in ("x", "y", "width", "height", "class", "p_carcinoma", "confirmed")}
-                      for i in top],
-        "files": {"tiles": "tiles.csv", "heatmap": "heatmap.png", "grid": "heatmap.npz", "mask": "mask.png",
-                  "geojson": geojson, "report": "report.html"},
+        "top_tiles": [
+            {k: rows[i][k] for k in ("x", "y", "width", "height", "class", "p_carcinoma", "confirmed")} for i in top
+        ],
+        "files": {
+            "tiles": "tiles.csv",
+            "heatmap": "heatmap.png",
+            "grid": "heatmap.npz",
+            "mask": "mask.png",
+            "geojson": geojson,
+            "report": "report.html",
+        },
     }
-    summary["geojson_features"] = export.write_geojson(folder / geojson, rows, scheme, slide.size, tissue, regions,
-                                                       region_classes, region_mm2, ids, mpp)
+    summary["geojson_features"] = export.write_geojson(
+        folder / geojson, rows, scheme, slide.size, tissue, regions, region_classes, region_mm2, ids, mpp
+    )
     seconds = time.perf_counter() - started
-    summary["run"] = {"seconds": round(seconds, 2), "tiles_per_second": round(len(kept) / seconds, 3),
-                      "chunks_reused": reused}
+    summary["run"] = {
+        "seconds": round(seconds, 2),
+        "tiles_per_second": round(len(kept) / seconds, 3),
+        "chunks_reused": reused,
+    }
     pictures = export.write_tile_pictures(folder / "top", slide, rows, top)
     export.write_report(folder / "report.html", summary, rows, top, pictures)
     write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
@@ -290,7 +393,7 @@ def _referral(tissue_mm2: float, scores: TileScores) -> list[str]:
 # -- many slides --------------------------------------------------------------------------------------------
 
 
-def find_slides(paths: list[str | Path]) -> list[Path]:
+def find_slides(paths: Sequence[str | Path]) -> list[Path]:
     """Slide files given, and those inside given folders (by suffix; MRXS companions folders are skipped)."""
     found = []
     for path in map(Path, paths):
@@ -325,22 +428,55 @@ def check_slides_out(out: Path, shard: tuple[int, int] | None = None) -> None:
             header = handle.readline().rstrip("\n").split(",")
     except (OSError, UnicodeDecodeError):
         header = []
-    if header[:len(TABLE_FIELDS)] != TABLE_FIELDS:
-        raise OutputError(f"{table} exists and was not written by histoboost slide: move it away or choose another "
-                          "--out")
+    if header[: len(TABLE_FIELDS)] != TABLE_FIELDS:
+        raise OutputError(
+            f"{table} exists and was not written by histoboost slide: move it away or choose another --out"
+        )
 
 
-def predict_slides(bundle, paths: list[str | Path], out: str | Path, settings: SlideSettings = SlideSettings(),
-                   device: str = "cpu", batch_size: int = 8, threads: int = 2, cache_dir: str | Path | None = None,
-                   progress: bool = False, on_result=None, engine=None, shard: tuple[int, int] | None = None,
-                   bundle_path: str | Path | None = None, bundle_weights: dict | None = None) -> list[dict]:
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a Dask worker gets the model: the bundle's path, its identity (the worker refuses another), the user's
+    own weights files, and the function that loads them into a Predictor (`bundle.load_predictor`, named here so
+    that slides never import the bundle module)."""
+
+    path: str
+    sha256: str
+    weights: dict[str, str]
+    load: Callable[[str, str, dict[str, str], Runtime], Predictor]
+
+
+@dataclass(frozen=True)
+class SlideTask:
+    """One engine task: a slide to score into OUT/<result_name>/ with the model at `source`, on the client's device,
+    batch and tile readers, at `threads` torch threads."""
+
+    source: ModelSource
+    path: Path
+    out: Path
+    settings: SlideSettings
+    runtime: Runtime
+    threads: int
+
+
+def predict_slides(
+    predictor: Predictor,
+    paths: Sequence[str | Path],
+    out: str | Path,
+    settings: SlideSettings = SlideSettings(),
+    on_result: Callable[[dict], Any] | None = None,
+    shard: tuple[int, int] | None = None,
+    source: ModelSource | None = None,
+) -> list[dict]:
     """Every slide (or share `shard` K of N of them, by file name) into OUT/<stem>/; one bad slide does not stop
     the others. Writes OUT/slides.csv (OUT/slides-K-of-N.csv for a shard; one row per slide: call, areas, refer,
-    status or error) and returns its rows. On a Dask `engine` each slide is a task: a worker loads the bundle
-    from `bundle_path` (checked to be this very bundle by its sha256) and writes the slide's folder itself."""
+    status or error) and returns its rows. On the runtime's Dask engine each slide is a task: a worker loads the
+    model from `source` (checked to be this very model by its sha256) and writes the slide's folder itself."""
     from ..engine import TaskLost, shard_of
 
     out = Path(out)
+    runtime = predictor.runtime
+    engine = runtime.engine
     check_slides_out(out, shard)
     out.mkdir(parents=True, exist_ok=True)
     slides = find_slides(paths)
@@ -348,21 +484,33 @@ def predict_slides(bundle, paths: list[str | Path], out: str | Path, settings: S
         slides = shard_of(slides, shard, lambda p: p.name)
     rows: dict[Path, dict] = {}
     if engine is None or engine.kind == "local":
-        results = ((path, slide_row(bundle, path, out, settings, device, batch_size, threads, cache_dir, progress))
-                   for path in slides)
+        results = ((path, slide_row(predictor, path, out, settings)) for path in slides)
     else:
-        if bundle_path is None:
+        if source is None:
             raise SlideError("scoring slides on Dask workers needs the bundle's path (workers load it themselves)")
         # Workers may run elsewhere, in another folder: every path they get is absolute.
-        source = (str(Path(bundle_path).absolute()), bundle.sha256,
-                  {name: str(Path(file).absolute()) for name, file in (bundle_weights or {}).items()})
-        local = replace(settings, **{k: str(Path(v).absolute()) for k in ("tissue_mask", "roi")
-                                     if (v := getattr(settings, k))})
-        cache = None if cache_dir is None else storage.local_folder(cache_dir, "slide tile caches").absolute()
-        tasks = [(source, path.absolute(), out.absolute(), local, device, batch_size, threads, cache, engine.threads)
-                 for path in slides]
-        results = ((task[1], _lost_row(task[1], row) if isinstance(row, TaskLost) else row)
-                   for task, row in engine.map(slide_task, tasks))
+        source = replace(
+            source,
+            path=str(Path(source.path).absolute()),
+            weights={name: str(Path(file).absolute()) for name, file in source.weights.items()},
+        )
+        absolute: dict[str, Any] = {
+            k: str(Path(v).absolute()) for k in ("tissue_mask", "roi") if (v := getattr(settings, k))
+        }
+        local = replace(settings, **absolute)
+        cache = (
+            None
+            if runtime.cache_dir is None
+            else storage.local_folder(runtime.cache_dir, "slide tile caches").absolute()
+        )
+        on_worker = replace(runtime, cache_dir=cache, progress=False, engine=None)
+        tasks = [
+            SlideTask(source, path.absolute(), out.absolute(), local, on_worker, engine.threads or 1) for path in slides
+        ]
+        results = (
+            (task.path, _lost_row(task.path, row) if isinstance(row, TaskLost) else row)
+            for task, row in engine.map(slide_task, tasks)
+        )
     for path, row in results:
         rows[Path(path).absolute()] = row
         if on_result is not None:
@@ -373,39 +521,42 @@ def predict_slides(bundle, paths: list[str | Path], out: str | Path, settings: S
     return ordered
 
 
-def slide_row(bundle, path: Path, out: Path, settings: SlideSettings, device: str, batch_size: int, threads: int,
-              cache_dir, progress: bool = False) -> dict:
+def slide_row(predictor: Predictor, path: Path, out: Path, settings: SlideSettings) -> dict:
     """Score one slide into OUT/<result_name>/ and say how it went as one slides.csv row (errors become the
     row's)."""
     row = _row(path)
     try:
-        result = predict_slide(bundle, path, out / result_name(path), settings, device, batch_size, threads,
-                               cache_dir, progress)
+        result = predict_slide(predictor, path, out / result_name(path), settings)
     except SLIDE_FAILURES as err:
         row.update(status="error", error=failure(path, err))
     else:
         s = result.summary
-        row.update(call=s["call"]["group"], tissue_mm2=s["tissue"]["area_mm2"],
-                   carcinoma_regions=s["carcinoma_regions"]["count"],
-                   largest_region_mm2=s["carcinoma_regions"]["largest_mm2"], refer="; ".join(s["refer"]),
-                   out=str(result.out), **{f"area_{c}_mm2": a for c, a in s["area_mm2"].items()})
+        row.update(
+            call=s["call"]["group"],
+            tissue_mm2=s["tissue"]["area_mm2"],
+            carcinoma_regions=s["carcinoma_regions"]["count"],
+            largest_region_mm2=s["carcinoma_regions"]["largest_mm2"],
+            refer="; ".join(s["refer"]),
+            out=str(result.out),
+            **{f"area_{c}_mm2": a for c, a in s["area_mm2"].items()},
+        )
     return row
 
 
-def slide_task(source: tuple, path: Path, out: Path, settings: SlideSettings, device: str, batch_size: int,
-               threads: int, cache_dir, torch_threads: int) -> dict:
-    """One engine task: a worker scores one slide with the bundle at `source` (path, sha256, weights), loaded once
-    per worker process and refused unless it is the client's bundle."""
-    from ..bundle import Bundle
+def slide_task(task: SlideTask) -> dict:
+    """Run a `SlideTask` on a worker: the model is loaded once per worker process and refused unless it is the
+    client's."""
     from ..engine import check_threads, process_resource
 
-    check_threads(torch_threads)
-    bundle_path, sha256, weights = source
-    bundle = process_resource(("bundle", bundle_path, sha256, device),
-                              lambda: Bundle.load(bundle_path, device, sha256, weights=weights))
+    check_threads(task.threads)
+    source, runtime = task.source, task.runtime
+    predictor = process_resource(
+        ("bundle", source.path, source.sha256, runtime.device),
+        lambda: source.load(source.path, source.sha256, source.weights, runtime),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the client said the geometry notes once
-        return slide_row(bundle, path, out, settings, device, batch_size, threads, cache_dir)
+        return slide_row(predictor, task.path, task.out, task.settings)
 
 
 def failure(path: Path, err: BaseException) -> str:
@@ -414,12 +565,16 @@ def failure(path: Path, err: BaseException) -> str:
     if isinstance(err, HistoboostError):
         return reason  # names the file and the fix already
     if isinstance(err, MemoryError):
-        return (f"{path}: ran out of memory reading it ({reason}): a damaged header or a slide too large for this "
-                "machine; check its size with openslide-show-properties")
+        return (
+            f"{path}: ran out of memory reading it ({reason}): a damaged header or a slide too large for this "
+            "machine; check its size with openslide-show-properties"
+        )
     if isinstance(err, OSError) and err.filename:
         return f"{path}: {err.strerror or reason} ({err.filename}): fix it and rerun (finished tiles are reused)"
-    return (f"{path}: could not be read ({type(err).__name__}: {reason}): the file is damaged; copy or export it "
-            "again (openslide-show-properties and openslide-write-png check it)")
+    return (
+        f"{path}: could not be read ({type(err).__name__}: {reason}): the file is damaged; copy or export it "
+        "again (openslide-show-properties and openslide-write-png check it)"
+    )
 
 
 def _row(path: Path, **fields) -> dict:
@@ -428,5 +583,6 @@ def _row(path: Path, **fields) -> dict:
 
 
 def _lost_row(path: Path, lost) -> dict:
-    return _row(path, status="error",
-                error=f"{path}: not scored: {lost.reason}; check the file with openslide-show-properties")
+    return _row(
+        path, status="error", error=f"{path}: not scored: {lost.reason}; check the file with openslide-show-properties"
+    )

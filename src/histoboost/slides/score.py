@@ -1,6 +1,7 @@
-"""Scoring a slide's tiles with a bundle: the same preprocessing, features and decision rule as `predict`.
+"""Scoring a slide's tiles with a model's `inference.Predictor`: the same preprocessing, features and decision rule
+as `predict`.
 
-Each tile is read at the bundle's working µm/px from the pyramid level just finer than it, stain-normalised
+Each tile is read at the model's working µm/px from the pyramid level just finer than it, stain-normalised
 with one fit for the whole slide (made on its most tissue-rich tiles), described by the bundle's backbones
 and classified. The map uses one un-augmented view per tile, many tiles per forward pass; the most
 suspicious tiles are then re-scored with the bundle's full augmentation vote ("screen, then confirm").
@@ -12,16 +13,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .. import storage
-from ..augment import plan_augmentation, plan_augmentations
-from ..config import HistoboostError
-from ..stain import (FALLBACK_NOTES, Normalizer, StainError, StainFit, fit_macenko, macenko_normalize,
-                     normalize_safely, quality_check)
+from ..config import StainConfig
+from ..errors import HistoboostError
+from ..inference import Predictor, p_carcinoma, refer_text
+from ..stain import (
+    FALLBACK_NOTES,
+    Normalizer,
+    StainError,
+    StainFit,
+    fit_macenko,
+    macenko_normalize,
+    normalize_safely,
+    quality_check,
+)
 from .reader import Slide
 from .tiles import TileGrid
 
@@ -87,12 +98,23 @@ class TileCache:
 
 
 def cache_key(slide: Slide, bundle_sha256: str, grid: TileGrid, geometry: Geometry, settings: dict) -> str:
-    """What a slide's tile results depend on: the slide, the bundle, the tile boxes and the scoring settings."""
-    digest = hashlib.sha256(json.dumps({
-        "format": CACHE_FORMAT, "slide": slide.fingerprint, "bundle": bundle_sha256, "origin": slide.origin,
-        "boxes": hashlib.sha256(np.ascontiguousarray(grid.boxes, dtype=np.int64)).hexdigest(),
-        "working_mpp": geometry.working_mpp, "tile_px": geometry.tile_size(), **settings,
-    }, sort_keys=True).encode())
+    """What a slide's tile results depend on: the slide, the model (its bundle's identity), the tile boxes and the
+    scoring settings."""
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                "format": CACHE_FORMAT,
+                "slide": slide.fingerprint,
+                "bundle": bundle_sha256,
+                "origin": slide.origin,
+                "boxes": hashlib.sha256(np.ascontiguousarray(grid.boxes, dtype=np.int64).tobytes()).hexdigest(),
+                "working_mpp": geometry.working_mpp,
+                "tile_px": geometry.tile_size(),
+                **settings,
+            },
+            sort_keys=True,
+        ).encode()
+    )
     return digest.hexdigest()
 
 
@@ -101,23 +123,34 @@ def tile_key(slide: Slide, box: np.ndarray) -> str:
     return hashlib.sha256(f"{slide.fingerprint}|{','.join(map(str, box.tolist()))}".encode()).hexdigest()
 
 
-def score_tiles(bundle, slide: Slide, grid: TileGrid, geometry: Geometry, augmentations: int = 0,
-                confirm_top: int = 0, stain_fit: str = "slide", device: str = "cpu", batch_size: int = 8,
-                threads: int = 2, cache: TileCache | None = None, progress: bool = False) -> TileScores:
+def score_tiles(
+    predictor: Predictor,
+    slide: Slide,
+    grid: TileGrid,
+    geometry: Geometry,
+    augmentations: int = 0,
+    confirm_top: int = 0,
+    stain_fit: str = "slide",
+    cache: TileCache | None = None,
+) -> TileScores:
     """Score every tile of `grid` (already the tiles kept): the map with `augmentations` views per tile (0: one
-    un-augmented view), then the `confirm_top` tiles most likely carcinoma with the bundle's own vote."""
+    un-augmented view), then the `confirm_top` tiles most likely carcinoma with the model's own vote. Runs on the
+    predictor's runtime (device, batch, tile readers, progress)."""
     from tqdm.auto import tqdm
 
     from ..features import prefetch
 
     cache = cache or TileCache(None)
-    config = bundle.config
+    config, runtime = predictor.config, predictor.runtime
+    batch = runtime.batch
     size = geometry.tile_size()
     if size < config.augment.crop_size:
-        raise HistoboostError(f"{slide.path}: a {geometry.tile_um:g} µm tile is {size} px at {geometry.working_mpp:g} "
-                              f"µm/px, smaller than the bundle's {config.augment.crop_size} px crop: give a larger "
-                              "--tile-um")
-    normalise, stain, stain_refer = _stain_for(slide, grid, geometry, config.preprocess.stain, stain_fit)
+        raise HistoboostError(
+            f"{slide.path}: a {geometry.tile_um:g} µm tile is {size} px at {geometry.working_mpp:g} "
+            f"µm/px, smaller than the bundle's {config.augment.crop_size} px crop: give a larger "
+            "--tile-um"
+        )
+    normalise, stain, stain_refer = slide_normaliser(slide, grid, geometry, config.preprocess.stain, stain_fit)
 
     def read(index: int) -> tuple[np.ndarray, str]:
         return normalise(slide.read(tuple(grid.boxes[index]), (size, size)))
@@ -127,20 +160,30 @@ def score_tiles(bundle, slide: Slide, grid: TileGrid, geometry: Geometry, augmen
     done = {i: cache.load(f"map-{i:06d}") for i in range(len(chunks))}
     todo = [t for i, chunk in enumerate(chunks) if done[i] is None for t in chunk]
     views = augmentations or 1
-    raw = np.zeros((n, views, len(bundle.classes.classes)))
+    raw = np.zeros((n, views, len(predictor.classes.classes)))
     fallback = np.array([""] * n, dtype=object)
     for i, arrays in done.items():
         if arrays is not None:
-            raw[chunks[i].start:chunks[i].stop], fallback[chunks[i].start:chunks[i].stop] = arrays["raw"], arrays["stain"]
-    bar = tqdm(total=n, initial=n - len(todo), desc=slide.path.name[:32], unit="tile", disable=None if progress else True)
+            raw[chunks[i].start : chunks[i].stop], fallback[chunks[i].start : chunks[i].stop] = (
+                arrays["raw"],
+                arrays["stain"],
+            )
+    bar = tqdm(
+        total=n,
+        initial=n - len(todo),
+        desc=slide.path.name[:32],
+        unit="tile",
+        disable=None if runtime.progress else True,
+    )
     pending: list[tuple[int, np.ndarray, str]] = []
-    for index, (rgb, note) in zip(todo, prefetch(read, todo, depth=2 * batch_size, threads=threads)):
+    for index, (rgb, note) in zip(todo, prefetch(read, todo, depth=2 * batch, threads=runtime.readers)):
         pending.append((index, rgb, note))
         chunk = index // CHUNK
-        if len(pending) == batch_size or index == chunks[chunk].stop - 1:
+        if len(pending) == batch or index == chunks[chunk].stop - 1:
             indices = [p[0] for p in pending]
-            raw[indices] = _classify(bundle, [p[1] for p in pending], [tile_key(slide, grid.boxes[i]) for i in indices],
-                                     augmentations, device, batch_size)
+            raw[indices] = predictor.score_tiles(
+                [p[1] for p in pending], [tile_key(slide, grid.boxes[i]) for i in indices], augmentations
+            )
             fallback[indices] = [p[2] for p in pending]
             bar.update(len(pending))
             pending = []
@@ -148,88 +191,65 @@ def score_tiles(bundle, slide: Slide, grid: TileGrid, geometry: Geometry, augmen
             span = slice(chunks[chunk].start, chunks[chunk].stop)
             cache.save(f"map-{chunk:06d}", {"raw": raw[span], "stain": fallback[span].astype(str)})
     bar.close()
-    scores = _decide(bundle, raw, fallback, stain, stain_refer)
+    scores = _decide(predictor, raw, fallback, stain, stain_refer)
     if confirm_top and config.augment.n_augment > views:
-        _confirm(bundle, scores, raw, read, grid, slide, confirm_top, device, batch_size, cache)
+        _confirm(predictor, scores, read, grid, slide, confirm_top, cache)
     return scores
 
 
-def _classify(bundle, tiles: list[np.ndarray], keys: list[str], augmentations: int, device: str,
-              batch_size: int) -> np.ndarray:
-    """Class probabilities (B, A, K) of stain-normalised tiles: one batched forward per backbone for the
-    un-augmented map, or each tile's A augmentations as `predict` makes an image's."""
-    import torch
-
-    from ..features import ImageFeatures, autocast, describe_image, describe_views
-
-    config = bundle.config
-    kind = config.features.descriptor
-    h, w = tiles[0].shape[:2]
-    if augmentations == 0:  # one view: the tile itself, with its own seeded crops
-        plain = replace(config.augment, color="none", orientation="none")
-        boxes = [plan_augmentation(key, 0, h, w, plain, config.seed).boxes for key in keys]
-        batch = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).to(device=device, dtype=torch.float32)
-        parts = []
-        with torch.inference_mode(), autocast(device, config.features.dtype):
-            for backbone in bundle.backbones:
-                _, pooled, whole = describe_views(batch, boxes, backbone, config, batch_size)
-                pooled, whole = pooled.float().cpu().numpy(), whole.float().cpu().numpy()
-                parts.append(ImageFeatures(pooled, whole).descriptor(kind))
-        rows = np.concatenate(parts, axis=1)
-        return bundle.classifier.predict_proba(rows)[:, None, :]
-    wanted = replace(config.augment, n_augment=augmentations)
-    out = []
-    for rgb, key in zip(tiles, keys):
-        plans = plan_augmentations(key, h, w, wanted, config.seed)
-        fit = None
-        if wanted.color == "he":
-            try:
-                fit = fit_macenko(rgb)
-            except StainError:  # too little stain to move in H&E space: this tile's views vary only by crop
-                plans = [replace(p, color="none") for p in plans]
-        rows = np.concatenate([describe_image(rgb, plans, b, config, device, batch_size, fit).descriptor(kind)
-                               for b in bundle.backbones], axis=1)
-        out.append(bundle.classifier.predict_proba(rows))
-    return np.stack(out)
+def _decide(predictor: Predictor, raw: np.ndarray, fallback: np.ndarray, stain: str, stain_refer: str) -> TileScores:
+    decided = predictor.decide(raw, fallback)
+    return TileScores(
+        decided.probs,
+        decided.decision,
+        decided.agreement,
+        decided.refer,
+        np.zeros(len(raw), dtype=bool),
+        stain,
+        stain_refer,
+    )
 
 
-def _decide(bundle, raw: np.ndarray, fallback: np.ndarray, stain: str, stain_refer: str) -> TileScores:
-    decision, agreement = bundle.rule.decide(raw)
-    refer = []
-    for split, note in zip(bundle.rule.refer(agreement), fallback):
-        reasons = ["votes split" if split else "", f"stain QC failed ({note})" if note else ""]
-        refer.append("; ".join(filter(None, reasons)))
-    probs = bundle.rule.calibrated(raw).mean(axis=1)
-    return TileScores(probs, decision, agreement, refer, np.zeros(len(raw), dtype=bool), stain, stain_refer)
-
-
-def _confirm(bundle, scores: TileScores, raw: np.ndarray, read, grid: TileGrid, slide: Slide, top: int,
-             device: str, batch_size: int, cache: TileCache) -> None:
-    """Re-score the `top` tiles most likely carcinoma with the bundle's own augmentation vote, in place."""
-    carcinoma = scores.probs[:, np.asarray(bundle.classes.groups) > 0].sum(axis=1)
-    order = np.argsort(-carcinoma, kind="stable")[:top]
+def _confirm(
+    predictor: Predictor,
+    scores: TileScores,
+    read: Callable[[int], tuple[np.ndarray, str]],
+    grid: TileGrid,
+    slide: Slide,
+    top: int,
+    cache: TileCache,
+) -> None:
+    """Re-score the `top` tiles most likely carcinoma with the model's own augmentation vote, in place."""
+    classes = predictor.classes
+    order = np.argsort(-p_carcinoma(scores.probs, classes.groups), kind="stable")[:top]
     for index in order:
         name = f"confirm-{index:06d}"
         arrays = cache.load(name)
         if arrays is None:
-            rgb, note = read(int(index))
-            arrays = {"raw": _classify(bundle, [rgb], [tile_key(slide, grid.boxes[index])],
-                                       bundle.config.augment.n_augment, device, batch_size)[0]}
+            rgb, _ = read(int(index))
+            arrays = {
+                "raw": predictor.score_tiles(
+                    [rgb], [tile_key(slide, grid.boxes[index])], predictor.config.augment.n_augment
+                )[0]
+            }
             cache.save(name, arrays)
-        confirmed = _decide(bundle, arrays["raw"][None], np.array([""], dtype=object), "", "")
+        confirmed = _decide(predictor, arrays["raw"][None], np.array([""], dtype=object), "", "")
         reasons = [scores.refer[index], confirmed.refer[0]]
         if confirmed.decision[0] != scores.decision[index]:
-            reasons.append(f"confirmation changed {bundle.classes.classes[scores.decision[index]]} to "
-                           f"{bundle.classes.classes[confirmed.decision[0]]}")
+            reasons.append(
+                f"confirmation changed {classes.classes[scores.decision[index]]} to "
+                f"{classes.classes[confirmed.decision[0]]}"
+            )
         scores.probs[index], scores.decision[index] = confirmed.probs[0], confirmed.decision[0]
         scores.agreement[index], scores.confirmed[index] = confirmed.agreement[0], True
-        scores.refer[index] = "; ".join(filter(None, reasons))
+        scores.refer[index] = refer_text(*reasons)
 
 
-def _stain_for(slide: Slide, grid: TileGrid, geometry: Geometry, stain, how: str):
+def slide_normaliser(slide: Slide, grid: TileGrid, geometry: Geometry, stain: StainConfig, how: str):
     """The tile normaliser: `slide` fits Macenko once on the most tissue-rich tiles and applies that fit to
     every tile (a tile's own fit follows its content, not the slide's stains); `tile` fits each tile as
     `predict` fits each image. Returns (normalise(rgb) -> (rgb, fallback note), description, slide referral)."""
+
     def per_tile(rgb: np.ndarray) -> tuple[np.ndarray, str]:
         try:
             out, qc, used = normalize_safely(rgb, stain)
@@ -245,17 +265,21 @@ def _stain_for(slide: Slide, grid: TileGrid, geometry: Geometry, stain, how: str
 
     tiles = prefetch(lambda i: slide.read(tuple(grid.boxes[i]), (size, size)), sample.tolist(), 4, 2)
     pixels = np.concatenate([rgb.reshape(-1, 3) for rgb in tiles])
-    pixels = pixels[::max(1, len(pixels) // STAIN_SAMPLE_PIXELS)][:, None]  # a regular sample: same fit, faster
+    pixels = pixels[:: max(1, len(pixels) // STAIN_SAMPLE_PIXELS)][:, None]  # a regular sample: same fit, faster
     normaliser = Normalizer(stain)
     try:
         fit: StainFit = fit_macenko(pixels)
-        qc = quality_check(pixels, macenko_normalize(pixels, normaliser.he_ref, normaliser.max_c_ref, fit), fit,
-                           normaliser.he_ref)
+        qc = quality_check(
+            pixels, macenko_normalize(pixels, normaliser.he_ref, normaliser.max_c_ref, fit), fit, normaliser.he_ref
+        )
     except StainError as err:
         return per_tile, f"macenko per tile (the slide fit failed: {err})", "slide stain fit failed"
     if not qc.ok:
-        return per_tile, f"macenko per tile (the slide fit failed its check: {'; '.join(qc.flags)})", \
-            "slide stain fit failed its quality check"
+        return (
+            per_tile,
+            f"macenko per tile (the slide fit failed its check: {'; '.join(qc.flags)})",
+            "slide stain fit failed its quality check",
+        )
 
     def per_slide(rgb: np.ndarray) -> tuple[np.ndarray, str]:
         return macenko_normalize(rgb, normaliser.he_ref, normaliser.max_c_ref, fit), ""

@@ -31,8 +31,16 @@ class TileGrid:
         return len(self.boxes)
 
     def subset(self, keep: np.ndarray) -> TileGrid:
-        return TileGrid(self.boxes[keep], self.rows[keep], self.cols[keep], self.tissue[keep], self.shape, self.start,
-                        self.tile_px, self.stride_px)
+        return TileGrid(
+            self.boxes[keep],
+            self.rows[keep],
+            self.cols[keep],
+            self.tissue[keep],
+            self.shape,
+            self.start,
+            self.tile_px,
+            self.stride_px,
+        )
 
 
 def cell_origin(start: tuple[float, float], tile_px: float, stride_px: float) -> tuple[float, float]:
@@ -41,8 +49,9 @@ def cell_origin(start: tuple[float, float], tile_px: float, stride_px: float) ->
     return start[0] + (tile_px - stride_px) / 2, start[1] + (tile_px - stride_px) / 2
 
 
-def tile_grid(mask: np.ndarray, factor: float, slide_size: tuple[int, int], tile_px: float,
-              stride_px: float) -> TileGrid:
+def tile_grid(
+    mask: np.ndarray, factor: float, slide_size: tuple[int, int], tile_px: float, stride_px: float
+) -> TileGrid:
     """The grid over the tissue's bounding box in `mask` (thumbnail with `factor` full-resolution px per pixel)
     of a slide of `slide_size` (w, h), with the tissue fraction of every cell (the caller keeps the tissue).
 
@@ -60,13 +69,21 @@ def tile_grid(mask: np.ndarray, factor: float, slide_size: tuple[int, int], tile
         start = max(0.0, min(low, size - span))
         starts.append(start)
         counts.append(n)
-    rows, cols = np.meshgrid(np.arange(counts[1]), np.arange(counts[0]), indexing="ij")
-    rows, cols = rows.ravel(), cols.ravel()
+    grid_rows, grid_cols = np.meshgrid(np.arange(counts[1]), np.arange(counts[0]), indexing="ij")
+    rows, cols = grid_rows.ravel(), grid_cols.ravel()
     x0, y0 = starts[0] + cols * stride_px, starts[1] + rows * stride_px
     boxes = np.stack([np.round(x0), np.round(y0), np.round(x0 + tile_px), np.round(y0 + tile_px)], axis=1)
     boxes = boxes.astype(np.int64)
-    return TileGrid(boxes, rows, cols, tissue_fractions(mask, factor, boxes), (counts[1], counts[0]),
-                    (starts[0], starts[1]), tile_px, stride_px)
+    return TileGrid(
+        boxes,
+        rows,
+        cols,
+        tissue_fractions(mask, factor, boxes),
+        (counts[1], counts[0]),
+        (starts[0], starts[1]),
+        tile_px,
+        stride_px,
+    )
 
 
 def tissue_fractions(mask: np.ndarray, factor: float, boxes: np.ndarray) -> np.ndarray:

@@ -65,14 +65,18 @@ def mask_from_png(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
             width, height = image.size
             expected = width * shape[0] / shape[1]
             if abs(height - expected) > MASK_ASPECT_TOLERANCE * expected + 1:
-                raise SlideError(f"{path}: --tissue-mask is {width}x{height} px, not the slide's shape ({shape[1]}:"
-                                 f"{shape[0]}), so it would be stretched: give a mask of the whole slide (e.g. "
-                                 "mask.png of an earlier run on it)")
+                raise SlideError(
+                    f"{path}: --tissue-mask is {width}x{height} px, not the slide's shape ({shape[1]}:"
+                    f"{shape[0]}), so it would be stretched: give a mask of the whole slide (e.g. "
+                    "mask.png of an earlier run on it)"
+                )
             image.load()
             mask = image.convert("L").resize((shape[1], shape[0]), Image.Resampling.NEAREST)
     except (OSError, Image.DecompressionBombError, ValueError) as err:
-        raise SlideError(f"{path}: --tissue-mask is not a readable image ({str(err).splitlines()[0]}): give a PNG "
-                         "whose non-zero pixels mark tissue") from None
+        raise SlideError(
+            f"{path}: --tissue-mask is not a readable image ({str(err).splitlines()[0]}): give a PNG "
+            "whose non-zero pixels mark tissue"
+        ) from None
     return np.asarray(mask) > 0
 
 
@@ -94,9 +98,11 @@ def mask_from_geojson(path: str | Path, shape: tuple[int, int], factor: float) -
                 draw.polygon([(x / factor, y / factor) for x, y in hole.coords], fill=0)
     mask = np.asarray(canvas, dtype=bool)
     if not mask.any():
-        raise SlideError(f"{path}: --roi polygons lie outside the slide ({round(shape[1] * factor)}x"
-                         f"{round(shape[0] * factor)} px): give full-resolution pixel coordinates of this slide "
-                         "(as QuPath exports them)")
+        raise SlideError(
+            f"{path}: --roi polygons lie outside the slide ({round(shape[1] * factor)}x"
+            f"{round(shape[0] * factor)} px): give full-resolution pixel coordinates of this slide "
+            "(as QuPath exports them)"
+        )
     return mask
 
 
@@ -115,8 +121,9 @@ def read_roi(path: str | Path) -> list:
     except RecursionError:
         raise SlideError(f"{path}: --roi is nested deeper than any GeoJSON: {ROI_FIX}") from None
     except (OSError, ValueError) as err:
-        raise SlideError(f"{path}: --roi is not a readable GeoJSON file ({str(err).splitlines()[0]}): {ROI_FIX}") \
-            from None
+        raise SlideError(
+            f"{path}: --roi is not a readable GeoJSON file ({str(err).splitlines()[0]}): {ROI_FIX}"
+        ) from None
     polygons = [p for shell, *holes in _roi_rings(path, data, 0) if not (p := shapely.Polygon(shell, holes)).is_empty]
     if not polygons:
         raise SlideError(f"{path}: --roi holds no polygon: draw the region as an area annotation in QuPath")
@@ -143,8 +150,10 @@ def _roi_rings(path: Path, node, depth: int) -> list[list[np.ndarray]]:
         if not isinstance(polygons, list) or not all(isinstance(p, list) and p for p in polygons):
             raise SlideError(f"{path}: --roi has a {kind} without coordinates: {ROI_FIX}")
         return [[_vertices(path, ring) for ring in polygon] for polygon in polygons]
-    raise SlideError(f"{path}: --roi holds a {kind[:40]!r} where a Polygon, MultiPolygon, Feature, FeatureCollection "
-                     "or GeometryCollection belongs: keep only area annotations, and " + ROI_FIX)
+    raise SlideError(
+        f"{path}: --roi holds a {kind[:40]!r} where a Polygon, MultiPolygon, Feature, FeatureCollection "
+        "or GeometryCollection belongs: keep only area annotations, and " + ROI_FIX
+    )
 
 
 def _vertices(path: Path, ring) -> np.ndarray:
@@ -153,11 +162,14 @@ def _vertices(path: Path, ring) -> np.ndarray:
     except (ValueError, TypeError):
         xy = np.empty(0)
     if xy.ndim == 2 and xy.shape[1] in (2, 3) and not (np.abs(xy) <= MAX_ROI_COORDINATE).all():  # NaN too
-        raise SlideError(f"{path}: --roi has a vertex that is not a finite number (NaN, Infinity or too large): "
-                         f"give full-resolution pixel coordinates, and {ROI_FIX}")
+        raise SlideError(
+            f"{path}: --roi has a vertex that is not a finite number (NaN, Infinity or too large): "
+            f"give full-resolution pixel coordinates, and {ROI_FIX}"
+        )
     if xy.ndim != 2 or xy.shape[1] not in (2, 3) or len(np.unique(xy[:, :2], axis=0)) < 3:
-        raise SlideError(f"{path}: --roi has a ring that is not a list of at least 3 distinct [x, y] vertices: "
-                         f"{ROI_FIX}")
+        raise SlideError(
+            f"{path}: --roi has a ring that is not a list of at least 3 distinct [x, y] vertices: {ROI_FIX}"
+        )
     return xy[:, :2]
 
 
@@ -169,11 +181,13 @@ def mask_outline(mask: np.ndarray, factor: float):
     scikit-image's contours would need their own hole bookkeeping."""
     import shapely
 
-    boxes = []
+    boxes: list[shapely.Polygon] = []
     padded = np.pad(mask.astype(np.int8), ((0, 0), (1, 1)))
     for y, row in enumerate(np.diff(padded, axis=1)):
         starts, ends = np.flatnonzero(row == 1), np.flatnonzero(row == -1)
-        boxes.extend(shapely.box(x0 * factor, y * factor, x1 * factor, (y + 1) * factor) for x0, x1 in zip(starts, ends))
+        boxes.extend(
+            shapely.box(x0 * factor, y * factor, x1 * factor, (y + 1) * factor) for x0, x1 in zip(starts, ends)
+        )
     if not boxes:
         return shapely.MultiPolygon()
     return polygonal(shapely.unary_union(boxes).simplify(factor, preserve_topology=True))
@@ -185,8 +199,12 @@ def polygonal(geometry):
     import shapely
 
     geometry = shapely.make_valid(shapely.set_precision(geometry, 0.01))
-    parts = [p for g in getattr(geometry, "geoms", [geometry]) for p in getattr(g, "geoms", [g])
-             if p.geom_type == "Polygon" and not p.is_empty]
+    parts = [
+        p
+        for g in getattr(geometry, "geoms", [geometry])
+        for p in getattr(g, "geoms", [g])
+        if p.geom_type == "Polygon" and not p.is_empty
+    ]
     return parts[0] if len(parts) == 1 else shapely.MultiPolygon(parts)
 
 

@@ -33,19 +33,31 @@ from .results import ImageResults, SlideResult, ViewerError, find_results, open_
 
 STATIC = Path(__file__).parent / "static"
 # The vendored OpenSeadragon (static/openseadragon/VENDORED.md): npm's openseadragon@6.1.1, unchanged.
-OPENSEADRAGON = {"version": "6.1.1", "sha256": "14d587cd3ee7c4861f1a41077ce642029364a21029956ba635bd8fb1202cf9ad",
-                 # the one <style> element it adds (a focus-outline rule): allowed by its hash, no other inline style
-                 "style": "'sha256-9xTiqzfwFaL2SGb1rmr8gysEwVVjIvqWAgmZgqFqpEE='"}
+OPENSEADRAGON = {
+    "version": "6.1.1",
+    "sha256": "14d587cd3ee7c4861f1a41077ce642029364a21029956ba635bd8fb1202cf9ad",
+    # the one <style> element it adds (a focus-outline rule): allowed by its hash, no other inline style
+    "style": "'sha256-9xTiqzfwFaL2SGb1rmr8gysEwVVjIvqWAgmZgqFqpEE='",
+}
 # The pages: scripts, styles, data and images from the viewer only (images also as data: and blob: URLs, as
 # OpenSeadragon makes them); no plugins, no <base>, no form posts, never framed.
-CSP = (f"default-src 'self'; img-src 'self' data: blob:; style-src 'self' {OPENSEADRAGON['style']}; "
-       "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CSP = (
+    f"default-src 'self'; img-src 'self' data: blob:; style-src 'self' {OPENSEADRAGON['style']}; "
+    "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 # Result files (report.html among them) are shown but run no script: a sandbox without allow-scripts (its
 # same origin kept only so that report.html's images load), inline styles, images from the viewer.
-FILE_CSP = ("sandbox allow-same-origin; default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
-            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": CSP, "X-Frame-Options": "DENY",
-           "Referrer-Policy": "no-referrer", "Cross-Origin-Resource-Policy": "same-origin"}
+FILE_CSP = (
+    "sandbox allow-same-origin; default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": CSP,
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
 IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}  # tile URLs carry the slide's fingerprint
 REVALIDATE = {"Cache-Control": "no-cache"}
 HEAT_CELL_PX = 8  # heat-layer pixels per grid cell: crisp cell edges when the browser smooths the layer
@@ -67,8 +79,9 @@ def create_app(slides: list[SlideResult], images: list[ImageResults], hosts: Ite
     zooms = [DeepZoomSlide(s.slide_path, s.summary["slide"]["fingerprint"]) for s in slides]
     tokens = [hashlib.sha256(s.summary["slide"]["fingerprint"].encode()).hexdigest()[:16] for s in slides]
     cell_px = [heat_cell_px(s.grid["decision"].shape) for s in slides]
-    slide_data = [_encode(_slide_json(s, f"/slides/{i}/{tokens[i]}/slide.dzi", cell_px[i]))
-                  for i, s in enumerate(slides)]
+    slide_data = [
+        _encode(_slide_json(s, f"/slides/{i}/{tokens[i]}/slide.dzi", cell_px[i])) for i, s in enumerate(slides)
+    ]
     image_data = [_encode(_images_json(r)) for r in images]
     heat_workers = threading.BoundedSemaphore(HEAT_WORKERS)
 
@@ -90,11 +103,13 @@ def create_app(slides: list[SlideResult], images: list[ImageResults], hosts: Ite
         def handler(request):
             pick(slides if name == "slide" else images, request)
             return FileResponse(STATIC / f"{name}.html", headers=REVALIDATE)
+
         return handler
 
     def data(encoded: list[bytes]):
         def handler(request):
             return Response(pick(encoded, request), media_type="application/json", headers=REVALIDATE)
+
         return handler
 
     def dzi(request):
@@ -120,8 +135,9 @@ def create_app(slides: list[SlideResult], images: list[ImageResults], hosts: Ite
             hidden = None
         if hidden is None or not hidden <= set(range(len(result.summary["bundle"]["classes"]))):
             raise HTTPException(400, "hide is a comma-separated list of class numbers")
-        return Response(heat_layer(request.path_params["index"], layer, hidden), media_type="image/png",
-                        headers=REVALIDATE)
+        return Response(
+            heat_layer(request.path_params["index"], layer, hidden), media_type="image/png", headers=REVALIDATE
+        )
 
     def result_file(items: list, files: str):
         def handler(request):
@@ -133,6 +149,7 @@ def create_app(slides: list[SlideResult], images: list[ImageResults], hosts: Ite
             if served.attachment:
                 headers["Content-Disposition"] = f"attachment; filename*=utf-8''{quote(served.path.name)}"
             return StreamingResponse(_chunks(handle), media_type=served.media_type, headers=headers)
+
         return handler
 
     routes = [
@@ -148,6 +165,7 @@ def create_app(slides: list[SlideResult], images: list[ImageResults], hosts: Ite
         Route("/images/{index:int}/files/{path:path}", result_file(images, "overlays")),
         Mount("/static", StaticFiles(directory=STATIC)),
     ]
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -183,16 +201,19 @@ class HostGuard:
         if host is None:
             return await PlainTextResponse("no Host header", 400)(scope, receive, send_with_headers)
         if host.lower() not in self.hosts:
-            return await PlainTextResponse("this server does not answer for that host (histoboost view "
-                                           "--allow-host NAME adds one)", 421)(scope, receive, send_with_headers)
+            return await PlainTextResponse(
+                "this server does not answer for that host (histoboost view --allow-host NAME adds one)", 421
+            )(scope, receive, send_with_headers)
         await self.app(scope, receive, send_with_headers)
 
 
 def allowed_hosts(host: str, port: int, names: Iterable[str] = ()) -> frozenset[str]:
     """The Host header values the viewer answers: the address it listens on, localhost, 127.0.0.1, [::1]
     and `names`, each with or without the port."""
-    bare = {f"[{n}]" if ":" in n else n for n in (n.strip().strip("[]").lower()
-                                                   for n in (host, "localhost", "127.0.0.1", "::1", *names))}
+    bare = {
+        f"[{n}]" if ":" in n else n
+        for n in (n.strip().strip("[]").lower() for n in (host, "localhost", "127.0.0.1", "::1", *names))
+    }
     return frozenset(v for n in bare for v in (n, f"{n}:{port}"))
 
 
@@ -262,29 +283,56 @@ def _slide_json(result: SlideResult, dzi_url: str, cell_px: int) -> dict:
     origin = cell_origin(tuple(grid["start"].tolist()), tile_px, stride)
     rows, cols = grid["decision"].shape
     return {
-        "name": s["slide"]["name"], "dzi": dzi_url, "size": s["slide"]["size"], "mpp": s["slide"]["mpp"],
-        "classes": s["bundle"]["classes"], "colors": s["bundle"]["colors"], "groups": s["bundle"]["groups"],
-        "grid": {"origin": list(origin), "stride": stride, "tile": tile_px, "rows": int(rows), "cols": int(cols),
-                 "cell_px": cell_px},
-        "tiles": result.tiles, "regions": s["carcinoma_regions"]["regions"], "top": s["top_tiles"],
-        "summary": {"call": s["call"]["group"], "rule": s["call"]["rule"], "refer": s["refer"],
-                    "tissue_mm2": s["tissue"]["area_mm2"], "area_mm2": s["area_mm2"],
-                    "regions": s["carcinoma_regions"]["count"], "largest_mm2": s["carcinoma_regions"]["largest_mm2"],
-                    "tiles": s["tiles"], "stain": s["stain"], "bundle": s["bundle"]["sha256"],
-                    "research_use_only": s["research_use_only"]},
+        "name": s["slide"]["name"],
+        "dzi": dzi_url,
+        "size": s["slide"]["size"],
+        "mpp": s["slide"]["mpp"],
+        "classes": s["bundle"]["classes"],
+        "colors": s["bundle"]["colors"],
+        "groups": s["bundle"]["groups"],
+        "grid": {
+            "origin": list(origin),
+            "stride": stride,
+            "tile": tile_px,
+            "rows": int(rows),
+            "cols": int(cols),
+            "cell_px": cell_px,
+        },
+        "tiles": result.tiles,
+        "regions": s["carcinoma_regions"]["regions"],
+        "top": s["top_tiles"],
+        "summary": {
+            "call": s["call"]["group"],
+            "rule": s["call"]["rule"],
+            "refer": s["refer"],
+            "tissue_mm2": s["tissue"]["area_mm2"],
+            "area_mm2": s["area_mm2"],
+            "regions": s["carcinoma_regions"]["count"],
+            "largest_mm2": s["carcinoma_regions"]["largest_mm2"],
+            "tiles": s["tiles"],
+            "stain": s["stain"],
+            "bundle": s["bundle"]["sha256"],
+            "research_use_only": s["research_use_only"],
+        },
         "report": "files/report.html",
     }
 
 
 def _images_json(result: ImageResults) -> dict:
-    records = []
+    records: list[dict] = []
     for r in result.records:
         probs = {k[2:]: _number(v) for k, v in r.items() if k.startswith("p_") and k != "p_carcinoma"}
         overlay = str(r.get("overlay"))
-        records.append({"name": _text(r.get("name")) or Path(_text(r.get("path"))).name,
-                        "class": _text(r.get("class")), "p": probs, "agreement": _number(r.get("agreement")),
-                        "refer": _text(r.get("refer")),
-                        "overlay": f"files/{quote(overlay)}" if overlay in result.overlays else None})
+        records.append(
+            {
+                "name": _text(r.get("name")) or Path(_text(r.get("path"))).name,
+                "class": _text(r.get("class")),
+                "p": probs,
+                "agreement": _number(r.get("agreement")),
+                "refer": _text(r.get("refer")),
+                "overlay": f"files/{quote(overlay)}" if overlay in result.overlays else None,
+            }
+        )
     classes = list(dict.fromkeys(c for r in records for c in r["p"]))
     return {"name": result.name, "classes": classes, "records": records}
 
@@ -303,17 +351,30 @@ def _text(value) -> str:
 
 
 def _index_html(slides: list[SlideResult], images: list[ImageResults]) -> str:
-    items = [f'<li><a href="/slides/{i}/">{html.escape(s.summary["slide"]["name"])}</a> '
-             f'({html.escape(s.summary["call"]["group"])})</li>' for i, s in enumerate(slides)]
-    items += [f'<li><a href="/images/{i}/">{html.escape(r.name)}</a> ({len(r.records)} images)</li>'
-              for i, r in enumerate(images)]
-    return ("<!doctype html><html lang=en><meta charset=utf-8><link rel=icon href='data:,'><title>histoboost view</title>"
-            '<link rel=stylesheet href="/static/style.css"><main><h1>histoboost results</h1>'
-            "<p class=ruo>Research use only; not for diagnosis.</p><ul>" + "".join(items) + "</ul></main></html>")
+    items = [
+        f'<li><a href="/slides/{i}/">{html.escape(s.summary["slide"]["name"])}</a> '
+        f"({html.escape(s.summary['call']['group'])})</li>"
+        for i, s in enumerate(slides)
+    ]
+    items += [
+        f'<li><a href="/images/{i}/">{html.escape(r.name)}</a> ({len(r.records)} images)</li>'
+        for i, r in enumerate(images)
+    ]
+    return (
+        "<!doctype html><html lang=en><meta charset=utf-8><link rel=icon href='data:,'><title>histoboost view</title>"
+        '<link rel=stylesheet href="/static/style.css"><main><h1>histoboost results</h1>'
+        "<p class=ruo>Research use only; not for diagnosis.</p><ul>" + "".join(items) + "</ul></main></html>"
+    )
 
 
-def serve(paths: list[str | Path], host: str = "127.0.0.1", port: int = 0, open_browser: bool = False,
-          announce=print, allow_hosts: Iterable[str] = ()) -> None:
+def serve(
+    paths: list[str | Path],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    open_browser: bool = False,
+    announce=print,
+    allow_hosts: Iterable[str] = (),
+) -> None:
     """Serve the results until interrupted (Ctrl-C stops it cleanly). Port 0: a free one. `allow_hosts`: more
     names the browser may reach it by (`allowed_hosts`)."""
     import uvicorn
@@ -351,8 +412,11 @@ def _listen(host: str, shown: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        fix = ("give another --port, or --port 0 for a free one" if err.errno in (errno.EADDRINUSE, errno.EACCES)
-               else "give --host an address of this machine (127.0.0.1: this machine only)")
+        fix = (
+            "give another --port, or --port 0 for a free one"
+            if err.errno in (errno.EADDRINUSE, errno.EACCES)
+            else "give --host an address of this machine (127.0.0.1: this machine only)"
+        )
         raise ViewerError(f"cannot listen on {shown}:{port} ({err.strerror or err}): {fix}") from None
     sock.listen(2048)  # connections wait in the backlog from the moment the address is announced
     return sock

@@ -34,12 +34,15 @@ class DeepZoomSlide:
         try:
             self.slide = openslide.open_slide(str(path))
         except (openslide.OpenSlideError, OSError, ValueError) as err:
-            raise SlideError(f"{path}: cannot open the slide this result was made from ({err}): put it back, or "
-                             "score it again") from None
+            raise SlideError(
+                f"{path}: cannot open the slide this result was made from ({err}): put it back, or score it again"
+            ) from None
         if slide_fingerprint(path, dict(self.slide.properties)) != fingerprint:
             self.slide.close()
-            raise SlideError(f"{path} is not the slide this result was made from (its fingerprint differs): score "
-                             "it again with histoboost slide")
+            raise SlideError(
+                f"{path} is not the slide this result was made from (its fingerprint differs): score "
+                "it again with histoboost slide"
+            )
         self.generator = DeepZoomGenerator(self.slide, tile_size=TILE_SIZE, overlap=OVERLAP, limit_bounds=True)
         self._transform = _srgb_transform(self.slide)
         self._tile = functools.lru_cache(maxsize=CACHE_TILES)(self._make_tile)
@@ -82,4 +85,5 @@ def _srgb_transform(slide):
     from PIL import ImageCms
 
     intent = ImageCms.getDefaultIntent(profile)
-    return ImageCms.buildTransform(profile, ImageCms.createProfile("sRGB"), "RGB", "RGB", intent, 0)
+    # Pillow's stubs want its Intent and Flags enums; the profile's own intent number is passed on unchecked.
+    return ImageCms.buildTransform(profile, ImageCms.createProfile("sRGB"), "RGB", "RGB", intent, 0)  # type: ignore[arg-type]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import HistoboostError
+from ..errors import ViewerError
 from ..storage import json_depth, strict_json
 
 MAX_JSON_BYTES = 64 * 2**20  # summary.json, a predictions JSON
@@ -38,15 +38,26 @@ FEWER_RECORDS = "run histoboost predict on fewer images at a time"
 
 # The files `histoboost slide` writes in a result folder (slides/run.py), with the type each is served as;
 # besides these only its GeoJSON (`files.geojson` in summary.json) and top/tile-NN.png, one per top tile.
-SLIDE_FILES = {"summary.json": "application/json", "report.html": "text/html; charset=utf-8",
-               "heatmap.png": "image/png", "mask.png": "image/png", "mask-outline.png": "image/png",
-               "tiles.csv": "text/csv; charset=utf-8", "heatmap.npz": "application/octet-stream"}
+SLIDE_FILES = {
+    "summary.json": "application/json",
+    "report.html": "text/html; charset=utf-8",
+    "heatmap.png": "image/png",
+    "mask.png": "image/png",
+    "mask-outline.png": "image/png",
+    "tiles.csv": "text/csv; charset=utf-8",
+    "heatmap.npz": "application/octet-stream",
+}
 INLINE = {"image/png", "application/json", "text/html; charset=utf-8"}  # anything else is a download
 OVERLAY = re.compile(r"[^/\\\x00]+\.overlay\.png")  # the names predict --overlay writes
 
 # heatmap.npz's arrays the viewer reads: dtype kinds and shape ("grid" is the decision grid's shape).
-GRID_ARRAYS = {"decision": ("i", "grid"), "p_carcinoma": ("f", "grid"), "start": ("iuf", (2,)),
-               "tile_px": ("iuf", ()), "stride_px": ("iuf", ())}
+GRID_ARRAYS = {
+    "decision": ("i", "grid"),
+    "p_carcinoma": ("f", "grid"),
+    "start": ("iuf", (2,)),
+    "tile_px": ("iuf", ()),
+    "stride_px": ("iuf", ()),
+}
 
 _NUMBER = {"type": "number"}
 _COUNT = {"type": "integer", "minimum": 0}
@@ -54,46 +65,110 @@ _TEXT = {"type": "string"}
 # The fields of summary.json the viewer reads (other fields are not looked at).
 SUMMARY_SCHEMA = {
     "type": "object",
-    "required": ["research_use_only", "slide", "bundle", "tissue", "tiles", "stain", "area_mm2", "carcinoma_regions",
-                 "call", "refer", "top_tiles", "files"],
+    "required": [
+        "research_use_only",
+        "slide",
+        "bundle",
+        "tissue",
+        "tiles",
+        "stain",
+        "area_mm2",
+        "carcinoma_regions",
+        "call",
+        "refer",
+        "top_tiles",
+        "files",
+    ],
     "properties": {
         "research_use_only": _TEXT,
-        "slide": {"type": "object", "required": ["path", "name", "fingerprint", "mpp", "size"], "properties": {
-            "path": {"type": "string", "minLength": 1}, "name": _TEXT,
-            "fingerprint": {"type": "string", "minLength": 1}, "mpp": {"type": "number", "exclusiveMinimum": 0},
-            "size": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 2, "maxItems": 2}}},
-        "bundle": {"type": "object", "required": ["sha256", "classes", "groups", "colors"], "properties": {
-            "sha256": _TEXT,
-            "classes": {"type": "array", "items": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,64}$"},
-                        "minItems": 1, "maxItems": 64, "uniqueItems": True},
-            "groups": {"type": "array", "items": _COUNT},
-            "colors": {"type": "array", "items": {"type": "array", "minItems": 3, "maxItems": 3,
-                                                  "items": {"type": "integer", "minimum": 0, "maximum": 255}}}}},
+        "slide": {
+            "type": "object",
+            "required": ["path", "name", "fingerprint", "mpp", "size"],
+            "properties": {
+                "path": {"type": "string", "minLength": 1},
+                "name": _TEXT,
+                "fingerprint": {"type": "string", "minLength": 1},
+                "mpp": {"type": "number", "exclusiveMinimum": 0},
+                "size": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 2, "maxItems": 2},
+            },
+        },
+        "bundle": {
+            "type": "object",
+            "required": ["sha256", "classes", "groups", "colors"],
+            "properties": {
+                "sha256": _TEXT,
+                "classes": {
+                    "type": "array",
+                    "items": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,64}$"},
+                    "minItems": 1,
+                    "maxItems": 64,
+                    "uniqueItems": True,
+                },
+                "groups": {"type": "array", "items": _COUNT},
+                "colors": {
+                    "type": "array",
+                    "items": {
+                        "type": "array",
+                        "minItems": 3,
+                        "maxItems": 3,
+                        "items": {"type": "integer", "minimum": 0, "maximum": 255},
+                    },
+                },
+            },
+        },
         "tissue": {"type": "object", "required": ["area_mm2"], "properties": {"area_mm2": _NUMBER}},
-        "tiles": {"type": "object", "required": ["scored", "confirmed"], "properties": {"scored": _COUNT,
-                                                                                       "confirmed": _COUNT}},
+        "tiles": {
+            "type": "object",
+            "required": ["scored", "confirmed"],
+            "properties": {"scored": _COUNT, "confirmed": _COUNT},
+        },
         "stain": _TEXT,
         "area_mm2": {"type": "object", "additionalProperties": _NUMBER},
-        "carcinoma_regions": {"type": "object", "required": ["count", "largest_mm2", "regions"], "properties": {
-            "count": _COUNT, "largest_mm2": _NUMBER,
-            "regions": {"type": "array", "items": {"type": "object", "required": ["class", "area_mm2", "bounds"],
-                                                   "properties": {"class": _TEXT, "area_mm2": _NUMBER, "bounds": {
-                                                       "type": "array", "items": _NUMBER, "minItems": 4,
-                                                       "maxItems": 4}}}}}},
+        "carcinoma_regions": {
+            "type": "object",
+            "required": ["count", "largest_mm2", "regions"],
+            "properties": {
+                "count": _COUNT,
+                "largest_mm2": _NUMBER,
+                "regions": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["class", "area_mm2", "bounds"],
+                        "properties": {
+                            "class": _TEXT,
+                            "area_mm2": _NUMBER,
+                            "bounds": {"type": "array", "items": _NUMBER, "minItems": 4, "maxItems": 4},
+                        },
+                    },
+                },
+            },
+        },
         "call": {"type": "object", "required": ["group", "rule"], "properties": {"group": _TEXT, "rule": _TEXT}},
         "refer": {"type": "array", "items": _TEXT},
-        "top_tiles": {"type": "array", "maxItems": 99, "items": {
-            "type": "object", "required": ["x", "y", "width", "height", "class", "p_carcinoma"],
-            "properties": {"x": _NUMBER, "y": _NUMBER, "width": _NUMBER, "height": _NUMBER, "class": _TEXT,
-                           "p_carcinoma": _NUMBER}}},
-        "files": {"type": "object", "required": ["geojson"],
-                  "properties": {"geojson": {"type": "string", "pattern": r"^[^/\\\x00]+\.geojson\.gz$"}}},
+        "top_tiles": {
+            "type": "array",
+            "maxItems": 99,
+            "items": {
+                "type": "object",
+                "required": ["x", "y", "width", "height", "class", "p_carcinoma"],
+                "properties": {
+                    "x": _NUMBER,
+                    "y": _NUMBER,
+                    "width": _NUMBER,
+                    "height": _NUMBER,
+                    "class": _TEXT,
+                    "p_carcinoma": _NUMBER,
+                },
+            },
+        },
+        "files": {
+            "type": "object",
+            "required": ["geojson"],
+            "properties": {"geojson": {"type": "string", "pattern": r"^[^/\\\x00]+\.geojson\.gz$"}},
+        },
     },
 }
-
-
-class ViewerError(HistoboostError):
-    """A result cannot be shown; the message names it and the fix."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +209,8 @@ class ImageResults:
 def find_results(paths: list[str | Path]) -> tuple[list[SlideResult], list[ImageResults]]:
     """Slide result folders (a folder with summary.json, or an OUT folder of several), and predictions files
     (a predict CSV/JSON, or a folder holding them)."""
-    slides, images = [], []
+    slides: list[SlideResult] = []
+    images: list[ImageResults] = []
     for path in map(Path, paths):
         if not path.exists():
             raise ViewerError(f"{path}: no such file or folder")
@@ -144,8 +220,10 @@ def find_results(paths: list[str | Path]) -> tuple[list[SlideResult], list[Image
             found_slides = sorted(p.parent for p in path.glob("*/summary.json"))
             found_images = sorted(p for p in path.glob("*") if p.suffix in (".csv", ".json") and _is_predictions(p))
             if not found_slides and not found_images:
-                raise ViewerError(f"{path}: holds no slide result (summary.json) or predictions (a predict CSV/JSON): "
-                                  "give the folder `histoboost slide --out` or `predict --out` wrote")
+                raise ViewerError(
+                    f"{path}: holds no slide result (summary.json) or predictions (a predict CSV/JSON): "
+                    "give the folder `histoboost slide --out` or `predict --out` wrote"
+                )
             slides.extend(load_slide_result(p) for p in found_slides)
             images.extend(load_predictions(p) for p in found_images)
         elif _is_predictions(path):
@@ -164,8 +242,10 @@ def load_slide_result(folder: Path) -> SlideResult:
     files = _pinned(root, SLIDE_FILES)
     for name in ("summary.json", "heatmap.npz", "tiles.csv"):
         if name not in files:
-            raise ViewerError(f"{folder / name}: missing, or not a file inside the folder (a link out of it?): not a "
-                              f"complete slide result; {SLIDE_AGAIN}")
+            raise ViewerError(
+                f"{folder / name}: missing, or not a file inside the folder (a link out of it?): not a "
+                f"complete slide result; {SLIDE_AGAIN}"
+            )
     summary = _read_json(files["summary.json"].path, SLIDE_AGAIN)
     _check_summary(summary, files["summary.json"].path)
     top = [f"top/tile-{rank:02d}.png" for rank in range(1, len(summary["top_tiles"]) + 1)]
@@ -178,8 +258,9 @@ def load_slide_result(folder: Path) -> SlideResult:
 
 def load_predictions(path: Path) -> ImageResults:
     """A predict output file; each overlay its records name is looked up in its folder and the folders inside it."""
-    records = (_read_json(path, PREDICT_AGAIN) if path.suffix == ".json" else
-               _read_csv(path, PREDICT_AGAIN, FEWER_RECORDS))
+    records = (
+        _read_json(path, PREDICT_AGAIN) if path.suffix == ".json" else _read_csv(path, PREDICT_AGAIN, FEWER_RECORDS)
+    )
     if not isinstance(records, list):
         raise ViewerError(f"{path}: not a predict output (not a list of records): {PREDICT_AGAIN}")
     if len(records) > MAX_ROWS:
@@ -187,7 +268,7 @@ def load_predictions(path: Path) -> ImageResults:
     records = [r for r in records if isinstance(r, dict)]
     folder = path.parent.resolve()
     wanted = {str(r.get("overlay")) for r in records if OVERLAY.fullmatch(str(r.get("overlay")))}
-    found = {}
+    found: dict[str, str] = {}  # overlay file name -> its path relative to the folder
     for candidate in [*folder.glob("*.overlay.png"), *sorted(folder.glob("*/*.overlay.png"))]:
         if candidate.name in wanted:
             found.setdefault(candidate.name, candidate.relative_to(folder).as_posix())
@@ -250,12 +331,15 @@ def _read_grid(path: Path, n_classes: int) -> dict[str, np.ndarray]:
             with np.load(path, allow_pickle=False) as data:
                 grid = {key: data[key] for key in GRID_ARRAYS}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # truncated data, a bad CRC
-            raise ViewerError(f"{path}: not a heat-map grid histoboost slide writes (a damaged archive): "
-                              f"{SLIDE_AGAIN}") from None
+            raise ViewerError(
+                f"{path}: not a heat-map grid histoboost slide writes (a damaged archive): {SLIDE_AGAIN}"
+            ) from None
         if grid["decision"].min() < -1 or grid["decision"].max() >= n_classes:
             why = f"decision holds classes outside -1..{n_classes - 1}"
-        elif not all(np.isfinite(grid[k]).all() for k in ("start", "tile_px", "stride_px")) or \
-                min(grid["tile_px"], grid["stride_px"]) <= 0:
+        elif (
+            not all(np.isfinite(grid[k]).all() for k in ("start", "tile_px", "stride_px"))
+            or min(grid["tile_px"], grid["stride_px"]) <= 0
+        ):
             why = "its start, tile_px and stride_px are not finite, positive numbers"
     if why is not None:
         raise ViewerError(f"{path}: not a heat-map grid histoboost slide writes ({why}): {SLIDE_AGAIN}")
@@ -303,10 +387,18 @@ def _read_tiles(path: Path, classes: list[str], shape: tuple[int, int]) -> list[
     tiles = []
     for line, r in enumerate(_read_csv(path, SLIDE_AGAIN, FEWER_TILES), start=2):
         try:
-            tile = {"row": int(r["row"]), "col": int(r["col"]), "x": int(r["x"]), "y": int(r["y"]),
-                    "size": int(r["width"]), "class": r["class"], "p": {c: _finite(r[f"p_{c}"]) for c in classes},
-                    "p_carcinoma": _finite(r["p_carcinoma"]), "refer": str(r["refer"]),
-                    "confirmed": r["confirmed"] == "1"}
+            tile = {
+                "row": int(r["row"]),
+                "col": int(r["col"]),
+                "x": int(r["x"]),
+                "y": int(r["y"]),
+                "size": int(r["width"]),
+                "class": r["class"],
+                "p": {c: _finite(r[f"p_{c}"]) for c in classes},
+                "p_carcinoma": _finite(r["p_carcinoma"]),
+                "refer": str(r["refer"]),
+                "confirmed": r["confirmed"] == "1",
+            }
             if not (0 <= tile["row"] < shape[0] and 0 <= tile["col"] < shape[1]):
                 raise ValueError(f"cell {tile['row']},{tile['col']} outside the {shape[0]} x {shape[1]} grid")
             if tile["class"] not in classes:
@@ -330,9 +422,10 @@ def _read_csv(path: Path, fix: str, smaller: str) -> list[dict]:
     """A CSV's rows, within MAX_TABLE_BYTES and MAX_ROWS (`smaller` says how to make fewer)."""
     size = path.stat().st_size
     if size > MAX_TABLE_BYTES:
-        raise ViewerError(f"{path}: {size / 2**20:.1f} MiB, over the {MAX_TABLE_BYTES // 2**20} MiB the viewer reads: "
-                          f"{smaller}")
-    rows = []
+        raise ViewerError(
+            f"{path}: {size / 2**20:.1f} MiB, over the {MAX_TABLE_BYTES // 2**20} MiB the viewer reads: {smaller}"
+        )
+    rows: list[dict] = []
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             for row in csv.DictReader(handle):
@@ -370,5 +463,3 @@ def _read_json(path: Path, fix: str):
     except (OSError, ValueError, UnicodeDecodeError) as err:
         raise ViewerError(f"{path}: not readable JSON ({str(err)[:160]}): {fix}") from None
     return value
-
-

@@ -1,0 +1,354 @@
+"""The one inference seam: RGB pixels -> stain normalisation -> views -> features -> class probabilities -> a
+decision with its referral reasons.
+
+`Predictor` holds what a trained model is made of (config, backbones, classifier, decision rule) and where it runs
+(a `Runtime`), nothing of where it came from: `Bundle` makes one, and images, arrays, held-out sets and whole-slide
+tiles are all classified through it. p(carcinoma) and the refer text are computed here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .augment import plan_augmentation, plan_augmentations
+from .classifier import DecisionRule, mean_decision, vote_counts
+from .config import Config
+from .data import CLASS_SCHEMES, ClassScheme, class_scheme, content_key, working_scale
+from .errors import DataError, StainError
+from .runtime import Runtime
+from .stain import FALLBACK_NOTES, fit_macenko
+
+if TYPE_CHECKING:
+    from .augment import AugmentPlan
+    from .backbones import Backbone
+
+# Pillow modes without colour: such an image is predicted but referred (the classifier learnt H&E colour).
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+def p_carcinoma(probs: np.ndarray, groups: tuple[int, ...]) -> np.ndarray:
+    """p(carcinoma) = p(in situ) + p(invasive): the summed probability of every class of group 1 or 2, over the
+    last axis."""
+    carcinoma: np.ndarray = np.asarray(probs)[..., np.asarray(groups) > 0].sum(axis=-1)
+    return carcinoma
+
+
+def refer_text(*reasons: str) -> str:
+    """Why a pathologist should look, as one text: the non-empty reasons joined by "; "."""
+    return "; ".join(filter(None, reasons))
+
+
+@dataclass(frozen=True)
+class TrainingGeometry:
+    """The training images' geometry, which whole slides are tiled to match: µm/px (None: not known), the µm/px
+    the classifier saw, and their shorter side in pixels."""
+
+    mpp: float | None = None
+    working_mpp: float | None = None
+    field_px: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model this is, for outputs and caches: its sha256 (a bundle's identity), the histoboost that trained it
+    and the images it was trained on (content keys)."""
+
+    sha256: str = ""
+    histoboost: str = ""
+    geometry: TrainingGeometry = field(default_factory=TrainingGeometry)
+    training_image_ids: frozenset[str] = frozenset()
+
+
+@dataclass
+class Prediction:
+    """One image's result: the same columns as cross-validation's predictions.csv, plus provenance."""
+
+    path: str
+    name: str
+    image_id: str
+    probs: np.ndarray  # (K,) mean probability over augmentations (calibrated where the rule calibrates)
+    votes: np.ndarray  # (K,)
+    decision: int  # class index, by the decision rule: majority vote, or its carcinoma threshold
+    aug_probs: np.ndarray  # (A, K) as the classifier gave them (before calibration)
+    agreement: float = 1.0  # share of augmentations that agree with the decision
+    refer: str = ""  # why a pathologist should look: "votes split", "stain QC failed", or ""
+    stain_qc: str = ""  # the quality check's flags, and the fallback used
+    classes: ClassScheme = CLASS_SCHEMES["groups"]
+    rule: str = ""  # the decision rule in words (DecisionRule.describe)
+
+    @property
+    def p_carcinoma(self) -> float:
+        return float(p_carcinoma(self.probs, self.classes.groups))
+
+    def record(self, bundle_sha256: str, bundle_format: int) -> dict[str, Any]:
+        """One row: `class` (histoboost's name), `label` (the data set's) and `group` (0-2) of the decision,
+        then one probability and vote count per class."""
+        scheme = self.classes
+        return {
+            "path": self.path,
+            "name": self.name,
+            "image_id": self.image_id,
+            "class": scheme.classes[self.decision],
+            "label": scheme.labels[self.decision],
+            "group": scheme.groups[self.decision],
+            "mean_prob_decision": int(mean_decision(self.probs[None, None], scheme.groups)[0]),
+            **{f"p_{c}": round(float(p), 6) for c, p in zip(scheme.classes, self.probs)},
+            "p_carcinoma": round(self.p_carcinoma, 6),
+            **{f"votes_{c}": int(v) for c, v in zip(scheme.classes, self.votes)},
+            "agreement": round(self.agreement, 3),
+            "refer": self.refer,
+            "stain_qc": self.stain_qc,
+            "decision_rule": self.rule,
+            "bundle_sha256": bundle_sha256,
+            "bundle_format": bundle_format,
+        }
+
+
+@dataclass
+class Decisions:
+    """Many items' decisions (slide tiles): calibrated mean probabilities (N, K), class (N,), agreement of the
+    views (N,) and the refer text of each (N,)."""
+
+    probs: np.ndarray
+    decision: np.ndarray
+    agreement: np.ndarray
+    refer: list[str]
+
+
+class Predictor:
+    """A trained model ready to classify: `predict_image(path)`, `predict_array(rgb)`, `score_tiles(tiles)`.
+
+    Every entry runs the same preprocessing, features, classifier and decision rule as training and
+    cross-validation, on the runtime's device and batch size."""
+
+    def __init__(
+        self,
+        config: Config,
+        backbones: list[Backbone],
+        classifier: Any,
+        rule: DecisionRule,
+        identity: ModelIdentity = ModelIdentity(),
+        runtime: Runtime = Runtime(),
+    ):
+        self.config = config
+        self.backbones = backbones
+        self.classifier = classifier
+        self.rule = rule
+        self.identity = identity
+        self.runtime = runtime
+        self.classes = class_scheme(config.classifier.classes)
+
+    def using(self, runtime: Runtime) -> Predictor:
+        """The same model on another runtime (its cache folder, progress or engine; the device it was built on)."""
+        return Predictor(self.config, self.backbones, self.classifier, self.rule, self.identity, runtime)
+
+    @property
+    def rule_text(self) -> str:
+        """The decision rule in words: what predictions state and `train` prints."""
+        chosen_on = (
+            "the images its fine-tuned backbone never trained on" if self.config.finetune.enabled else "inner folds"
+        )
+        return self.rule.describe(self.config.classifier.target_sensitivity, chosen_on)
+
+    # -- one image -------------------------------------------------------------------------------------------
+    def predict_image(
+        self, path: str | Path, image_id: str, mpp: float | None, mode: str = "RGB", want_grid: bool = False
+    ) -> tuple[Prediction, np.ndarray | None]:
+        """An image file whose content key, µm/px and Pillow mode are known (a validated manifest's, or
+        `data.scan_file`'s): its Prediction, and the class-probability grid when asked."""
+        from .features import prepare_image
+
+        prepared = prepare_image(path, image_id, mpp, self.config)
+        return self._predict_prepared(prepared, str(path), Path(path).stem, image_id, mode, want_grid)
+
+    def predict_array(self, rgb: np.ndarray, mpp: float | None = None, name: str = "array") -> Prediction:
+        """An RGB uint8 array (H, W, 3), or a grayscale one (H, W), as decoded from a file: the same result as the
+        file with `predict_image`. `mpp` is its µm/px (None: states none, like BACH's JPEGs)."""
+        from .features import prepare_pixels
+
+        rgb, mode = _as_rgb(rgb)
+        image_id = content_key(rgb)
+        prepared = prepare_pixels(_rescaled(rgb, working_scale(mpp, self.config.preprocess)), image_id, self.config)
+        return self._predict_prepared(prepared, "", name, image_id, mode, False)[0]
+
+    def _predict_prepared(
+        self, prepared: Any, path: str, name: str, image_id: str, mode: str, want_grid: bool
+    ) -> tuple[Prediction, np.ndarray | None]:
+        raw = self.classifier.predict_proba(self._rows(prepared.rgb, prepared.plans, prepared.stain_fit))
+        grid = self.probability_grid(prepared.rgb) if want_grid else None
+        decision, agreement = self.rule.decide(raw[None])
+        refer = refer_text(
+            "votes split" if self.rule.refer(agreement)[0] else "",
+            "grayscale, no H&E colour" if mode in GRAYSCALE_MODES else "",
+        )
+        qc = ""
+        if prepared.qc is not None and not prepared.qc.ok:
+            qc = f"{'; '.join(prepared.qc.flags)} ({FALLBACK_NOTES[prepared.stain_fallback]})"
+            refer = refer_text(refer, "stain QC failed")
+        prediction = Prediction(
+            path,
+            name,
+            image_id,
+            self.rule.calibrated(raw).mean(axis=0),
+            vote_counts(raw[None], self.classes.groups)[0],
+            int(decision[0]),
+            raw,
+            float(agreement[0]),
+            refer,
+            qc,
+            self.classes,
+            self.rule_text,
+        )
+        return prediction, grid
+
+    def _rows(self, rgb: np.ndarray, plans: list[AugmentPlan], stain_fit: Any) -> np.ndarray:
+        """The classifier's input rows (A, D) of one stain-normalised image under its augmentation plans."""
+        from .features import describe_image
+
+        kind = self.config.features.descriptor
+        return np.concatenate(
+            [
+                describe_image(
+                    rgb, plans, b, self.config, self.runtime.device, self.runtime.batch, stain_fit
+                ).descriptor(kind)
+                for b in self.backbones
+            ],
+            axis=1,
+        )
+
+    # -- many tiles ------------------------------------------------------------------------------------------
+    def score_tiles(self, tiles: list[np.ndarray], keys: list[str], augmentations: int) -> np.ndarray:
+        """Class probabilities (B, A, K) of stain-normalised tiles of one size: one batched forward per backbone
+        for a single un-augmented view each (`augmentations` 0), or each tile's A augmentations as an image's."""
+        import torch
+
+        from .features import ImageFeatures, autocast, describe_views
+
+        config, device, batch = self.config, self.runtime.device, self.runtime.batch
+        kind = config.features.descriptor
+        h, w = tiles[0].shape[:2]
+        if augmentations == 0:  # one view: the tile itself, with its own seeded crops
+            plain = replace(config.augment, color="none", orientation="none")
+            boxes = [plan_augmentation(key, 0, h, w, plain, config.seed).boxes for key in keys]
+            views = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).to(device=device, dtype=torch.float32)
+            parts = []
+            with torch.inference_mode(), autocast(device, config.features.dtype):
+                for backbone in self.backbones:
+                    _, pooled, whole = describe_views(views, boxes, backbone, config, batch)
+                    parts.append(
+                        ImageFeatures(pooled.float().cpu().numpy(), whole.float().cpu().numpy()).descriptor(kind)
+                    )
+            single: np.ndarray = self.classifier.predict_proba(np.concatenate(parts, axis=1))[:, None, :]
+            return single
+        wanted = replace(config.augment, n_augment=augmentations)
+        out = []
+        for rgb, key in zip(tiles, keys):
+            plans = plan_augmentations(key, h, w, wanted, config.seed)
+            fit = None
+            if wanted.color == "he":
+                try:
+                    fit = fit_macenko(rgb)
+                except StainError:  # too little stain to move in H&E space: this tile's views vary only by crop
+                    plans = [replace(p, color="none") for p in plans]
+            out.append(self.classifier.predict_proba(self._rows(rgb, plans, fit)))
+        return np.stack(out)
+
+    def decide(self, raw: np.ndarray, stain_notes: list[str] | np.ndarray) -> Decisions:
+        """Decisions of N items from their views' raw probabilities (N, A, K); a non-empty stain note (the fallback
+        a failed stain check used) refers its item."""
+        decision, agreement = self.rule.decide(raw)
+        refer = [
+            refer_text("votes split" if split else "", f"stain QC failed ({note})" if note else "")
+            for split, note in zip(self.rule.refer(agreement), stain_notes)
+        ]
+        return Decisions(self.rule.calibrated(raw).mean(axis=1), decision, agreement, refer)
+
+    # -- where in the image ----------------------------------------------------------------------------------
+    def probability_grid(self, rgb: np.ndarray) -> np.ndarray:
+        """Class probabilities (h, w, K) of each cell of the un-augmented image: the classifier applied to
+        single feature-map cells (CNNs) or to single crop-sized tiles (when a ViT is among the backbones).
+        Exploratory: it was trained on vectors pooled over crops."""
+        import torch
+
+        device = self.runtime.device
+        maps = []
+        with torch.inference_mode():
+            x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().to(device)
+            if all(b.has_maps for b in self.backbones):
+                for backbone in self.backbones:
+                    stage_maps = backbone.feature_maps(x, self.config.features.stages)
+                    height, width = stage_maps[0][0].shape[2:]  # finer stages averaged onto the final map's cells
+                    maps.append(
+                        torch.cat(
+                            [
+                                torch.nn.functional.adaptive_avg_pool2d(m.float(), (int(height), int(width)))
+                                for m, _ in stage_maps
+                            ],
+                            dim=1,
+                        )[0]
+                        .cpu()
+                        .numpy()
+                    )
+            else:
+                maps = self._tile_maps(x[0])
+        h, w = maps[0].shape[1:]
+        cells = []
+        for fmap in maps:
+            cell = fmap.reshape(fmap.shape[0], -1).T  # (h*w, D)
+            cells.append(
+                np.concatenate([cell, cell], axis=1) if self.config.features.descriptor == "crops+whole" else cell
+            )
+        grid: np.ndarray = self.classifier.predict_proba(np.concatenate(cells, axis=1)).reshape(h, w, -1)
+        return grid
+
+    def _tile_maps(self, x: Any, batch_size: int = 8) -> list[np.ndarray]:
+        """Each backbone's embedding of crop-sized tiles covering the image (3, H, W): (D, rows, cols) each."""
+        import torch
+
+        size = self.config.augment.crop_size
+        height, width = x.shape[1:]
+        rows, cols = -(-height // size), -(-width // size)  # enough tiles to cover the image; the last ones
+        ys = np.linspace(0, height - size, rows).round().astype(int)  # flush with the edge, overlapping a little
+        xs = np.linspace(0, width - size, cols).round().astype(int)
+        tiles = torch.stack([x[:, y : y + size, x0 : x0 + size] for y in ys for x0 in xs])
+        return [
+            torch.cat([b.embed(chunk, self.config.features.stages) for chunk in torch.split(tiles, batch_size)])
+            .T.reshape(-1, rows, cols)
+            .cpu()
+            .numpy()
+            for b in self.backbones
+        ]
+
+
+def _as_rgb(array: np.ndarray) -> tuple[np.ndarray, str]:
+    """An RGB uint8 (H, W, 3) array and the Pillow mode it came as: grayscale (H, W) is spread to three channels,
+    as decoding a grayscale file does."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise DataError(
+            f"an image array must be uint8 (as np.asarray(PIL.Image.open(f)) gives), not {array.dtype}: "
+            "convert it with .astype(np.uint8) after scaling to 0-255"
+        )
+    if array.ndim == 2:
+        return np.repeat(array[..., None], 3, axis=2), "L"
+    if array.ndim == 3 and array.shape[2] == 3:
+        return np.ascontiguousarray(array), "RGB"
+    raise DataError(
+        f"an image array must be (H, W, 3) RGB or (H, W) grayscale, not {array.shape}: drop an alpha "
+        "channel with rgb[..., :3]"
+    )
+
+
+def _rescaled(rgb: np.ndarray, scale: float) -> np.ndarray:
+    """The pixels resized by `scale` with Lanczos filtering, exactly as `data.read_image` resizes a file's."""
+    if scale == 1.0:
+        return rgb
+    from PIL import Image
+
+    image = Image.fromarray(rgb)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return np.asarray(image.resize(size, Image.Resampling.LANCZOS), dtype=np.uint8).copy()
