@@ -93,6 +93,21 @@ def test_help_lists_commands():
     assert result.returncode == 0 and "inspect" in result.stdout and "not for diagnosis" in result.stdout
 
 
+def test_in_process_runs_answer_like_a_process_and_leave_this_one_as_it_was():
+    """run_cli's own contract: argparse's exits become the status, and --threads and the environment a run
+    changes do not reach the tests after it."""
+    import torch
+
+    threads, environment = torch.get_num_threads(), dict(os.environ)
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("histoboost ")
+    bad = run_cli("--no-such-flag")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+    listed = run_cli("backbones", "--threads", str(threads + 1))
+    assert listed.returncode == 0, listed.stderr
+    assert torch.get_num_threads() == threads and dict(os.environ) == environment
+
+
 @pytest.mark.heavy
 def test_inspect_bach_reports_classes_groups_and_stain(bach):
     result = run_cli("inspect", bach, "--quiet")
