@@ -18,6 +18,7 @@ from .augment import plan_augmentation, plan_augmentations
 from .classifier import DecisionRule, mean_decision, vote_counts
 from .config import Config
 from .data import CLASS_SCHEMES, ClassScheme, class_scheme, content_key, working_scale
+from .data.images import rescaled
 from .errors import DataError, StainError
 from .runtime import Runtime
 from .stain import FALLBACK_NOTES, fit_macenko
@@ -344,11 +345,9 @@ def _as_rgb(array: np.ndarray) -> tuple[np.ndarray, str]:
 
 
 def _rescaled(rgb: np.ndarray, scale: float) -> np.ndarray:
-    """The pixels resized by `scale` with Lanczos filtering, exactly as `data.read_image` resizes a file's."""
+    """The pixels at the working scale, resized as `data.read_image` resizes a file's."""
     if scale == 1.0:
         return rgb
     from PIL import Image
 
-    image = Image.fromarray(rgb)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return np.asarray(image.resize(size, Image.Resampling.LANCZOS), dtype=np.uint8).copy()
+    return np.asarray(rescaled(Image.fromarray(rgb), scale), dtype=np.uint8).copy()

@@ -10,8 +10,10 @@ from typing import Any
 
 from .errors import HistoboostError
 
-CPU_BATCH = 8  # augmentations per CNN batch that keep two CPU cores busy
-CUDA_BATCH = 48  # ... and that fill an H100
+# Augmentations per CNN batch that keep two CPU cores busy, and that fill an H100 (one image's augmentations are one
+# batch unit, so A caps it).
+CPU_BATCH = 8
+CUDA_BATCH = 48
 
 
 @dataclass(frozen=True)

@@ -525,12 +525,6 @@ def runtime_of(args: argparse.Namespace, engine=None):
     )
 
 
-def batch_size(args: argparse.Namespace, device: str) -> int:
-    """Augmentations per CNN batch: the flag, else what fills the device without waste (8 keeps two CPU
-    cores busy, 48 an H100; one image's augmentations are one batch unit, so A caps it)."""
-    return getattr(args, "batch_size", None) or (8 if device == "cpu" else 48)
-
-
 def print_problems(problems: tuple[Problem, ...] | list[Problem]) -> None:
     for problem in sorted(problems, key=lambda p: (p.severity != "error", str(p.path))):
         print(problem, file=sys.stderr)

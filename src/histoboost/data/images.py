@@ -198,11 +198,16 @@ def working_scale(mpp: float | None, preprocess: PreprocessConfig) -> float:
 def read_image(path: str | Path, scale: float = 1.0) -> np.ndarray:
     """Decode an image to an RGB uint8 array (H, W, 3), resized by `scale` with Lanczos filtering."""
     with Image.open(path) as opened:
-        image = _to_rgb(opened)
-        if scale != 1.0:
-            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.LANCZOS)
-        return np.asarray(image, dtype=np.uint8).copy()
+        return np.asarray(rescaled(_to_rgb(opened), scale), dtype=np.uint8).copy()
+
+
+def rescaled(image: Image.Image, scale: float) -> Image.Image:
+    """The image resized by `scale` with Lanczos filtering (itself at 1): how every image reaches the working scale,
+    from a file or from an array."""
+    if scale == 1.0:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
 
 
 def read_record(record: ImageRecord, preprocess: PreprocessConfig) -> np.ndarray:
