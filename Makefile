@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,dask]'
 	touch $(STAMP)
 
+# Two pytest-xdist workers of one core each (tests/conftest.py), test files kept whole on one worker (their module
+# fixtures: a Dask cluster, a trained bundle, are made once): the 2-core machine's both cores, all the time.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Lint, format check and type check; configured in pyproject.toml ([tool.ruff], [tool.mypy]).
 LINTED := src tests benchmarks experiments

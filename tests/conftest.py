@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
+import os
+
+# `make test` runs two pytest-xdist workers on a 2-core machine: each keeps to one core (torch, OpenMP, OpenBLAS read
+# these when imported), since two processes that each spin two threads on two cores run several times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
+
+import shutil  # after the thread settings: numpy and torch read them when they load
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +21,15 @@ from mosaic import write_mosaic
 
 BACH = Path(__file__).resolve().parents[2] / "shared" / "data" / "bach_iciar2018"
 CMU = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"  # a real SVS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache(tmp_path_factory):
+    """The default feature store ($HISTOBOOST_CACHE) in a temporary folder: a test that names no --cache-dir never
+    writes into the user's ~/.cache/histoboost."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HISTOBOOST_CACHE", str(tmp_path_factory.mktemp("default-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -136,3 +153,16 @@ def mosaic(tmp_path_factory, bach):
     folder = tmp_path_factory.mktemp("mosaic")
     blocks = write_mosaic(folder / "mosaic.tiff", [[bach / f"{name}.jpeg" for name in row] for row in MOSAIC])
     return folder / "mosaic.tiff", blocks
+
+
+# The files whose tests take minutes, longest first: under `make test`'s two workers (each takes whole files, in
+# collection order) they start at once instead of leaving one worker alone with them at the end.
+LONG_FILES = ("test_demo.py", "test_cli.py", "test_slides.py", "test_engine.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: the order within a file, and of the other files, stays

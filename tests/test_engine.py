@@ -154,6 +154,24 @@ def test_train_on_dask_extracts_on_the_workers_and_fits_the_same_model(cluster, 
     assert models[0] == models[1]
 
 
+def test_predict_on_dask_describes_on_the_workers_and_writes_what_local_predict_writes(
+    cluster, reference, tmp_path, monkeypatch
+):
+    import histoboost.features
+
+    data, ref = reference
+    flags = [*FLAGS, "--rounds", "20", "--split-by", "image"]
+    model = tmp_path / "model.zip"
+    assert run_cli("train", data, *flags, "--threads", "1", "--cache-dir", ref, "--out", model).returncode == 0
+    with monkeypatch.context() as here:  # this process describes nothing: the workers do
+        here.setattr(histoboost.features, "describe_image", lambda *a, **k: pytest.fail("described by the client"))
+        dask = _dask(cluster, "predict", model, data, "--cache-dir", tmp_path / "cache", "--quiet")
+    assert dask.returncode == 0, dask.stderr
+    assert "dask: 2 worker(s)" in dask.stderr and _store(tmp_path / "cache") == _store(ref)  # the workers' bytes
+    local = run_cli("predict", model, data, "--no-cache", "--threads", "1", "--quiet")
+    assert local.returncode == 0 and dask.stdout == local.stdout and len(dask.stdout.splitlines()) == 9
+
+
 class _DieOnce(distributed.WorkerPlugin):
     """Kills its worker the first time a feature file is about to be published (after its temporary is written)."""
 

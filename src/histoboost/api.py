@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from .config import Config, preset
 from .data import Manifest, parse_label_map
 from .data import load_manifest as _load_manifest
+from .progress import Progress
 from .runtime import Runtime
 
 if TYPE_CHECKING:  # heavy (torch, xgboost): imported when called
@@ -22,7 +23,7 @@ DataSource = str | Path | Manifest
 
 
 def load_manifest(
-    source: str | Path, config: Config | None = None, label_map: str | None = None, progress: bool = False
+    source: str | Path, config: Config | None = None, label_map: str | None = None, progress: Progress = False
 ) -> Manifest:
     """Discover, decode and check every image under a folder or CSV manifest (`histoboost inspect`'s checks): the
     usable images, with warnings (converted, skipped) in `manifest.problems`. Unusable data raises `DataError`,

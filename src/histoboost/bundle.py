@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -100,6 +101,12 @@ class Bundle:
     def rule_text(self) -> str:
         """The decision rule in words: what `predict` outputs and `train` states."""
         return self.predictor.rule_text
+
+    def using(self, runtime: Runtime) -> Bundle:
+        """The same bundle on another runtime (an engine opened after loading, another cache folder)."""
+        other = copy.copy(self)
+        other.predictor = self.predictor.using(runtime)
+        return other
 
     @property
     def sha256(self) -> str:
@@ -289,22 +296,32 @@ class Bundle:
     def predict(self, paths: Sequence[str | Path], overlay_dir: str | Path | None = None) -> Predictions:
         """Predict images (files or folders of images) with the bundle's own preprocessing and test-time
         augmentations; returns one record per image and one problem per image that failed."""
-        from tqdm.auto import tqdm
-
-        from .data import scan_file
+        from .data import ImageRecord, scan_file
+        from .progress import track
         from .report import write_overlay
 
         files, problems = _collect(paths)
         if overlay_dir is not None:
             Path(overlay_dir).mkdir(parents=True, exist_ok=True)
+        found, progress = [], self.predictor.runtime.progress
+        for file in track(files, "reading images", progress=progress, leave=False):
+            info = scan_file(file)
+            if isinstance(info, Problem):
+                problems.append(Problem(file, f"cannot be predicted ({info.message})", PREDICT_FIX))
+            else:
+                found.append(
+                    ImageRecord(
+                        info.image_id, file.stem, file, "", 0, None, info.width, info.height, info.mode, info.mpp
+                    )
+                )
+        lost = self.predictor.describe_on_engine(found)  # on Dask workers first, when the runtime has them
+        problems += [lost[r.image_id] for r in found if r.image_id in lost]
         records = []
-        for file in tqdm(files, desc="predicting", unit="img", disable=not self.predictor.runtime.progress):
+        for image in track([r for r in found if r.image_id not in lost], "predicting", progress=progress):
+            file = image.path
             try:
-                info = scan_file(file)
-                if isinstance(info, Problem):
-                    raise BundleError(info.message)
                 prediction, grid = self.predictor.predict_image(
-                    file, info.image_id, info.mpp, info.mode, want_grid=overlay_dir is not None
+                    file, image.image_id, image.mpp, image.mode, want_grid=overlay_dir is not None
                 )
                 record = prediction.record(self.sha256, FORMAT_VERSION)
                 if overlay_dir is not None:  # named by content too: two images called x.png never collide
@@ -313,13 +330,7 @@ class Bundle:
                         file, cast(np.ndarray, grid), prediction.decision, overlay, class_name=record["class"]
                     ).name
             except (OSError, ValueError, StainError, HistoboostError) as err:
-                problems.append(
-                    Problem(
-                        file,
-                        f"cannot be predicted ({str(err).splitlines()[0]})",
-                        "check the image; the others were predicted",
-                    )
-                )
+                problems.append(Problem(file, f"cannot be predicted ({str(err).splitlines()[0]})", PREDICT_FIX))
                 continue
             records.append(record)
         return Predictions(records, problems)
@@ -370,6 +381,9 @@ class Bundle:
             None if self.path is None else ModelSource(str(self.path), self.sha256, self.user_weights, load_predictor)
         )
         return predict_slides(self.predictor, paths, out, settings or SlideSettings(), on_result, shard, source)
+
+
+PREDICT_FIX = "check the image; the others were predicted"
 
 
 def load_predictor(path: str, sha256: str, weights: dict[str, str], runtime: Runtime) -> Predictor:

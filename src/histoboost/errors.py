@@ -70,5 +70,9 @@ class ViewerError(HistoboostError):
     """A result cannot be shown; the message names it and the fix."""
 
 
+class DatasetError(DataError):
+    """A data set that cannot be fetched, checked or unpacked (`histoboost datasets`)."""
+
+
 class UsageError(HistoboostError):
     """A flag or file given on the command line cannot be used."""

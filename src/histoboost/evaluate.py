@@ -33,6 +33,7 @@ from .config import Config
 from .data import CLASS_SCHEMES, GROUPS, ClassScheme, DataError, Manifest, class_scheme
 from .errors import EvaluationError, HistoboostError
 from .inference import Predictor
+from .progress import Progress
 from .runtime import Runtime
 from .storage import local_folder
 
@@ -202,7 +203,7 @@ def cross_validate_features(
     config: Config,
     model: str,
     device: str = "cpu",
-    progress: bool = False,
+    progress: Progress = False,
     unseen: list[np.ndarray] | None = None,
     engine=None,
 ) -> CVResult:
@@ -211,9 +212,8 @@ def cross_validate_features(
     `unseen` then marks, per fold, the training images its fine-tuning did not train on (per image), on
     which the decision rule is chosen. Each fold is one `fit_fold` task of `engine` (default: this process):
     the same call with the same threads wherever it runs, so local and Dask folds are byte-identical."""
-    from tqdm.auto import tqdm
-
     from .engine import LocalEngine, TaskLost
+    from .progress import meter
 
     engine = engine or LocalEngine()
     scheme = class_scheme(config.classifier.classes)
@@ -250,7 +250,7 @@ def cross_validate_features(
         )
         for k in range(plan.n_folds)
     ]
-    bar = tqdm(total=plan.n_folds, desc=f"{model} folds", disable=not progress, leave=False)
+    bar = meter(f"{model} folds", plan.n_folds, "fold", progress, leave=False)
     for task, outcome in engine.map(fit_fold, tasks):
         k = task.k
         if isinstance(outcome, TaskLost):
@@ -319,7 +319,7 @@ def fit_fold(task: FoldTask):
 def evaluate_predictor(predictor: Predictor, manifest: Manifest) -> CVRun:
     """Predict a labelled set held out from training and compute the cross-validation metrics on it (one "fold":
     the whole set), with the predictor's own decision rule where it decides by one."""
-    from tqdm.auto import tqdm
+    from .progress import track
 
     seen = [r for r in manifest if r.image_id in predictor.identity.training_image_ids]
     if seen:
@@ -332,9 +332,12 @@ def evaluate_predictor(predictor: Predictor, manifest: Manifest) -> CVRun:
         truth = predictor.classes.targets(manifest)
     except HistoboostError as err:
         raise EvaluationError(str(err)) from None
+    lost = predictor.describe_on_engine(manifest.records)  # on Dask workers first, when the runtime has them
+    if lost:
+        raise DataError(f"{len(lost)} image(s) could not be described", tuple(lost.values()))
     predictions = [
         predictor.predict_image(r.path, r.image_id, r.mpp, r.mode)[0]
-        for r in tqdm(manifest.records, desc="predicting", unit="img", disable=not predictor.runtime.progress)
+        for r in track(manifest.records, "predicting", progress=predictor.runtime.progress)
     ]
     n = len(manifest)
     plan = FoldPlan(

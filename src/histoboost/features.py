@@ -59,6 +59,7 @@ class ImageFeatures:
     crops: np.ndarray | None = None  # (A, C, D) float16 crop descriptors, when kept (heat maps)
     boxes: np.ndarray | None = None  # (A, C, 4) crop boxes, with `crops`
     stain_fallback: str = ""  # what replaced a normalisation that failed its quality check, if any
+    stain_flags: tuple[str, ...] | None = None  # why it failed the check; None: not recorded (stores before 0.9)
 
     def descriptor(self, kind: str) -> np.ndarray:
         """The (A, D') rows the classifier sees: `crops`, `whole` or `crops+whole`."""
@@ -78,6 +79,11 @@ class PreparedImage:
     plans: list[AugmentPlan]
     stain_fit: StainFit | None  # the normalised image's stains, for H&E-space augmentation
     stain_fallback: str = ""  # "reinhard", "none" (un-normalised) or "kept" after a failed check
+
+    def recorded(self, features: ImageFeatures) -> ImageFeatures:
+        """`features` of this image with its stain check's outcome, as the store keeps them."""
+        flags = self.qc.flags if self.qc is not None else ()
+        return replace(features, stain_fallback=self.stain_fallback, stain_flags=flags)
 
 
 def prepare_image(path: str | Path, image_id: str, mpp: float | None, config: Config) -> PreparedImage:
@@ -223,11 +229,15 @@ class FeatureStore:
         self.preprocess = preprocess
 
     def entry(self, record: ImageRecord) -> str:
+        """The name a manifest image's features are stored under (`entry_for`)."""
+        return self.entry_for(record.image_id, record.mpp)
+
+    def entry_for(self, image_id: str, mpp: float | None) -> str:
         """The name an image's features are stored under: its content key, plus its working scale where
         the file's own resolution sets it (the same pixels stated at another µm/px give other features)."""
-        if self.preprocess is None or self.preprocess.target_mpp is None or record.mpp is None:
-            return record.image_id
-        return f"{record.image_id}-at-{working_scale(record.mpp, self.preprocess):.6g}"
+        if self.preprocess is None or self.preprocess.target_mpp is None or mpp is None:
+            return image_id
+        return f"{image_id}-at-{working_scale(mpp, self.preprocess):.6g}"
 
     @property
     def key(self) -> str:
@@ -294,7 +304,8 @@ class FeatureStore:
             with np.load(raw) as arrays:
                 crops, boxes = arrays.get("crops"), arrays.get("boxes")  # NpzFile is a Mapping
                 fallback = str(arrays["stain_fallback"]) if "stain_fallback" in arrays else ""
-                return ImageFeatures(arrays["pooled"], arrays["whole"], crops, boxes, fallback)
+                flags = tuple(map(str, arrays["stain_flags"])) if "stain_flags" in arrays else None
+                return ImageFeatures(arrays["pooled"], arrays["whole"], crops, boxes, fallback, flags)
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):  # damaged: recompute
             return None
 
@@ -311,6 +322,8 @@ class FeatureStore:
             "whole": features.whole,
             "stain_fallback": np.array(features.stain_fallback),
         }
+        if features.stain_flags is not None:
+            arrays["stain_flags"] = np.array(features.stain_flags, dtype=str)
         if features.crops is not None and features.boxes is not None:  # kept together
             arrays.update(crops=features.crops, boxes=features.boxes)
         try:
@@ -433,9 +446,8 @@ def extract_features(
     is saved as soon as it is computed, so an interrupted run resumes where it stopped. On the runtime's Dask
     engine, chunks of images are tasks: workers read the files by path and write into the store, and return only
     small records."""
-    from tqdm.auto import tqdm
-
     from .engine import shard_of
+    from .progress import meter
 
     runtime = runtime or Runtime()
     device, batch_size, progress, engine = runtime.device, runtime.batch, runtime.progress, runtime.engine
@@ -456,7 +468,7 @@ def extract_features(
         bar.update(1)
 
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc=f"{backbone.name} features", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = meter(f"{backbone.name} features", len(records), "img", progress, initial=result.reused)
     with storage.Lease(store.root):  # for the whole run: prune elsewhere keeps the store while workers write
         _extract(todo, config, backbone, store, device, batch_size, keep_crops, engine, tally)
     bar.close()
@@ -561,7 +573,7 @@ def extract_records(
                 features = describe_image(
                     prepared.rgb, prepared.plans, backbone, config, device, batch_size, prepared.stain_fit, keep_crops
                 )
-                store.save(store.entry(record), replace(features, stain_fallback=prepared.stain_fallback))
+                store.save(store.entry(record), prepared.recorded(features))
                 outcome = ImageOutcome(record.image_id, qc=prepared.qc)
             outcomes.append(outcome)
             if on_outcome is not None:
@@ -601,6 +613,12 @@ def extract_task(task: ExtractTask) -> list[ImageOutcome]:
         ("backbone", task.backbone, str(task.weights), task.device),
         lambda: create_backbone(task.backbone, task.weights, task.device),
     )
+    wanted = task.store_meta["backbone"]
+    if (backbone.weights_sha256, backbone.spec_sha256) != (wanted["weights_sha256"], wanted["spec_sha256"]):
+        raise FeatureStoreError(
+            f"{task.backbone} on this worker has weights sha256 {backbone.weights_sha256[:12]}…, the store "
+            f"{task.store_root} holds features of {wanted['weights_sha256'][:12]}…: give the workers the same weights"
+        )
     store = FeatureStore(task.store_root, task.store_meta, task.config.preprocess)
     # A task run again (its worker died) skips what its first run stored: nothing is done twice.
     todo = [r for r in task.records if not store.has(store.entry(r), task.keep_crops)]

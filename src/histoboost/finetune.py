@@ -37,6 +37,7 @@ from .backbones import Backbone, TimmModel, create_backbone, file_sha256
 from .config import Config, FinetuneConfig
 from .data import GROUP_NAMES, DataError, Manifest, Problem, read_image, working_scale
 from .errors import FinetuneError
+from .progress import Progress
 from .stain import StainError, StainFit, fit_macenko, normalize_safely
 from .storage import write_text_atomic
 
@@ -86,11 +87,11 @@ def card_path(weights: Path) -> Path:
 
 
 def prepare_training_images(
-    manifest: Manifest, config: Config, units: np.ndarray, threads: int | None = None, progress: bool = True
+    manifest: Manifest, config: Config, units: np.ndarray, threads: int | None = None, progress: Progress = True
 ) -> list[TrainingImage]:
     """Read, scale and stain-normalise every image once (in threads); raises DataError listing the images
     that cannot be used (too small for the crop, or unreadable)."""
-    from tqdm.auto import tqdm
+    from .progress import track
 
     size = config.finetune_crop_size
 
@@ -115,20 +116,11 @@ def prepare_training_images(
         return TrainingImage(record.image_id, normalised, fit, record.group, str(units[i]))
 
     with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
-        loaded = list(
-            tqdm(
-                pool.map(load, range(len(manifest))),
-                total=len(manifest),
-                desc="preparing images",
-                unit="img",
-                disable=not progress,
-                leave=False,
-            )
-        )
+        loaded = list(track(pool.map(load, range(len(manifest))), "preparing images", len(manifest), progress, False))
     problems = [p for p in loaded if isinstance(p, Problem)]
     if problems:
         raise DataError(f"{len(problems)} image(s) cannot be used for fine-tuning", tuple(problems))
-    return loaded
+    return [image for image in loaded if isinstance(image, TrainingImage)]  # every one, once none is a Problem
 
 
 def validation_split(groups: np.ndarray, units: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -227,14 +219,14 @@ def finetune(
     out: str | Path,
     base_weights: str | Path | None = None,
     device: str = "cpu",
-    progress: bool = True,
+    progress: Progress = True,
 ) -> FinetuneResult:
     """Fine-tune `backbone_name` on `images` and write `out` (safetensors) and its card (.json).
 
     An existing `out` made with the same settings and data is reused; a checkpoint of an interrupted
     run with the same settings and data is resumed; anything else at `out` is refused.
     """
-    from tqdm.auto import tqdm
+    from .progress import meter
 
     refuse_foundation(backbone_name)
     out = Path(out)
@@ -278,13 +270,8 @@ def finetune(
     cudnn = torch.backends.cudnn
     was = cudnn.deterministic, cudnn.benchmark
     cudnn.deterministic, cudnn.benchmark = True, False  # same seed, same weights on CUDA too
-    bar = tqdm(
-        total=ft.epochs * steps_per_epoch,
-        initial=state["epoch"] * steps_per_epoch,
-        unit="step",
-        desc=f"fine-tuning {backbone_name}",
-        disable=not progress,
-        dynamic_ncols=True,
+    bar = meter(
+        f"fine-tuning {backbone_name}", ft.epochs * steps_per_epoch, "step", progress, state["epoch"] * steps_per_epoch
     )
     stale = state["epoch"] - state["best_epoch"] if state["best_epoch"] else 0
     for epoch in range(state["epoch"] + 1, ft.epochs + 1):
@@ -365,7 +352,7 @@ def finetune_cached(
     cache_dir: Path,
     base_weights: str | Path | None = None,
     device: str = "cpu",
-    progress: bool = True,
+    progress: Progress = True,
 ) -> FinetuneResult:
     """`finetune` into the cache (`<cache>/finetune/<backbone>-<key>/`), so that cross-validation reruns
     and resumes reuse the weights of every fold already fine-tuned."""

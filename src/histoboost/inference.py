@@ -8,24 +8,28 @@ tiles are all classified through it. p(carcinoma) and the refer text are compute
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from .augment import plan_augmentation, plan_augmentations
 from .classifier import DecisionRule, mean_decision, vote_counts
 from .config import Config
-from .data import CLASS_SCHEMES, ClassScheme, class_scheme, content_key, working_scale
+from .data import CLASS_SCHEMES, ClassScheme, ImageRecord, Problem, class_scheme, content_key, working_scale
 from .data.images import rescaled
-from .errors import DataError, StainError
+from .errors import DataError, FeatureStoreError, HistoboostError, StainError
 from .runtime import Runtime
+from .specs import is_foundation
 from .stain import FALLBACK_NOTES, fit_macenko
 
 if TYPE_CHECKING:
     from .augment import AugmentPlan
     from .backbones import Backbone
+    from .features import FeatureStore, ImageFeatures, PreparedImage
 
 # Pillow modes without colour: such an image is predicted but referred (the classifier learnt H&E colour).
 GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
@@ -142,6 +146,7 @@ class Predictor:
         self.identity = identity
         self.runtime = runtime
         self.classes = class_scheme(config.classifier.classes)
+        self._stores: list[FeatureStore] | None = None
 
     def using(self, runtime: Runtime) -> Predictor:
         """The same model on another runtime (its cache folder, progress or engine; the device it was built on)."""
@@ -160,37 +165,74 @@ class Predictor:
         self, path: str | Path, image_id: str, mpp: float | None, mode: str = "RGB", want_grid: bool = False
     ) -> tuple[Prediction, np.ndarray | None]:
         """An image file whose content key, µm/px and Pillow mode are known (a validated manifest's, or
-        `data.scan_file`'s): its Prediction, and the class-probability grid when asked."""
+        `data.scan_file`'s): its Prediction, and the class-probability grid when asked. Its features come from
+        the runtime's feature store when there (an image predicted, evaluated or extracted before), else are
+        computed and stored."""
         from .features import prepare_image
 
-        prepared = prepare_image(path, image_id, mpp, self.config)
-        return self._predict_prepared(prepared, str(path), Path(path).stem, image_id, mode, want_grid)
+        features = None if want_grid else self._stored(image_id, mpp)
+        grid = None
+        if features is None:
+            prepared = prepare_image(path, image_id, mpp, self.config)
+            features = self._describe(prepared, image_id, mpp)
+            grid = self.probability_grid(prepared.rgb) if want_grid else None
+        return self._decided(features, str(path), Path(path).stem, image_id, mode), grid
 
     def predict_array(self, rgb: np.ndarray, mpp: float | None = None, name: str = "array") -> Prediction:
         """An RGB uint8 array (H, W, 3), or a grayscale one (H, W), as decoded from a file: the same result as the
-        file with `predict_image`. `mpp` is its µm/px (None: states none, like BACH's JPEGs)."""
+        file with `predict_image` (and the same stored features). `mpp` is its µm/px (None: states none, like
+        BACH's JPEGs)."""
         from .features import prepare_pixels
 
         rgb, mode = _as_rgb(rgb)
         image_id = content_key(rgb)
-        prepared = prepare_pixels(_rescaled(rgb, working_scale(mpp, self.config.preprocess)), image_id, self.config)
-        return self._predict_prepared(prepared, "", name, image_id, mode, False)[0]
+        features = self._stored(image_id, mpp)
+        if features is None:
+            scaled = _rescaled(rgb, working_scale(mpp, self.config.preprocess))
+            features = self._describe(prepare_pixels(scaled, image_id, self.config), image_id, mpp)
+        return self._decided(features, "", name, image_id, mode)
 
-    def _predict_prepared(
-        self, prepared: Any, path: str, name: str, image_id: str, mode: str, want_grid: bool
-    ) -> tuple[Prediction, np.ndarray | None]:
-        raw = self.classifier.predict_proba(self._rows(prepared.rgb, prepared.plans, prepared.stain_fit))
-        grid = self.probability_grid(prepared.rgb) if want_grid else None
+    def describe_on_engine(self, records: Sequence[ImageRecord]) -> dict[str, Problem]:
+        """On the runtime's Dask engine, compute the features of `records` on the workers into the feature store
+        first (only those missing), so that predicting them reads them back: the network's work spread as
+        `extract` spreads it. Returns the images that could not be described, by content key; nothing to do on a
+        local runtime. Workers build each backbone from its name (and weights file, checked by sha256): a model
+        whose weights live only in its bundle (fine-tuned) or in the user's file (foundation) is refused."""
+        engine = self.runtime.engine
+        if engine is None or engine.kind == "local" or not records:
+            return {}
+        if not self.runtime.feature_cache:
+            raise HistoboostError("Dask workers hand features over through the feature store: drop --no-cache")
+        if self.config.finetune.enabled or any(is_foundation(b.name) for b in self.backbones):
+            raise HistoboostError(
+                "this model's backbone weights (fine-tuned into its bundle, or a foundation model's file) are not "
+                "sent to Dask workers: run without --engine dask"
+            )
+        from .data import Manifest
+        from .features import extract_features
+
+        lost: dict[str, Problem] = {}
+        manifest = Manifest(tuple(records), Path("."), "csv")
+        for backbone in self.backbones:
+            result = extract_features(manifest, self.config, backbone, self.runtime)
+            by_path = {str(r.path): r.image_id for r in records}
+            lost.update((by_path[str(p.path)], p) for p in result.problems if str(p.path) in by_path)
+        return lost
+
+    def _decided(self, features: list[ImageFeatures], path: str, name: str, image_id: str, mode: str) -> Prediction:
+        """One image's Prediction from its features under each backbone."""
+        kind = self.config.features.descriptor
+        raw = self.classifier.predict_proba(np.concatenate([f.descriptor(kind) for f in features], axis=1))
         decision, agreement = self.rule.decide(raw[None])
         refer = refer_text(
             "votes split" if self.rule.refer(agreement)[0] else "",
             "grayscale, no H&E colour" if mode in GRAYSCALE_MODES else "",
         )
         qc = ""
-        if prepared.qc is not None and not prepared.qc.ok:
-            qc = f"{'; '.join(prepared.qc.flags)} ({FALLBACK_NOTES[prepared.stain_fallback]})"
+        if features[0].stain_fallback:  # the stain check failed and was replaced (`stain.normalize_safely`)
+            qc = f"{'; '.join(features[0].stain_flags or ())} ({FALLBACK_NOTES[features[0].stain_fallback]})"
             refer = refer_text(refer, "stain QC failed")
-        prediction = Prediction(
+        return Prediction(
             path,
             name,
             image_id,
@@ -204,7 +246,63 @@ class Predictor:
             self.classes,
             self.rule_text,
         )
-        return prediction, grid
+
+    def _describe(self, prepared: PreparedImage, image_id: str, mpp: float | None) -> list[ImageFeatures]:
+        """Each backbone's features of a prepared image, put into the feature store (when the runtime keeps one)."""
+        from .features import describe_image
+
+        out = []
+        stores: list[FeatureStore | None] = [*self._feature_stores()] or [None] * len(self.backbones)
+        for backbone, store in zip(self.backbones, stores):
+            features = prepared.recorded(
+                describe_image(
+                    prepared.rgb,
+                    prepared.plans,
+                    backbone,
+                    self.config,
+                    self.runtime.device,
+                    self.runtime.batch,
+                    prepared.stain_fit,
+                )
+            )
+            if store is not None:
+                try:
+                    store.save(store.entry_for(image_id, mpp), features)
+                except FeatureStoreError as err:  # a full disk: this prediction stands, the next ones go uncached
+                    self._without_store(err)
+            out.append(features)
+        return out
+
+    def _stored(self, image_id: str, mpp: float | None) -> list[ImageFeatures] | None:
+        """The image's features under every backbone from the feature store, or None if one is missing (or was
+        stored before stain flags were recorded, for an image whose stain check failed)."""
+        stores = self._feature_stores()
+        if not stores:
+            return None
+        found = [store.load(store.entry_for(image_id, mpp)) for store in stores]
+        if any(f is None or (f.stain_fallback and f.stain_flags is None) for f in found):
+            return None
+        return cast("list[ImageFeatures]", found)
+
+    def _feature_stores(self) -> list[FeatureStore]:
+        """The stores of this model's backbones and feature settings (those `extract` and `cv` fill), opened once;
+        none when the runtime keeps no features."""
+        if not self.runtime.feature_cache:
+            return []
+        if self._stores is None:
+            from .features import FeatureStore, default_cache_dir
+
+            root = self.runtime.cache_dir or default_cache_dir()
+            try:
+                self._stores = [FeatureStore.open(root, self.config, b) for b in self.backbones]
+            except FeatureStoreError as err:  # a read-only home: predictions need no store, only go uncached
+                self._without_store(err)
+        return self._stores or []
+
+    def _without_store(self, err: FeatureStoreError) -> None:
+        """Go on without the feature store, said once: it saves work, predictions never depend on it."""
+        warnings.warn(f"{err}; predicting without the feature store", stacklevel=3)
+        self._stores = []
 
     def _rows(self, rgb: np.ndarray, plans: list[AugmentPlan], stain_fit: Any) -> np.ndarray:
         """The classifier's input rows (A, D) of one stain-normalised image under its augmentation plans."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HistoboostError
+from .progress import Progress
 
 # Augmentations per CNN batch that keep two CPU cores busy, and that fill an H100 (one image's augmentations are one
 # batch unit, so A caps it).
@@ -20,15 +21,18 @@ CUDA_BATCH = 48
 class Runtime:
     """How to run, not what to compute: nothing here changes a result's bytes at a given thread count.
 
-    `batch_size` None picks 8 on CPU and 48 on CUDA; `readers` are the threads that read slide tiles; `engine` is an
-    open engine (`histoboost.engine.open_engine`), None for this process."""
+    `batch_size` None picks 8 on CPU and 48 on CUDA; `readers` are the threads that read slide tiles; `progress` is
+    False (silent), True (bars on a terminal, a line per stage elsewhere) or "bars" (`histoboost.progress`); `engine`
+    is an open engine (`histoboost.engine.open_engine`), None for this process; `feature_cache` False makes
+    predictions compute features in memory instead of reading and writing the store."""
 
     device: str = "cpu"
     batch_size: int | None = None
     readers: int = 2
-    progress: bool = False
+    progress: Progress = False
     cache_dir: str | Path | None = None
     engine: Any = None
+    feature_cache: bool = True
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):

@@ -21,6 +21,7 @@ from torchstain.numpy.utils import lab2rgb, rgb2lab
 from .config import PreprocessConfig, StainConfig
 from .data import ImageRecord, Problem, read_record
 from .errors import StainError
+from .progress import Progress
 
 # What to do about an image whose stains cannot be normalised (validation already refused blank ones).
 STAIN_FAILURE_FIX = "if it shows tissue, try --stain reinhard or none, or another --stain-reference; if not, remove it"
@@ -258,14 +259,14 @@ def _require_tissue(n_tissue: int, n_pixels: int) -> None:
 
 
 def check_images(
-    records: Sequence[ImageRecord], preprocess: PreprocessConfig, threads: int | None = None, progress: bool = False
+    records: Sequence[ImageRecord], preprocess: PreprocessConfig, threads: int | None = None, progress: Progress = False
 ) -> tuple[dict[str, StainQC], list[Problem]]:
     """Normalise each image at its working resolution and check the result (for `inspect`).
 
     Returns QC measurements by image id, and one problem per image that cannot be normalised
     (error) or whose normalisation looks wrong (warning).
     """
-    from tqdm.auto import tqdm
+    from .progress import track
 
     normalizer = Normalizer(preprocess.stain)
 
@@ -276,16 +277,7 @@ def check_images(
             return err
 
     with ThreadPoolExecutor(max_workers=max(1, threads or os.cpu_count() or 1)) as pool:
-        results = list(
-            tqdm(
-                pool.map(one, records),
-                total=len(records),
-                desc="checking stain",
-                unit="img",
-                disable=not progress,
-                leave=False,
-            )
-        )
+        results = list(track(pool.map(one, records), "checking stain", len(records), progress, leave=False))
     qcs: dict[str, StainQC] = {}
     problems: list[Problem] = []
     for record, result in zip(records, results):

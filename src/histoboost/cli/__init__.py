@@ -2,7 +2,7 @@
 
 One module per command group: `dataset` (inspect, extract, cache), `experiment` (finetune, cv, report,
 demo), `model` (train, predict, evaluate, keygen), `slide` (whole slides), `view` (the local viewer), `catalogue`
-(backbones); `options` holds what they share. torch, timm and the
+(backbones), `datasets` (public data sets); `options` holds what they share. torch, timm and the
 feature code load only for the commands that need them, so that `--help`, `inspect` and bad-flag errors
 answer at once.
 """
@@ -18,7 +18,7 @@ from PIL import Image
 from ..data import DataError
 from ..errors import HistoboostError
 from ..version import __version__
-from . import catalogue, dataset, experiment, model, slide, view
+from . import catalogue, dataset, datasets, experiment, model, slide, view
 from .options import parents, print_problems
 
 __all__ = ["main"]
@@ -79,6 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"histoboost {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     shared = parents()
-    for group in (dataset, experiment, model, slide, view, catalogue):
+    for group in (dataset, experiment, model, slide, view, catalogue, datasets):
         group.add_commands(commands, shared)
     return parser

@@ -27,6 +27,7 @@ from .options import (
     load_data,
     non_negative,
     print_problems,
+    progress_of,
     runtime_of,
     shard,
 )
@@ -47,7 +48,7 @@ def add_commands(commands, p: Parents) -> None:
 
     extract = commands.add_parser(
         "extract",
-        parents=[p.common, p.protocol, p.features, p.engine],
+        parents=[p.common, p.protocol, p.features, p.store, p.engine],
         help="compute and cache CNN features",
         description="Describe every image's augmented crops with each backbone and keep them in the feature store "
         "(one file per image; interrupted runs resume; nothing already computed is recomputed).",
@@ -92,7 +93,7 @@ def _inspect(args: argparse.Namespace) -> int:
             config.augment.crop_size,
             label_map(args),
             threads=args.threads,
-            progress=not args.quiet,
+            progress=progress_of(args),
         )
     except DataError as err:
         if not args.json:
@@ -111,7 +112,7 @@ def _inspect(args: argparse.Namespace) -> int:
         return 1
     summary = manifest.summary()
     if not args.no_stain_check and config.preprocess.stain.method != "none":
-        qcs, stain_problems = check_images(manifest.records, config.preprocess, args.threads, not args.quiet)
+        qcs, stain_problems = check_images(manifest.records, config.preprocess, args.threads, progress_of(args))
         problems += stain_problems
         summary["stain"] = {
             "method": config.preprocess.stain.method,

@@ -23,6 +23,7 @@ from .options import (
     load_data,
     mkdir,
     print_problems,
+    progress_of,
     runtime_of,
 )
 
@@ -57,7 +58,7 @@ def add_commands(commands, p: Parents) -> None:
 
     cv = commands.add_parser(
         "cv",
-        parents=[p.common, p.protocol, p.features, p.evaluation, p.tuning, p.engine],
+        parents=[p.common, p.protocol, p.features, p.store, p.evaluation, p.tuning, p.engine],
         help="cross-validate and write a report",
         description="Extract what the feature store lacks, cross-validate each backbone and their combinations on "
         "the same grouped folds, and write metrics.json, predictions.csv and report.html.",
@@ -124,8 +125,8 @@ def _finetune(args: argparse.Namespace) -> int:
             "patients (use --split-by with a patient proxy such as id_block)",
             file=sys.stderr,
         )
-    images = prepare_training_images(manifest, config, units, args.threads, progress=not args.quiet)
-    result = finetune(images, config, backbone, args.out, config.weights_for(backbone), device, not args.quiet)
+    images = prepare_training_images(manifest, config, units, args.threads, progress=progress_of(args))
+    result = finetune(images, config, backbone, args.out, config.weights_for(backbone), device, progress_of(args))
     card = result.card
     best = next(h for h in card["history"] if h["epoch"] == card["best_epoch"])
     done = (
@@ -213,7 +214,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"synthetic H&E-like demo data (not real tissue): {data_dir}")
     config = build_config("quick", DEMO_CONFIG, {"seed": args.seed})
     manifest, problems = load_manifest(
-        data_dir, config.preprocess, config.augment.crop_size, threads=args.threads, progress=not args.quiet
+        data_dir, config.preprocess, config.augment.crop_size, threads=args.threads, progress=progress_of(args)
     )
     print_problems(problems)
     args.device, args.batch_size, args.force = "cpu", None, True

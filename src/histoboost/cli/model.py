@@ -25,11 +25,13 @@ from .options import (
     runtime_of,
 )
 
+NO_CACHE = "compute every image's features in memory; read and write no feature store"
+
 
 def add_commands(commands, p: Parents) -> None:
     train = commands.add_parser(
         "train",
-        parents=[p.common, p.protocol, p.features, p.evaluation, p.tuning, p.engine],
+        parents=[p.common, p.protocol, p.features, p.store, p.evaluation, p.tuning, p.engine],
         help="train on all images and save a bundle",
         description="Train the classifier on every image (features from the store, extracted where missing) and "
         "write a portable bundle: XGBoost's native model, bundle.json with config and checksums. No pickle.",
@@ -60,10 +62,12 @@ def add_commands(commands, p: Parents) -> None:
 
     predict = commands.add_parser(
         "predict",
-        parents=[p.common, p.trust],
+        parents=[p.common, p.trust, p.store, p.engine],
         help="classify new images with a bundle",
         description="Apply the bundle's preprocessing and test-time augmentations to each image and vote. Images "
-        "that cannot be read are reported one line each; the others are still predicted (exit status 1).",
+        "that cannot be read are reported one line each; the others are still predicted (exit status 1). "
+        "Features go into the feature store, as extract's do: an image predicted or evaluated again is not "
+        "described again.",
     )
     predict.add_argument("model", type=Path, metavar="MODEL", help="bundle folder or .zip from histoboost train")
     predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
@@ -74,11 +78,12 @@ def add_commands(commands, p: Parents) -> None:
     predict.add_argument(
         "--batch-size", type=count(1), help="augmentations per CNN batch (default: 8 on CPU, 48 on CUDA)"
     )
+    predict.add_argument("--no-cache", action="store_true", help=NO_CACHE)
     predict.set_defaults(run=_predict)
 
     evaluate = commands.add_parser(
         "evaluate",
-        parents=[p.common, p.trust],
+        parents=[p.common, p.trust, p.store, p.engine],
         help="check a bundle on a labelled set",
         description="Predict a labelled data set with a trained bundle and write the same metrics and report as cv: "
         "how to check a model on new patients.",
@@ -91,6 +96,10 @@ def add_commands(commands, p: Parents) -> None:
     )
     evaluate.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     evaluate.add_argument("--label-map", metavar="LABEL=G,...", help="extra label-to-group mapping")
+    evaluate.add_argument(
+        "--batch-size", type=count(1), help="augmentations per CNN batch (default: 8 on CPU, 48 on CUDA)"
+    )
+    evaluate.add_argument("--no-cache", action="store_true", help=NO_CACHE)
     evaluate.set_defaults(run=_evaluate)
 
     keygen = commands.add_parser(
@@ -146,7 +155,8 @@ def _predict(args: argparse.Namespace) -> int:
     if args.overlay is not None:
         check_writable(args.overlay)
     bundle = Bundle.load(args.model, runtime, args.expect_sha256, args.trusted_key, bundle_weights(args))
-    records, problems = bundle.predict(args.images, overlay_dir=args.overlay)
+    with engine_of(args) as engine:
+        records, problems = bundle.using(runtime_of(args, engine)).predict(args.images, overlay_dir=args.overlay)
     print_problems(problems)
     if not records:
         print("no image could be predicted; nothing written", file=sys.stderr)
@@ -179,7 +189,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     bundle = Bundle.load(args.model, runtime, args.expect_sha256, args.trusted_key, bundle_weights(args))
     config = bundle.config
     manifest = load_data(args, config)
-    run = evaluate_predictor(bundle.predictor, manifest)
+    with engine_of(args) as engine:
+        run = evaluate_predictor(bundle.predictor.using(runtime_of(args, engine)), manifest)
     with staged_folder(out, args.force) as staging:
         manifest.to_csv(staging / "manifest.csv")
         report = out / write_outputs(

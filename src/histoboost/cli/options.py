@@ -17,6 +17,7 @@ from .. import storage
 from ..config import PRESETS, ClassifierConfig, Config, ConfigError, build_config
 from ..data import DataError, Problem, load_manifest, parse_label_map, read_image
 from ..errors import UsageError
+from ..progress import Progress
 from ..specs import is_foundation
 from ..stain import StainError, fit_reference
 
@@ -80,6 +81,7 @@ class Parents:
     common: argparse.ArgumentParser
     protocol: argparse.ArgumentParser
     features: argparse.ArgumentParser
+    store: argparse.ArgumentParser
     evaluation: argparse.ArgumentParser
     tuning: argparse.ArgumentParser
     trust: argparse.ArgumentParser
@@ -93,7 +95,14 @@ def parents() -> Parents:
         "--seed", type=count(0, 2**32 - 1), help="random seed for augmentations, crops, folds and models"
     )
     group.add_argument("--threads", type=count(1, 1024), help="CPU threads to use (default: all cores)")
-    group.add_argument("--quiet", action="store_true", help="no progress bars, only results and problems")
+    shown = group.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="no progress, only results and problems")
+    shown.add_argument(
+        "--progress",
+        action="store_true",
+        help="progress bars even when stderr is not a terminal (default: bars on a terminal, else one line per "
+        "stage with its count and time)",
+    )
     group.add_argument("--debug", action="store_true", help="show the traceback of an unexpected system error")
 
     protocol = argparse.ArgumentParser(add_help=False)
@@ -152,7 +161,9 @@ def parents() -> Parents:
     group.add_argument(
         "--batch-size", type=count(1), help="augmentations (or crops) per CNN batch (default: 8 on CPU, 48 on CUDA)"
     )
-    group.add_argument(
+
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument_group("feature store").add_argument(
         "--cache-dir",
         type=storage.location,
         metavar="DIR|URL",
@@ -291,7 +302,7 @@ def parents() -> Parents:
         help="local cluster: memory per worker, e.g. 4GiB (default: "
         "memory / workers); Dask restarts a worker above 95%% of it",
     )
-    return Parents(common, protocol, features, evaluation, tuning, trust, engine)
+    return Parents(common, protocol, features, store, evaluation, tuning, trust, engine)
 
 
 def _check_scheduler_file(path: Path) -> None:
@@ -478,7 +489,7 @@ def load_data(args: argparse.Namespace, config: Config):
         config.augment.crop_size,
         label_map(args),
         threads=args.threads,
-        progress=not args.quiet,
+        progress=progress_of(args),
     )
     print_problems(problems)
     return manifest
@@ -511,6 +522,11 @@ def device_of(name: str) -> str:
     return name
 
 
+def progress_of(args: argparse.Namespace) -> Progress:
+    """What --quiet and --progress ask for (`histoboost.progress`)."""
+    return False if args.quiet else "bars" if args.progress else True
+
+
 def runtime_of(args: argparse.Namespace, engine=None):
     """The Runtime the flags ask for (device checked here), with the engine opened by `engine_of` when given."""
     from ..runtime import Runtime
@@ -519,9 +535,10 @@ def runtime_of(args: argparse.Namespace, engine=None):
         device_of(getattr(args, "device", "cpu")),
         getattr(args, "batch_size", None),
         getattr(args, "readers", 2),
-        not args.quiet,
+        progress_of(args),
         getattr(args, "cache_dir", None),
         engine,
+        not getattr(args, "no_cache", False),
     )
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..config import PreprocessConfig
+from ..progress import Progress
 from .manifest import ImageRecord
 from .problems import Problem
 
@@ -41,23 +42,14 @@ class _FileInfo:
     mpp: float | None
 
 
-def _scan_all(paths: list[Path], threads: int | None, progress: bool) -> dict[Path, _FileInfo | Problem]:
+def _scan_all(paths: list[Path], threads: int | None, progress: Progress) -> dict[Path, _FileInfo | Problem]:
     """Read and fully decode each file once, in parallel (Pillow releases the GIL while decoding)."""
-    from tqdm.auto import tqdm
+    from ..progress import track
 
     paths = list(dict.fromkeys(paths))  # a file listed under two spellings (`a.png`, `./a.png`) is read once
     workers = max(1, threads or os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(
-            tqdm(
-                pool.map(scan_file, paths),
-                total=len(paths),
-                desc="reading images",
-                unit="img",
-                disable=not progress,
-                leave=False,
-            )
-        )
+        results = list(track(pool.map(scan_file, paths), "reading images", len(paths), progress, leave=False))
     return dict(zip(paths, results))
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import PreprocessConfig
 from ..errors import DataError
+from ..progress import Progress
 from .images import _scan_all, working_scale
 from .labels import _group_of
 from .layouts import MANIFEST_NAME, discover
@@ -37,7 +38,7 @@ def load_manifest(
     crop_size: int | None = None,
     label_map: Mapping[str, int] | None = None,
     threads: int | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> tuple[Manifest, list[Problem]]:
     """Discover, read and validate every image under `source`.
 

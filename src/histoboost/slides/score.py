@@ -136,9 +136,8 @@ def score_tiles(
     """Score every tile of `grid` (already the tiles kept): the map with `augmentations` views per tile (0: one
     un-augmented view), then the `confirm_top` tiles most likely carcinoma with the model's own vote. Runs on the
     predictor's runtime (device, batch, tile readers, progress)."""
-    from tqdm.auto import tqdm
-
     from ..features import prefetch
+    from ..progress import meter
 
     cache = cache or TileCache(None)
     config, runtime = predictor.config, predictor.runtime
@@ -168,13 +167,7 @@ def score_tiles(
                 arrays["raw"],
                 arrays["stain"],
             )
-    bar = tqdm(
-        total=n,
-        initial=n - len(todo),
-        desc=slide.path.name[:32],
-        unit="tile",
-        disable=None if runtime.progress else True,
-    )
+    bar = meter(slide.path.name[:32], n, "tile", runtime.progress, initial=n - len(todo))
     pending: list[tuple[int, np.ndarray, str]] = []
     for index, (rgb, note) in zip(todo, prefetch(read, todo, depth=2 * batch, threads=runtime.readers)):
         pending.append((index, rgb, note))
