@@ -351,3 +351,49 @@ def test_killed_mid_slide_resumes_with_identical_outputs(model, mosaic, tmp_path
         assert np.array_equal(np.load(a / "heatmap.npz")[key], np.load(b / "heatmap.npz")[key], equal_nan=True)
     drop = lambda s: {k: v for k, v in s.items() if k != "run"}  # noqa: E731
     assert drop(json.loads((a / "summary.json").read_text())) == drop(summary)
+
+
+def test_slide_features_come_out_in_tridents_layout(model, mosaic, tmp_path):
+    """`slide --features h5`: <slide>.h5 read with plain h5py holds one row per tiles.csv row, at its coordinates,
+    and they are the rows the classifier scored (its probabilities from them are tiles.csv's); a rerun from the
+    tile cache writes the same file's arrays."""
+    import h5py
+    from test_cli import run_cli
+
+    from histoboost.bundle import descriptor_width
+
+    bundle, path = model
+    slide_path, _ = mosaic
+    flags = ["--stride-um", "322.56", "--confirm-top", "0", "--features", "h5", "--quiet"]
+    first = run_cli("slide", path, slide_path, *flags, "--out", tmp_path / "a", "--cache-dir", tmp_path / "cache")
+    assert first.returncode == 0, first.stderr
+    rows = list(csv.DictReader(open(tmp_path / "a" / "mosaic" / "tiles.csv")))
+    with h5py.File(tmp_path / "a" / "mosaic" / "mosaic.h5", "r") as h5:
+        features, coords, meta, coord_meta = (
+            h5["features"][:],
+            h5["coords"][:],
+            dict(h5.attrs),
+            dict(h5["coords"].attrs),
+        )
+    assert features.dtype == np.float32 and features.shape == (
+        len(rows),
+        descriptor_width(bundle.backbones, bundle.config),
+    )
+    assert coords.tolist() == [[int(r["x"]), int(r["y"])] for r in rows]
+    assert coord_meta["patch_size_level0"] == int(rows[0]["width"])
+    assert meta["encoder"] == "efficientnet_lite0" and meta["weights_sha256"] == bundle.backbones[0].weights_sha256
+    assert meta["bundle_sha256"] == bundle.sha256 and meta["target_mpp"] > 0
+    raw = bundle.classifier.predict_proba(features)[:, None, :]
+    probs = bundle.rule.calibrated(raw).mean(axis=1)
+    written = np.array([[float(r[f"p_{c}"]) for c in bundle.classes.classes] for r in rows])
+    assert np.abs(probs - written).max() <= 1e-6
+    again = run_cli("slide", path, slide_path, *flags, "--out", tmp_path / "b", "--cache-dir", tmp_path / "cache")
+    assert again.returncode == 0, again.stderr
+    with h5py.File(tmp_path / "b" / "mosaic" / "mosaic.h5", "r") as h5:
+        assert np.array_equal(h5["features"][:], features) and np.array_equal(h5["coords"][:], coords)
+    plain = run_cli("slide", path, slide_path, "--out", tmp_path / "c", "--quiet", "--confirm-top", "0")
+    assert plain.returncode == 0 and not (tmp_path / "c" / "mosaic" / "mosaic.h5").exists()
+    mixed = run_cli(
+        "slide", path, slide_path, "--features", "h5", "--slide-augmentations", "2", "--out", tmp_path / "d"
+    )
+    assert mixed.returncode == 2 and "drop --slide-augmentations" in mixed.stderr

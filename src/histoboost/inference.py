@@ -323,26 +323,9 @@ class Predictor:
     def score_tiles(self, tiles: list[np.ndarray], keys: list[str], augmentations: int) -> np.ndarray:
         """Class probabilities (B, A, K) of stain-normalised tiles of one size: one batched forward per backbone
         for a single un-augmented view each (`augmentations` 0), or each tile's A augmentations as an image's."""
-        import torch
-
-        from .features import ImageFeatures, autocast, describe_views
-
-        config, device, batch = self.config, self.runtime.device, self.runtime.batch
-        kind = config.features.descriptor
-        h, w = tiles[0].shape[:2]
+        config, (h, w) = self.config, tiles[0].shape[:2]
         if augmentations == 0:  # one view: the tile itself, with its own seeded crops
-            plain = replace(config.augment, color="none", orientation="none")
-            boxes = [plan_augmentation(key, 0, h, w, plain, config.seed).boxes for key in keys]
-            views = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).to(device=device, dtype=torch.float32)
-            parts = []
-            with torch.inference_mode(), autocast(device, config.features.dtype):
-                for backbone in self.backbones:
-                    _, pooled, whole = describe_views(views, boxes, backbone, config, batch)
-                    parts.append(
-                        ImageFeatures(pooled.float().cpu().numpy(), whole.float().cpu().numpy()).descriptor(kind)
-                    )
-            single: np.ndarray = self.classifier.predict_proba(np.concatenate(parts, axis=1))[:, None, :]
-            return single
+            return self.score_rows(self.describe_tiles(tiles, keys))
         wanted = replace(config.augment, n_augment=augmentations)
         out = []
         for rgb, key in zip(tiles, keys):
@@ -355,6 +338,31 @@ class Predictor:
                     plans = [replace(p, color="none") for p in plans]
             out.append(self.classifier.predict_proba(self._rows(rgb, plans, fit)))
         return np.stack(out)
+
+    def describe_tiles(self, tiles: list[np.ndarray], keys: list[str]) -> np.ndarray:
+        """The classifier's rows (B, D) of stain-normalised tiles of one size, a single un-augmented view each
+        (with its tile's seeded crops): one batched forward per backbone. What `slide --features h5` writes."""
+        import torch
+
+        from .features import ImageFeatures, autocast, describe_views
+
+        config, device, batch = self.config, self.runtime.device, self.runtime.batch
+        h, w = tiles[0].shape[:2]
+        plain = replace(config.augment, color="none", orientation="none")
+        boxes = [plan_augmentation(key, 0, h, w, plain, config.seed).boxes for key in keys]
+        views = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).to(device=device, dtype=torch.float32)
+        parts = []
+        with torch.inference_mode(), autocast(device, config.features.dtype):
+            for backbone in self.backbones:
+                _, pooled, whole = describe_views(views, boxes, backbone, config, batch)
+                features = ImageFeatures(pooled.float().cpu().numpy(), whole.float().cpu().numpy())
+                parts.append(features.descriptor(config.features.descriptor))
+        return np.concatenate(parts, axis=1)
+
+    def score_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Class probabilities (B, 1, K) of single-view rows (`describe_tiles`)."""
+        single: np.ndarray = self.classifier.predict_proba(rows)[:, None, :]
+        return single
 
     def decide(self, raw: np.ndarray, stain_notes: list[str] | np.ndarray) -> Decisions:
         """Decisions of N items from their views' raw probabilities (N, A, K); a non-empty stain note (the fallback

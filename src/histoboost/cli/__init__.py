@@ -1,8 +1,8 @@
 """The `histoboost` command line: parses flags into a Config and calls the library; holds no logic.
 
 One module per command group: `dataset` (inspect, extract, cache), `experiment` (finetune, cv, report,
-demo), `model` (train, predict, evaluate, keygen), `slide` (whole slides), `view` (the local viewer), `catalogue`
-(backbones), `datasets` (public data sets); `options` holds what they share. torch, timm and the
+demo), `model` (train, predict, evaluate, keygen), `slide` (whole slides, the QuPath script), `view` (the local
+viewer), `catalogue` (backbones), `datasets` (public data sets); `options` holds what they share. torch, timm and the
 feature code load only for the commands that need them, so that `--help`, `inspect` and bad-flag errors
 answer at once.
 """

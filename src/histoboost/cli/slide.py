@@ -1,5 +1,5 @@
 """The `slide` command: score whole-slide images with a bundle (tiles.csv, heat maps, QuPath GeoJSON,
-summary, report per slide; slides.csv for the call)."""
+summary, report per slide; slides.csv for the call), and `qupath-script`: the same from inside QuPath."""
 
 from __future__ import annotations
 
@@ -75,6 +75,12 @@ def add_commands(commands, p: Parents) -> None:
         help="refuse, from its header, a slide of more full-resolution pixels (default 2e10: 200,000 x "
         "100,000); a slide without a pyramid must also fit a thumbnail (docs/slides.md)",
     )
+    group.add_argument(
+        "--features",
+        choices=["h5"],
+        help="also write each tile's features (the classifier's rows of the map's view) as <slide>.h5 in TRIDENT's "
+        "and CLAM's layout (features, coords, patch_size_level0), for slide-level models",
+    )
     group = slide.add_argument_group("scoring")
     group.add_argument(
         "--slide-augmentations",
@@ -113,6 +119,26 @@ def add_commands(commands, p: Parents) -> None:
     )
     slide.set_defaults(run=_slide)
 
+    script = commands.add_parser(
+        "qupath-script",
+        parents=[p.common],
+        help="write a QuPath script that scores the open slide with a bundle",
+        description="Write a Groovy script for QuPath 0.5 and 0.6 (Automate > Script editor) that runs `histoboost "
+        "slide` on the image open in QuPath (inside the selected annotation, if any) with this bundle, checked by its "
+        "sha256, and imports the tiles (p_<class> measurements for Measurement Maps) and carcinoma regions. It names "
+        "only this bundle and this histoboost. docs/slides.md.",
+    )
+    script.add_argument("model", type=Path, metavar="MODEL", help="bundle folder or .zip from histoboost train")
+    script.add_argument("--out", type=Path, metavar="FILE", help="write the script here (default: print it)")
+    script.add_argument(
+        "--slide-option",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="a flag the script passes to histoboost slide, repeatable, e.g. --slide-option=--min-tissue=0.3",
+    )
+    script.set_defaults(run=_qupath_script)
+
 
 def _slide(args: argparse.Namespace) -> int:
     from ..bundle import Bundle
@@ -132,6 +158,8 @@ def _slide(args: argparse.Namespace) -> int:
             raise UsageError(f"{name} {path}: no such file")
     if args.cache_dir is not None:
         storage.local_folder(args.cache_dir, "slide tile caches")
+    if args.features and args.slide_augmentations:
+        raise UsageError("--features keeps the map's single view: drop --slide-augmentations")
     check_slides_out(args.out, args.shard)  # before any work
     bundle = Bundle.load(args.model, runtime_of(args), args.expect_sha256, args.trusted_key, bundle_weights(args))
     settings = SlideSettings(
@@ -146,6 +174,7 @@ def _slide(args: argparse.Namespace) -> int:
         str(args.tissue_mask) if args.tissue_mask else None,
         str(args.roi) if args.roi else None,
         args.max_pixels,
+        args.features == "h5",
     )
 
     def report(row: dict) -> None:
@@ -170,3 +199,21 @@ def _slide(args: argparse.Namespace) -> int:
         f"{args.out / table_name(args.shard)} (research use only)"
     )
     return 1 if any(r["status"] != "ok" for r in rows) else 0
+
+
+def _qupath_script(args: argparse.Namespace) -> int:
+    from ..container import META_FILE, identity, read_members
+    from ..slides.qupath import qupath_script
+    from ..storage import write_text_atomic
+
+    model = args.model.absolute()
+    if not model.exists():
+        raise UsageError(f"{args.model}: no such bundle")
+    sha256 = identity(read_members(model, [META_FILE])[META_FILE])  # a file that is no bundle is refused here
+    text = qupath_script([sys.executable, "-m", "histoboost.cli"], str(model), sha256, args.slide_option)
+    if args.out is None:
+        print(text, end="")
+        return 0
+    write_text_atomic(args.out, text)
+    print(f"QuPath script for bundle {sha256[:12]}…: {args.out} (QuPath: Automate > Script editor > File > Open)")
+    return 0

@@ -93,10 +93,13 @@ class SlideSettings:
     tissue_mask: str | None = None  # a mask PNG instead of the automatic one
     roi: str | None = None  # a GeoJSON of regions: only tissue inside them is tiled
     max_pixels: float = MAX_PIXELS  # a slide whose header claims more full-resolution pixels is refused
+    features: bool = False  # also write each tile's features, <slide>.h5 in TRIDENT's layout
 
     def scoring(self) -> dict:
-        """The settings that change tile results (the cache key's part)."""
-        return {"augmentations": self.augmentations, "stain_fit": self.stain_fit}
+        """The settings that change tile results (the cache key's part; chunks that keep features are others)."""
+        return {"augmentations": self.augmentations, "stain_fit": self.stain_fit} | (
+            {"features": True} if self.features else {}
+        )
 
 
 @dataclass
@@ -176,7 +179,15 @@ def predict_slide(
         cache_dir = predictor.runtime.cache_dir or default_cache_dir()
         cache = TileCache(storage.local_folder(cache_dir, "slide tile caches") / "slides" / key[:32])
         scores = score_tiles(
-            predictor, slide, kept, geometry, settings.augmentations, settings.confirm_top, settings.stain_fit, cache
+            predictor,
+            slide,
+            kept,
+            geometry,
+            settings.augmentations,
+            settings.confirm_top,
+            settings.stain_fit,
+            cache,
+            settings.features,
         )
         try:
             with staged_folder(out, force=True) as staging:
@@ -346,6 +357,11 @@ def _write(
     summary["geojson_features"] = export.write_geojson(
         folder / geojson, rows, scheme, slide.size, tissue, regions, region_classes, region_mm2, ids, mpp
     )
+    if scores.features is not None:
+        summary["files"]["features"] = f"{result_name(slide.path)}.h5"
+        export.write_features_h5(
+            folder / summary["files"]["features"], kept, scores.features, _encoder(predictor, slide, geometry)
+        )
     seconds = time.perf_counter() - started
     summary["run"] = {
         "seconds": round(seconds, 2),
@@ -356,6 +372,20 @@ def _write(
     export.write_report(folder / "report.html", summary, rows, top, pictures)
     write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary, rows
+
+
+def _encoder(predictor: Predictor, slide: Slide, geometry: Geometry) -> dict:
+    """What a features file says of how its rows were made: the encoder (backbones, their weights, the descriptor
+    the classifier sees), the resolution and the model."""
+    return {
+        "encoder": "+".join(b.name for b in predictor.backbones),
+        "weights_sha256": ",".join(b.weights_sha256 for b in predictor.backbones),
+        "descriptor": predictor.config.features.descriptor,
+        "mpp": slide.mpp,
+        "target_mpp": geometry.working_mpp,
+        "bundle_sha256": predictor.identity.sha256,
+        "histoboost": __version__,
+    }
 
 
 def _region_class(region, grid: TileGrid, scores: TileScores, scheme) -> str:

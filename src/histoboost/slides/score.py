@@ -16,6 +16,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +69,7 @@ class TileScores:
     confirmed: np.ndarray
     stain: str  # how the slide was stain-normalised, for the summary
     stain_refer: str  # non-empty when the slide's stain fit failed its quality check
+    features: np.ndarray | None = None  # (N, D) the classifier's rows of the map's view, when kept
 
 
 class TileCache:
@@ -132,10 +134,12 @@ def score_tiles(
     confirm_top: int = 0,
     stain_fit: str = "slide",
     cache: TileCache | None = None,
+    keep_features: bool = False,
 ) -> TileScores:
     """Score every tile of `grid` (already the tiles kept): the map with `augmentations` views per tile (0: one
     un-augmented view), then the `confirm_top` tiles most likely carcinoma with the model's own vote. Runs on the
-    predictor's runtime (device, batch, tile readers, progress)."""
+    predictor's runtime (device, batch, tile readers, progress). `keep_features` (one view only) keeps each tile's
+    classifier rows in `TileScores.features`."""
     from ..features import prefetch
     from ..progress import meter
 
@@ -154,19 +158,26 @@ def score_tiles(
     def read(index: int) -> tuple[np.ndarray, str]:
         return normalise(slide.read(tuple(grid.boxes[index]), (size, size)))
 
+    if keep_features and augmentations:
+        raise HistoboostError("tile features are those of the map's single view: drop --augmentations to keep them")
     n = len(grid)
     chunks = [range(start, min(start + CHUNK, n)) for start in range(0, n, CHUNK)]
     done = {i: cache.load(f"map-{i:06d}") for i in range(len(chunks))}
+    if keep_features:  # a chunk stored without its features is computed again
+        done = {i: arrays if arrays is not None and "features" in arrays else None for i, arrays in done.items()}
     todo = [t for i, chunk in enumerate(chunks) if done[i] is None for t in chunk]
     views = augmentations or 1
     raw = np.zeros((n, views, len(predictor.classes.classes)))
     fallback = np.array([""] * n, dtype=object)
+    features: np.ndarray | None = None
     for i, arrays in done.items():
         if arrays is not None:
             raw[chunks[i].start : chunks[i].stop], fallback[chunks[i].start : chunks[i].stop] = (
                 arrays["raw"],
                 arrays["stain"],
             )
+            if keep_features:
+                features = _rows_into(features, n, chunks[i], arrays["features"])
     bar = meter(slide.path.name[:32], n, "tile", runtime.progress, initial=n - len(todo))
     pending: list[tuple[int, np.ndarray, str]] = []
     for index, (rgb, note) in zip(todo, prefetch(read, todo, depth=2 * batch, threads=runtime.readers)):
@@ -174,20 +185,34 @@ def score_tiles(
         chunk = index // CHUNK
         if len(pending) == batch or index == chunks[chunk].stop - 1:
             indices = [p[0] for p in pending]
-            raw[indices] = predictor.score_tiles(
-                [p[1] for p in pending], [tile_key(slide, grid.boxes[i]) for i in indices], augmentations
-            )
+            tiles, keys = [p[1] for p in pending], [tile_key(slide, grid.boxes[i]) for i in indices]
+            if keep_features:
+                rows = predictor.describe_tiles(tiles, keys)
+                raw[indices] = predictor.score_rows(rows)
+                features = _rows_into(features, n, indices, rows)
+            else:
+                raw[indices] = predictor.score_tiles(tiles, keys, augmentations)
             fallback[indices] = [p[2] for p in pending]
             bar.update(len(pending))
             pending = []
         if index == chunks[chunk].stop - 1:
             span = slice(chunks[chunk].start, chunks[chunk].stop)
-            cache.save(f"map-{chunk:06d}", {"raw": raw[span], "stain": fallback[span].astype(str)})
+            kept = {"features": features[span]} if features is not None else {}
+            cache.save(f"map-{chunk:06d}", {"raw": raw[span], "stain": fallback[span].astype(str), **kept})
     bar.close()
     scores = _decide(predictor, raw, fallback, stain, stain_refer)
+    scores.features = features
     if confirm_top and config.augment.n_augment > views:
         _confirm(predictor, scores, read, grid, slide, confirm_top, cache)
     return scores
+
+
+def _rows_into(features: np.ndarray | None, n: int, where: Any, rows: np.ndarray) -> np.ndarray:
+    """`rows` put at `where` (a range or indices) of the (n, D) feature array, made on first use."""
+    if features is None:
+        features = np.zeros((n, rows.shape[1]), dtype=np.float32)
+    features[where] = rows
+    return features
 
 
 def _decide(predictor: Predictor, raw: np.ndarray, fallback: np.ndarray, stain: str, stain_refer: str) -> TileScores:
