@@ -151,6 +151,8 @@ def test_an_interrupted_transfer_resumes_with_a_range_request(server, tmp_path):
     part = tmp_path / "data" / "bach.zip.part"
     kept = part.stat().st_size
     assert 0 < kept < archive.stat().st_size and not (tmp_path / "data" / "bachlike").exists()
+    data = archive.read_bytes()
+    archive.write_bytes(bytes(kept) + data[kept:])  # a client that started again from byte 0 would get zeros
     done = fetch(source, tmp_path / "data", progress=False)
     assert server.ranges[-1] == f"bytes={kept}-" and done.manifests["manifest.csv"] == 4
     assert not part.exists()
@@ -197,16 +199,32 @@ def test_a_hostile_zip_is_refused_and_nothing_is_unpacked(tmp_path, make, says):
     assert list(into.iterdir()) == [] and not (tmp_path / "escaped.txt").exists()
 
 
-def test_a_tar_with_a_link_is_refused(tmp_path):
-    archive = tmp_path / "link.tar.gz"
-    with tarfile.open(archive, "w:gz") as tf:
-        info = tarfile.TarInfo("Photos/passwd")
-        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        tf.addfile(info)
+def _tar(path: Path, name: str, data: bytes = b"x", link: bool = False) -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        info = tarfile.TarInfo(name)
+        if link:
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tf.addfile(info)
+        else:
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, says",
+    [
+        (lambda p: _tar(p / "link.tar.gz", "Photos/passwd", link=True), "a link or a device"),
+        (lambda p: _tar(p / "up.tar.gz", "../escaped.txt"), "outside the folder"),
+        (lambda p: _tar(p / "abs.tar.gz", "/tmp/escaped.txt"), "outside the folder"),
+        (lambda p: _tar(p / "bomb.tar.gz", "zeros.bin", bytes(64 * 2**20)), "bomb"),
+    ],
+)
+def test_a_hostile_tar_is_refused_and_nothing_is_unpacked(tmp_path, make, says):
     (tmp_path / "into").mkdir()
-    with pytest.raises(DatasetError, match="a link or a device"):
-        unpack(archive, tmp_path / "into")
-    assert list((tmp_path / "into").iterdir()) == []
+    with pytest.raises(DatasetError, match=says):
+        unpack(make(tmp_path), tmp_path / "into")
+    assert list((tmp_path / "into").iterdir()) == [] and not (tmp_path / "escaped.txt").exists()
 
 
 def test_a_fetch_of_a_hostile_archive_leaves_no_folder(server, tmp_path):

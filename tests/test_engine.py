@@ -172,6 +172,34 @@ def test_predict_on_dask_describes_on_the_workers_and_writes_what_local_predict_
     assert local.returncode == 0 and dask.stdout == local.stdout and len(dask.stdout.splitlines()) == 9
 
 
+def test_an_image_the_workers_cannot_describe_is_one_problem_by_a_relative_path_too(
+    cluster, reference, tmp_path, monkeypatch
+):
+    """Workers report problems by absolute path; `predict data/` names them relatively: the image is still one
+    problem line, and this process never prepares it again (the engine isolated it)."""
+    import shutil
+
+    import histoboost.features
+
+    from conftest import write_png
+
+    data, ref = reference
+    model = tmp_path / "model.zip"
+    flags = [*FLAGS, "--rounds", "20", "--split-by", "image"]
+    assert run_cli("train", data, *flags, "--threads", "1", "--cache-dir", ref, "--out", model).returncode == 0
+    shutil.copytree(data, tmp_path / "images")
+    write_png(tmp_path / "images" / "Normal" / "tiny.png", (120, 100))  # smaller than the 192 px crop
+    monkeypatch.chdir(tmp_path)
+    with monkeypatch.context() as here:
+        here.setattr(histoboost.features, "prepare_image", lambda *a, **k: pytest.fail("prepared by the client"))
+        result = _dask(cluster, "predict", model, "images", "--cache-dir", tmp_path / "cache", "--quiet")
+    assert result.returncode == 1 and len(result.stdout.splitlines()) == 9, result.stderr
+    assert [line for line in result.stderr.splitlines() if "tiny.png" in line] == [
+        line for line in result.stderr.splitlines() if line.startswith("error:")
+    ]
+    assert "too small" in result.stderr
+
+
 class _DieOnce(distributed.WorkerPlugin):
     """Kills its worker the first time a feature file is about to be published (after its temporary is written)."""
 

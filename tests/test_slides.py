@@ -354,7 +354,8 @@ def test_killed_mid_slide_resumes_with_identical_outputs(model, mosaic, tmp_path
 
 
 def test_slide_features_come_out_in_tridents_layout(model, mosaic, tmp_path):
-    """`slide --features h5`: <slide>.h5 read with plain h5py holds one row per tiles.csv row, at its coordinates,
+    """`slide --features h5`: <slide>.h5 read with plain h5py holds one row per tiles.csv row, at its coordinates
+    (in OpenSlide's level 0),
     and they are the rows the classifier scored (its probabilities from them are tiles.csv's); a rerun from the
     tile cache writes the same file's arrays."""
     import h5py
@@ -379,7 +380,9 @@ def test_slide_features_come_out_in_tridents_layout(model, mosaic, tmp_path):
         len(rows),
         descriptor_width(bundle.backbones, bundle.config),
     )
-    assert coords.tolist() == [[int(r["x"]), int(r["y"])] for r in rows]
+    ox, oy = json.loads((tmp_path / "a" / "mosaic" / "summary.json").read_text())["slide"]["bounds_offset"]
+    assert coords.tolist() == [[int(r["x"]) + ox, int(r["y"]) + oy] for r in rows]  # OpenSlide's level 0
+    assert list(meta["bounds_offset"]) == [ox, oy]
     assert coord_meta["patch_size_level0"] == int(rows[0]["width"])
     assert meta["encoder"] == "efficientnet_lite0" and meta["weights_sha256"] == bundle.backbones[0].weights_sha256
     assert meta["bundle_sha256"] == bundle.sha256 and meta["target_mpp"] > 0
@@ -387,7 +390,11 @@ def test_slide_features_come_out_in_tridents_layout(model, mosaic, tmp_path):
     probs = bundle.rule.calibrated(raw).mean(axis=1)
     written = np.array([[float(r[f"p_{c}"]) for c in bundle.classes.classes] for r in rows])
     assert np.abs(probs - written).max() <= 1e-6
-    again = run_cli("slide", path, slide_path, *flags, "--out", tmp_path / "b", "--cache-dir", tmp_path / "cache")
+    import histoboost.inference
+
+    with pytest.MonkeyPatch.context() as cached:  # the rerun reads every tile's features from the tile cache
+        cached.setattr(histoboost.inference.Predictor, "describe_tiles", lambda *a: pytest.fail("described again"))
+        again = run_cli("slide", path, slide_path, *flags, "--out", tmp_path / "b", "--cache-dir", tmp_path / "cache")
     assert again.returncode == 0, again.stderr
     with h5py.File(tmp_path / "b" / "mosaic" / "mosaic.h5", "r") as h5:
         assert np.array_equal(h5["features"][:], features) and np.array_equal(h5["coords"][:], coords)

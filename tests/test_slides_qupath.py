@@ -14,7 +14,16 @@ from test_cli import run_cli
 from histoboost.slides.qupath import groovy_string, qupath_script
 
 # What could break out of a Groovy single-quoted string or a line: quotes, backslashes, interpolation, line breaks.
-HOSTILE = ["a'b", "back\\slash", "dollar $HOME ${x}", "new\nline", "tab\tand\rreturn", "quote\\'", "é ü 病理"]
+HOSTILE = [
+    "a'b",
+    "back\\slash",
+    "dollar $HOME ${x}",
+    "new\nline",
+    "tab\tand\rreturn",
+    "quote\\'",
+    "é ü 病理",
+    "bell\x07escape\x1bline\u2028sep",
+]
 
 
 @pytest.mark.parametrize("text", HOSTILE)
@@ -49,6 +58,8 @@ def test_the_script_names_only_its_bundle_and_histoboost(model, tmp_path):
         "exportObjectsToGeoJson([selected], roi.getPath(), 'FEATURE_COLLECTION')",
         "command += ['--roi', roi.getPath()]",
         "new ProcessBuilder(command)",
+        "process.waitFor()",
+        "process.destroy()",
         "importObjectsFromFile(found[0].getPath())",
     ):
         assert call in script

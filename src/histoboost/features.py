@@ -557,18 +557,19 @@ def extract_records(
     """Describe `records` into `store`, saving each image as soon as it is done. Decoding runs a thread ahead of
     the network."""
 
-    def prepare(record: ImageRecord) -> tuple[ImageRecord, PreparedImage | StainError]:
+    def prepare(record: ImageRecord) -> tuple[ImageRecord, PreparedImage | StainError | DataError]:
         """In a thread, while the CNN runs on the previous image."""
         try:
             return record, prepare_image(record.path, record.image_id, record.mpp, config)
-        except StainError as err:
+        except (StainError, DataError) as err:  # this image's problem: the others go on
             return record, err
 
     outcomes = []
     with storage.Lease(store.root):
         for record, prepared in prefetch(prepare, records):
-            if isinstance(prepared, StainError):
-                outcome = ImageOutcome(record.image_id, Problem(record.path, str(prepared), STAIN_FAILURE_FIX))
+            if isinstance(prepared, (StainError, DataError)):
+                fix = STAIN_FAILURE_FIX if isinstance(prepared, StainError) else "check the image or leave it out"
+                outcome = ImageOutcome(record.image_id, Problem(record.path, str(prepared), fix))
             else:
                 features = describe_image(
                     prepared.rgb, prepared.plans, backbone, config, device, batch_size, prepared.stain_fit, keep_crops

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from . import storage
 from .augment import plan_augmentation, plan_augmentations
 from .classifier import DecisionRule, mean_decision, vote_counts
 from .config import Config
@@ -213,10 +214,12 @@ class Predictor:
 
         lost: dict[str, Problem] = {}
         manifest = Manifest(tuple(records), Path("."), "csv")
+        by_path = {Path(r.path).absolute(): r.image_id for r in records}  # workers report absolute paths
         for backbone in self.backbones:
             result = extract_features(manifest, self.config, backbone, self.runtime)
-            by_path = {str(r.path): r.image_id for r in records}
-            lost.update((by_path[str(p.path)], p) for p in result.problems if str(p.path) in by_path)
+            for problem in result.problems:
+                if Path(problem.path).absolute() in by_path:
+                    lost[by_path[Path(problem.path).absolute()]] = problem
         return lost
 
     def _decided(self, features: list[ImageFeatures], path: str, name: str, image_id: str, mode: str) -> Prediction:
@@ -248,7 +251,8 @@ class Predictor:
         )
 
     def _describe(self, prepared: PreparedImage, image_id: str, mpp: float | None) -> list[ImageFeatures]:
-        """Each backbone's features of a prepared image, put into the feature store (when the runtime keeps one)."""
+        """Each backbone's features of a prepared image, put into the feature store where it has none for it (an entry
+        already there, e.g. `extract --keep-crops`'s, is left as it is)."""
         from .features import describe_image
 
         out = []
@@ -265,9 +269,10 @@ class Predictor:
                     prepared.stain_fit,
                 )
             )
-            if store is not None:
+            entry = store.entry_for(image_id, mpp) if store is not None else ""
+            if store is not None and not storage.exists(store.path(entry)):  # never over what extract stored
                 try:
-                    store.save(store.entry_for(image_id, mpp), features)
+                    store.save(entry, features)
                 except FeatureStoreError as err:  # a full disk: this prediction stands, the next ones go uncached
                     self._without_store(err)
             out.append(features)

@@ -53,7 +53,9 @@ class StageLine:
     def __enter__(self) -> StageLine:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, *exc: object) -> None:
+        if kind is not None:  # a stage that failed: its error says so, no line that looks like a finished stage
+            self.quiet = True
         self.close()
 
 
@@ -76,12 +78,10 @@ def track(
     if total is None and isinstance(items, Sized):
         total = len(items)
     bar = meter(desc, total, "img", progress, leave=leave)
-    try:
-        for item in items:
-            yield item
-            bar.update(1)
-    finally:
-        bar.close()
+    for item in items:  # a stage that raises gets no line (tqdm's bar is closed when collected)
+        yield item
+        bar.update(1)
+    bar.close()
 
 
 def _on_terminal() -> bool:

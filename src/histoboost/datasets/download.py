@@ -18,6 +18,7 @@ def download(url: str, dest: Path, size: int | None, progress: Progress = True) 
     """`dest`, downloaded from `url` unless already complete; a partial `dest.part` is continued. The size is checked
     when published; the checksums by `verify`, after."""
     import requests
+    import urllib3
 
     if dest.is_file():
         return dest
@@ -26,12 +27,13 @@ def download(url: str, dest: Path, size: int | None, progress: Progress = True) 
     if size is not None and done > size:
         raise DatasetError(f"{part}: {done} bytes, more than the {size} published: delete it and fetch again")
     if size is None or done < size:
-        headers = {"Range": f"bytes={done}-"} if done else {}
+        # identity: the archive's own bytes, never a gzip transfer encoding that a range cannot resume
+        headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={done}-"} if done else {})}
         try:
             with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as response:
-                if not (response.status_code == 416 and done):  # 416: nothing after `done`, the file is whole
+                if not (response.status_code == 416 and _whole_at(response, done)):
                     _append(response, part, done, dest.name, progress)
-        except requests.RequestException as err:
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as err:  # raw reads raise urllib3's
             got = part.stat().st_size if part.is_file() else 0
             raise DatasetError(
                 f"{url}: the transfer stopped at {got} bytes ({type(err).__name__}): run the same command again "
@@ -56,18 +58,28 @@ def _append(response, part: Path, done: int, name: str, progress: Progress) -> N
         )
     if response.status_code == 200:  # no range support, or nothing asked: from the start
         done = 0
+    elif not response.headers.get("Content-Range", "").startswith(f"bytes {done}-"):
+        raise DatasetError(
+            f"{response.url}: the server resumed at another byte than {done} "
+            f"({response.headers.get('Content-Range', 'no Content-Range')}): delete {part} and fetch again"
+        )
     length = response.headers.get("Content-Length")
     total = done + int(length) if length and length.isdigit() else None
     with open(part, "r+b" if done else "wb") as out:
         out.seek(done)
         out.truncate()
-        bar = meter(f"downloading {name}", total, "B", progress, initial=done)
-        for chunk in response.iter_content(CHUNK):
-            out.write(chunk)
-            bar.update(len(chunk))
-        bar.close()
+        with meter(f"downloading {name}", total, "B", progress, initial=done) as bar:
+            for chunk in response.raw.stream(CHUNK, decode_content=False):  # the bytes as sent, never decoded
+                out.write(chunk)
+                bar.update(len(chunk))
         out.flush()
         os.fsync(out.fileno())
+
+
+def _whole_at(response, done: int) -> bool:
+    """A 416 (nothing at or after `done`) means the partial file is whole when the server's length is `done`."""
+    found = response.headers.get("Content-Range", "")
+    return found == f"bytes */{done}" or not found
 
 
 def partial_path(dest: Path) -> Path:

@@ -119,19 +119,22 @@ def write_heatmap_npz(path: Path, grid: TileGrid, scores: TileScores, scheme: Cl
     )
 
 
-def write_features_h5(path: Path, grid: TileGrid, features: np.ndarray, attributes: dict) -> None:
+def write_features_h5(
+    path: Path, grid: TileGrid, features: np.ndarray, origin: tuple[int, int], attributes: dict
+) -> None:
     """Per-tile features for slide-level models in TRIDENT's and CLAM's layout: `features` (N, D) float32, `coords`
-    (N, 2) int64 top-left x, y in full-resolution pixels from the bounds offset (tiles.csv's), and attributes
-    (`patch_size_level0`, µm/px, the encoder and its weights, histoboost's version). Written with h5py (the format
-    those tools read), to a temporary name renamed into place."""
+    (N, 2) int64 top-left x, y in OpenSlide's level-0 pixels (where those tools read regions: tiles.csv's x, y plus
+    the bounds offset, recorded as `bounds_offset`), and attributes (`patch_size_level0`, µm/px, the encoder and its
+    weights, histoboost's version). Written with h5py (the format those tools read), renamed into place."""
     import h5py
 
     tmp = path.with_name(f".{path.name}.tmp")
     with h5py.File(tmp, "w") as h5:
         h5.create_dataset("features", data=np.asarray(features, dtype=np.float32))
-        coords = h5.create_dataset("coords", data=np.asarray(grid.boxes[:, :2], dtype=np.int64))
+        level0 = np.asarray(grid.boxes[:, :2], dtype=np.int64) + np.asarray(origin, dtype=np.int64)
+        coords = h5.create_dataset("coords", data=level0)
         coords.attrs["patch_size_level0"] = round(grid.tile_px)
-        for name, value in attributes.items():
+        for name, value in {**attributes, "bounds_offset": list(origin)}.items():
             h5.attrs[name] = value
             coords.attrs[name] = value
     tmp.replace(path)

@@ -67,11 +67,15 @@ if (selected != null && selected.isAnnotation()) {{
 }}
 println 'histoboost: ' + command.join(' ')
 def process = new ProcessBuilder(command).redirectErrorStream(true).start()
+def log = Thread.start {{ process.inputStream.eachLine {{ println it }} }}  // the wait below stays interruptible
 try {{
-    process.inputStream.eachLine {{ println it }}
-    if (process.waitFor() != 0)
+    if (process.waitFor() != 0) {{
+        log.join()
         throw new RuntimeException('histoboost slide failed (exit ' + process.exitValue() + '): see the lines above')
-}} catch (InterruptedException stopped) {{
+    }}
+    log.join()
+}} catch (InterruptedException stopped) {{  // the script editor's Stop button
+    process.descendants().forEach {{ it.destroy() }}
     process.destroy()
     throw stopped
 }}

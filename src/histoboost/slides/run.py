@@ -96,10 +96,9 @@ class SlideSettings:
     features: bool = False  # also write each tile's features, <slide>.h5 in TRIDENT's layout
 
     def scoring(self) -> dict:
-        """The settings that change tile results (the cache key's part; chunks that keep features are others)."""
-        return {"augmentations": self.augmentations, "stain_fit": self.stain_fit} | (
-            {"features": True} if self.features else {}
-        )
+        """The settings that change tile results (the cache key's part: features change none; a chunk stored
+        without them is computed again when they are wanted)."""
+        return {"augmentations": self.augmentations, "stain_fit": self.stain_fit}
 
 
 @dataclass
@@ -359,8 +358,12 @@ def _write(
     )
     if scores.features is not None:
         summary["files"]["features"] = f"{result_name(slide.path)}.h5"
-        export.write_features_h5(
-            folder / summary["files"]["features"], kept, scores.features, _encoder(predictor, slide, geometry)
+        export.write_features_h5(  # coords in OpenSlide's level 0, as TRIDENT and CLAM read regions
+            folder / summary["files"]["features"],
+            kept,
+            scores.features,
+            slide.origin,
+            _encoder(predictor, slide, geometry),
         )
     seconds = time.perf_counter() - started
     summary["run"] = {
