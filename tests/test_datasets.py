@@ -140,6 +140,9 @@ def test_a_fetch_is_checked_unpacked_and_laid_out_with_licence_and_provenance(se
     requests_made = len(server.ranges)
     again = fetch(source_for(server, archive), tmp_path / "data", progress=False)
     assert again.already and again.manifests == done.manifests and len(server.ranges) == requests_made
+    (folder / "SOURCE.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="SOURCE.json is damaged.*fetch again"):
+        fetch(source_for(server, archive), tmp_path / "data", progress=False)
 
 
 def test_an_interrupted_transfer_resumes_with_a_range_request(server, tmp_path):

@@ -296,7 +296,7 @@ class Bundle:
     def predict(self, paths: Sequence[str | Path], overlay_dir: str | Path | None = None) -> Predictions:
         """Predict images (files or folders of images) with the bundle's own preprocessing and test-time
         augmentations; returns one record per image and one problem per image that failed."""
-        from .data import ImageRecord, scan_file
+        from .data import ImageRecord, scan_files
         from .progress import track
         from .report import write_overlay
 
@@ -304,8 +304,9 @@ class Bundle:
         if overlay_dir is not None:
             Path(overlay_dir).mkdir(parents=True, exist_ok=True)
         found, progress = [], self.predictor.runtime.progress
-        for file in track(files, "reading images", progress=progress, leave=False):
-            info = scan_file(file)
+        infos = scan_files(files, None, progress)  # in parallel; a file given twice is predicted twice
+        for file in files:
+            info = infos[file]
             if isinstance(info, Problem):
                 problems.append(Problem(file, f"cannot be predicted ({info.message})", PREDICT_FIX))
             else:

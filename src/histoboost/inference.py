@@ -218,14 +218,14 @@ class Predictor:
         for backbone in self.backbones:
             result = extract_features(manifest, self.config, backbone, self.runtime)
             for problem in result.problems:
-                if Path(problem.path).absolute() in by_path:
-                    lost[by_path[Path(problem.path).absolute()]] = problem
+                image_id = by_path.get(Path(problem.path).absolute())
+                if image_id is not None:
+                    lost[image_id] = problem
         return lost
 
     def _decided(self, features: list[ImageFeatures], path: str, name: str, image_id: str, mode: str) -> Prediction:
         """One image's Prediction from its features under each backbone."""
-        kind = self.config.features.descriptor
-        raw = self.classifier.predict_proba(np.concatenate([f.descriptor(kind) for f in features], axis=1))
+        raw = self.classifier.predict_proba(self._joined(features))
         decision, agreement = self.rule.decide(raw[None])
         refer = refer_text(
             "votes split" if self.rule.refer(agreement)[0] else "",
@@ -251,8 +251,7 @@ class Predictor:
         )
 
     def _describe(self, prepared: PreparedImage, image_id: str, mpp: float | None) -> list[ImageFeatures]:
-        """Each backbone's features of a prepared image, put into the feature store where it has none for it (an entry
-        already there, e.g. `extract --keep-crops`'s, is left as it is)."""
+        """Each backbone's features of a prepared image, put into the feature store where it has none for it."""
         from .features import describe_image
 
         out = []
@@ -269,14 +268,19 @@ class Predictor:
                     prepared.stain_fit,
                 )
             )
-            entry = store.entry_for(image_id, mpp) if store is not None else ""
-            if store is not None and not storage.exists(store.path(entry)):  # never over what extract stored
-                try:
-                    store.save(entry, features)
-                except FeatureStoreError as err:  # a full disk: this prediction stands, the next ones go uncached
-                    self._without_store(err)
+            if store is not None:
+                self._store_new(store, store.entry_for(image_id, mpp), features)
             out.append(features)
         return out
+
+    def _store_new(self, store: FeatureStore, entry: str, features: ImageFeatures) -> None:
+        """Save an entry the store lacks (one already there, e.g. `extract --keep-crops`'s, is left as it is)."""
+        if storage.exists(store.path(entry)):
+            return
+        try:
+            store.save(entry, features)
+        except FeatureStoreError as err:  # a full disk: this prediction stands, the next ones go uncached
+            self._without_store(err)
 
     def _stored(self, image_id: str, mpp: float | None) -> list[ImageFeatures] | None:
         """The image's features under every backbone from the feature store, or None if one is missing (or was
@@ -313,16 +317,18 @@ class Predictor:
         """The classifier's input rows (A, D) of one stain-normalised image under its augmentation plans."""
         from .features import describe_image
 
-        kind = self.config.features.descriptor
-        return np.concatenate(
+        runtime = self.runtime
+        return self._joined(
             [
-                describe_image(
-                    rgb, plans, b, self.config, self.runtime.device, self.runtime.batch, stain_fit
-                ).descriptor(kind)
+                describe_image(rgb, plans, b, self.config, runtime.device, runtime.batch, stain_fit)
                 for b in self.backbones
-            ],
-            axis=1,
+            ]
         )
+
+    def _joined(self, features: list[ImageFeatures]) -> np.ndarray:
+        """The classifier's rows: each backbone's descriptors side by side."""
+        kind = self.config.features.descriptor
+        return np.concatenate([f.descriptor(kind) for f in features], axis=1)
 
     # -- many tiles ------------------------------------------------------------------------------------------
     def score_tiles(self, tiles: list[np.ndarray], keys: list[str], augmentations: int) -> np.ndarray:
@@ -356,13 +362,12 @@ class Predictor:
         plain = replace(config.augment, color="none", orientation="none")
         boxes = [plan_augmentation(key, 0, h, w, plain, config.seed).boxes for key in keys]
         views = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).to(device=device, dtype=torch.float32)
-        parts = []
+        described = []
         with torch.inference_mode(), autocast(device, config.features.dtype):
             for backbone in self.backbones:
                 _, pooled, whole = describe_views(views, boxes, backbone, config, batch)
-                features = ImageFeatures(pooled.float().cpu().numpy(), whole.float().cpu().numpy())
-                parts.append(features.descriptor(config.features.descriptor))
-        return np.concatenate(parts, axis=1)
+                described.append(ImageFeatures(pooled.float().cpu().numpy(), whole.float().cpu().numpy()))
+        return self._joined(described)
 
     def score_rows(self, rows: np.ndarray) -> np.ndarray:
         """Class probabilities (B, 1, K) of single-view rows (`describe_tiles`)."""

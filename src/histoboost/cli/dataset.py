@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import storage
 from ..config import Config
-from ..data import DataError, load_manifest
+from ..data import DataError
 from ..outputs import check_output, staged_folder
 from ..stain import check_images
 from ..storage import write_text_atomic
@@ -23,11 +23,11 @@ from .options import (
     UsageError,
     config_from_args,
     engine_of,
-    label_map,
     load_data,
     non_negative,
     print_problems,
     progress_of,
+    read_data,
     runtime_of,
     shard,
 )
@@ -87,14 +87,7 @@ def add_commands(commands, p: Parents) -> None:
 def _inspect(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     try:
-        manifest, problems = load_manifest(
-            args.data,
-            config.preprocess,
-            config.augment.crop_size,
-            label_map(args),
-            threads=args.threads,
-            progress=progress_of(args),
-        )
+        manifest, problems = read_data(args, config)
     except DataError as err:
         if not args.json:
             raise

@@ -481,9 +481,9 @@ def _with_stain_reference(config: Config, path: Path) -> Config:
     )
 
 
-def load_data(args: argparse.Namespace, config: Config):
-    """The validated manifest of `args.data`; its warnings are printed, its errors raise DataError."""
-    manifest, problems = load_manifest(
+def read_data(args: argparse.Namespace, config: Config):
+    """The validated manifest of `args.data` and its warnings; its errors raise DataError."""
+    return load_manifest(
         args.data,
         config.preprocess,
         config.augment.crop_size,
@@ -491,6 +491,11 @@ def load_data(args: argparse.Namespace, config: Config):
         threads=args.threads,
         progress=progress_of(args),
     )
+
+
+def load_data(args: argparse.Namespace, config: Config):
+    """`read_data`'s manifest, its warnings printed."""
+    manifest, problems = read_data(args, config)
     print_problems(problems)
     return manifest
 

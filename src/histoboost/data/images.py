@@ -42,8 +42,8 @@ class _FileInfo:
     mpp: float | None
 
 
-def _scan_all(paths: list[Path], threads: int | None, progress: Progress) -> dict[Path, _FileInfo | Problem]:
-    """Read and fully decode each file once, in parallel (Pillow releases the GIL while decoding)."""
+def scan_files(paths: list[Path], threads: int | None, progress: Progress) -> dict[Path, _FileInfo | Problem]:
+    """`scan_file` of each file once, in parallel (Pillow releases the GIL while decoding), by path."""
     from ..progress import track
 
     paths = list(dict.fromkeys(paths))  # a file listed under two spellings (`a.png`, `./a.png`) is read once

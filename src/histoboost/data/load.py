@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config import PreprocessConfig
 from ..errors import DataError
 from ..progress import Progress
-from .images import _scan_all, working_scale
+from .images import scan_files, working_scale
 from .labels import _group_of
 from .layouts import MANIFEST_NAME, discover
 from .manifest import ImageRecord, Manifest
@@ -53,7 +53,7 @@ def load_manifest(
         root, layout, entries = discover(source, label_map, problems)
         if problems.errors:
             raise problems.failure(f"{problems.errors:,} unusable file(s) under {root}")
-        infos = _scan_all([e.path for e in entries], threads, progress)
+        infos = scan_files([e.path for e in entries], threads, progress)
         records: list[ImageRecord] = []
         for entry in entries:
             info = infos[entry.path]

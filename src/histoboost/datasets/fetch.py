@@ -4,8 +4,6 @@ renamed into place only when whole, and a finished fetch is never redone."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -14,7 +12,7 @@ from pathlib import Path
 from ..data.layouts import discover
 from ..data.problems import Problem
 from ..errors import DatasetError
-from ..outputs import staged_folder
+from ..outputs import csv_text, staged_folder
 from ..progress import Progress
 from ..storage import write_text_atomic
 from ..version import __version__
@@ -45,7 +43,12 @@ def fetch(
     once unpacked unless kept. A data set fetched before is left as it is."""
     target = to / source.name
     if (target / SOURCE_FILE).is_file():
-        recorded = json.loads((target / SOURCE_FILE).read_text())
+        try:
+            recorded = json.loads((target / SOURCE_FILE).read_text())
+        except (ValueError, OSError) as err:  # not JSON, not UTF-8, unreadable
+            raise DatasetError(
+                f"{target / SOURCE_FILE} is damaged ({err}): move {target} away and fetch again"
+            ) from None
         return Fetched(target, recorded.get("manifests", {}), recorded.get("sha256", ""), already=True)
     if target.exists():
         raise DatasetError(f"{target} exists but holds no finished fetch ({SOURCE_FILE}): move it away or give --to")
@@ -113,10 +116,6 @@ def _write_manifests(source: Source, root: Path) -> dict[str, int]:
     parts = {MANIFEST_FILE: rows}
     for value in sorted({row.get("split", "") for row in rows} - {""}):
         parts[f"{value}.csv"] = [row for row in rows if row.get("split") == value]
-    for name, part in parts.items():
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(part)
-        write_text_atomic(root / name, buffer.getvalue())
+    for name, part in parts.items():  # written as every histoboost CSV is (formula-like cells quoted)
+        write_text_atomic(root / name, csv_text(part, list(rows[0])))
     return {name: len(part) for name, part in parts.items()}
